@@ -1,0 +1,265 @@
+"""The engine loop: schedule -> prepare/run (runner) -> postprocess, on a background thread.
+
+`add_request` and `abort` are thread-safe: they queue a command that the loop thread
+applies at the start of its next iteration, so the scheduler and block manager are only
+ever touched by the loop thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..outputs import Logprob
+from ..sampling_params import SamplingParams
+from .metrics import EngineMetrics
+from .request import CompletionDelta, RequestHandle
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class _SeqState:
+    """Engine-side text state of one sequence: detokenizer, stop-string hold-back."""
+
+    def __init__(self, seq: Sequence, handle: RequestHandle, tokenizer: Tokenizer):
+        self.seq = seq
+        self.handle = handle
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=seq.params.skip_special_tokens)
+        self.text = ""  # all text decoded so far (stop strings are searched here)
+        self.emitted = 0  # characters of `text` already sent
+        self.emitted_tokens = 0
+        self.last_token_time: float | None = None
+        self.max_stop_len = max((len(s) for s in seq.params.stop), default=0)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer, eos_token_ids: set[int],
+                 vocab_size: int):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.block_manager = scheduler.block_manager
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.metrics = EngineMetrics()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._states: dict[int, _SeqState] = {}
+        self._handles: dict[str, RequestHandle] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._update_gauges()
+
+    # -- public, any thread ----------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mistralrs-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: send at least one token", param="prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt")
+        for name, ids in (("logit_bias", list((params.logit_bias or {}).keys())), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"{name} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param=name)
+        self.scheduler.check_prompt_fits(len(prompt_token_ids))
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt: str | None = None) -> RequestHandle:
+        params = params or SamplingParams()
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        handle = RequestHandle(request_id, prompt, prompt_token_ids, params.n, engine=self)
+        now = time.monotonic()
+        seqs = [Sequence(request_id, prompt_token_ids, params, index=i, arrival_time=now, prompt=prompt)
+                for i in range(params.n)]
+        self._commands.put(("add", handle, seqs))
+        self._wakeup.set()
+        if self._thread is None:
+            self.start()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    # -- loop thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.scheduler.has_unfinished():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # never let one bad step kill the server silently
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(exc)
+        self._fail_all(RuntimeError("the engine was shut down"))
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, handle, seqs = cmd
+                self._handles[handle.request_id] = handle
+                self.metrics.count("requests_total")
+                for seq in seqs:
+                    self._states[seq.seq_id] = _SeqState(seq, handle, self.tokenizer)
+                    self.scheduler.add(seq)
+            elif cmd[0] == "abort":
+                for seq in self.scheduler.abort(cmd[1]):
+                    self._finish(seq, "abort", None, already_freed=True)
+
+    def step(self) -> None:
+        output = self.scheduler.schedule()
+        for seq in output.finished_aborted:
+            self._finish(seq, seq.finish_reason or "length", None, already_freed=True)
+        if output.is_empty:
+            self._update_gauges()
+            return
+        result = self.runner.execute(output.scheduled)
+        sampled = {seq.seq_id: int(tok) for (seq, _), tok in zip(output.scheduled, result.token_ids)}
+        rows = {seq.seq_id: i for i, (seq, _) in enumerate(output.scheduled)}
+        prompt_tokens = sum(n for seq, n in output.scheduled if not seq.is_decoding)
+        appended = self.scheduler.update_after_step(output, sampled)
+        for seq in appended:
+            self._postprocess(seq, result, rows[seq.seq_id])
+        self.metrics.record_step(prompt_tokens, len(appended))
+        self._update_gauges()
+
+    def _postprocess(self, seq: Sequence, result, row: int) -> None:
+        state = self._states[seq.seq_id]
+        params = seq.params
+        token = seq.last_token_id
+        now = time.monotonic()
+        if state.last_token_time is None:
+            self.metrics.observe("ttft", now - seq.arrival_time)
+        else:
+            self.metrics.observe("itl", now - state.last_token_time)
+        state.last_token_time = now
+        finish, stop_reason = None, None
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if is_eos or token in params.stop_token_ids:
+            finish, stop_reason = "stop", token
+        else:
+            state.text += state.detok.push(token)
+        if finish is None and params.stop:
+            search_from = max(0, state.emitted - state.max_stop_len)
+            hits = [(state.text.find(s, search_from), s) for s in params.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, stop_str = min(hits)
+                end = index + len(stop_str) if params.include_stop_str_in_output else index
+                state.text = state.text[:end]
+                finish, stop_reason = "stop", stop_str
+        if finish is None and params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            finish = "length"
+        if finish is None and seq.is_finished:  # the scheduler ended it (context full)
+            finish = seq.finish_reason or "length"
+        if finish is not None and finish != "stop":
+            state.text += state.detok.flush()
+        logprobs = self._logprobs(seq, token, result, row) if params.logprobs is not None else None
+        if finish is None:
+            # Hold back text that could still become a stop string.
+            safe = len(state.text) - (state.max_stop_len - 1 if state.max_stop_len else 0)
+        else:
+            safe = len(state.text)
+        safe = max(safe, state.emitted)
+        delta = CompletionDelta(index=seq.index, text=state.text[state.emitted:safe], token_ids=[token],
+                                logprobs=logprobs)
+        state.emitted = safe
+        if finish is not None:
+            delta.finish_reason, delta.stop_reason = finish, stop_reason
+            if not seq.is_finished:
+                self.scheduler.finish(seq, finish, stop_reason)
+            self._retire(seq)
+        state.handle._push(delta)
+
+    def _logprobs(self, seq, token, result, row) -> list[dict[int, Logprob]]:
+        entry = {}
+        if result.logprobs is not None:
+            entry[token] = Logprob(token, float(result.logprobs[row]), self.tokenizer.decode([token], skip_special_tokens=False))
+            k = seq.params.logprobs
+            if result.top_ids is not None and k:
+                for tid, lp in zip(result.top_ids[row][:k], result.top_logprobs[row][:k]):
+                    tid = int(tid)
+                    if tid not in entry:
+                        entry[tid] = Logprob(tid, float(lp), self.tokenizer.decode([tid], skip_special_tokens=False))
+        return [entry]
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason, already_freed: bool = False) -> None:
+        state = self._states.get(seq.seq_id)
+        if state is None:
+            return
+        if not already_freed and not seq.is_finished:
+            self.scheduler.finish(seq, reason, stop_reason)
+        text = state.text[state.emitted:] if reason != "abort" else ""
+        state.emitted = len(state.text)
+        self._retire(seq)
+        state.handle._push(CompletionDelta(index=seq.index, text=text, finish_reason=reason, stop_reason=stop_reason))
+
+    def _retire(self, seq: Sequence) -> None:
+        state = self._states.pop(seq.seq_id, None)
+        if state is None:
+            return
+        handle = state.handle
+        remaining = [s for s in self._states.values() if s.handle is handle]
+        if not remaining:
+            self._handles.pop(handle.request_id, None)
+            self.metrics.count("requests_finished")
+            handle.metrics["e2e_s"] = time.monotonic() - seq.arrival_time
+            self.metrics.observe("e2e", handle.metrics["e2e_s"])
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id in list(self._handles):
+            for seq in self.scheduler.abort(request_id):
+                self._states.pop(seq.seq_id, None)
+            handle = self._handles.pop(request_id)
+            handle._fail(exc)
+        self._states.clear()
+
+    def _update_gauges(self) -> None:
+        bm = self.block_manager
+        stats = bm.stats
+        self.metrics.set_gauges(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_preempted=self.scheduler.num_preempted_total,
+            kv_blocks_total=bm.num_total_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            block_size=self.runner.block_size,
+            prefix_cache_hits=stats.prefix_cache_hits,
+            prefix_cache_queries=stats.prefix_cache_queries,
+        )

@@ -1,0 +1,215 @@
+"""ModelRunner: turns a scheduler decision into one padded batch, runs one jitted step.
+
+Two padding axes (design rule 1): total tokens T and sequences S, each rounded up to a
+short bucket list, so every shape the step can see is known and compiled at start-up.
+The KV cache (one (k, v) pair per layer, each [num_blocks * block_size, kv_heads,
+head_dim]) is donated to every step and rebound from its output (rule 3). Sampling runs
+on the device in a second small jitted function; only sampled ids (and logprobs when a
+request asks) come back to the host (rule 6).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.paged_attention import REFERENCE_KV_CHUNK_TOKENS
+
+from ..config import ModelConfig
+from ..models.llama import AttentionMetadata
+from .sampler import SamplerModes, build_sampling_arrays, sample
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_BUCKETS = [1, 4, 16, 64, 256]
+DEFAULT_SEQ_BUCKETS = [1, 4, 16, 64]
+
+
+def _bucket(buckets: list[int], n: int) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclass
+class StepResult:
+    token_ids: np.ndarray  # [num scheduled seqs]
+    logprobs: np.ndarray | None = None  # [n] sampled-token logprob
+    top_ids: np.ndarray | None = None  # [n, k]
+    top_logprobs: np.ndarray | None = None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nnx.Module,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        token_buckets: list[int] | None = None,
+        seq_buckets: list[int] | None = None,
+        kv_dtype=jnp.float32,
+    ):
+        self.config = config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.token_buckets = sorted(t for t in (token_buckets or DEFAULT_TOKEN_BUCKETS) if t < max_num_batched_tokens)
+        self.token_buckets.append(max_num_batched_tokens)
+        self.seq_buckets = sorted(s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs)
+        self.seq_buckets.append(max_num_seqs)
+        self.graphdef, self.state = nnx.split(model)
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
+        self.num_compiles = 0
+        self._seen_shapes: set = set()
+        self._step_fn = jax.jit(self._step, static_argnums=(0,), donate_argnums=(2,))
+        self._sample_fn = jax.jit(sample, static_argnames=("modes",))
+        self._score_fn = jax.jit(self._score, static_argnums=(0,))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+
+    # -- the jitted step -------------------------------------------------------------------
+
+    def _step(self, graphdef, state, kv_caches, input_ids, meta, logits_indices):
+        model = nnx.merge(graphdef, state)
+        hidden, kv_caches = model(input_ids, meta, kv_caches, self.block_size)
+        logits = model.logits(hidden[logits_indices])
+        return logits, kv_caches
+
+    def _score(self, graphdef, state, kv_caches, input_ids, meta):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(input_ids, meta, kv_caches, self.block_size)
+        return model.logits(hidden)
+
+    # -- host-side batch building --------------------------------------------------------
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]):
+        num_tokens = sum(n for _, n in scheduled)
+        num_seqs = len(scheduled)
+        t_pad = _bucket(self.token_buckets, num_tokens)
+        s_pad = _bucket(self.seq_buckets, num_seqs)
+        bs = self.block_size
+        input_ids = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        # Padding tokens write into block 0 (the trash block) and attend to it.
+        slot_mapping = np.arange(t_pad, dtype=np.int32) % bs
+        token_seq = np.full(t_pad, s_pad - 1 if num_seqs < s_pad else 0, np.int32)
+        block_tables = np.zeros((s_pad, self.max_blocks_per_seq), np.int32)
+        logits_indices = np.zeros(s_pad, np.int32)
+        offset = 0
+        max_position = 0
+        for row, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            table = np.asarray(seq.block_table, np.int32)
+            input_ids[offset:offset + n] = seq.token_ids[start:start + n]
+            positions[offset:offset + n] = pos
+            slot_mapping[offset:offset + n] = table[pos // bs] * bs + pos % bs
+            token_seq[offset:offset + n] = row
+            block_tables[row, :len(table)] = table
+            offset += n
+            logits_indices[row] = offset - 1
+            max_position = max(max_position, start + n - 1)
+        num_chunks = math.ceil((max_position + 1) / self._chunk_tokens())
+        meta = AttentionMetadata(
+            positions=positions, slot_mapping=slot_mapping, token_seq=token_seq,
+            block_tables=block_tables, num_kv_chunks=np.int32(num_chunks),
+        )
+        return input_ids, meta, logits_indices, (t_pad, s_pad)
+
+    def _chunk_tokens(self) -> int:
+        return max(1, REFERENCE_KV_CHUNK_TOKENS // self.block_size) * self.block_size
+
+    # -- running ---------------------------------------------------------------------
+
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        input_ids, meta, logits_indices, shape_key = self.prepare(scheduled)
+        seqs = [seq for seq, _ in scheduled]
+        arrays, modes = build_sampling_arrays(
+            [seq.params for seq in seqs],
+            [(seq.token_ids, seq.num_prompt_tokens) for seq in seqs],
+            [seq.num_output_tokens for seq in seqs],
+            num_rows=shape_key[1],
+            seeds=[seq.seed for seq in seqs],
+        )
+        self._note_shape(("step", shape_key))
+        self._note_shape(("sample", shape_key[1], modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
+        inputs = jax.device_put((input_ids, meta, logits_indices, arrays))
+        logits, self.kv_caches = self._step_fn(self.graphdef, self.state, self.kv_caches, *inputs[:3])
+        out = self._sample_fn(logits, inputs[3], modes=modes)
+        n = len(seqs)
+        if modes.num_logprobs or any(seq.params.logprobs is not None for seq in seqs):
+            host = jax.device_get(out)
+            return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n], host.top_logprobs[:n])
+        return StepResult(np.asarray(jax.device_get(out.token_ids))[:n])
+
+    def _note_shape(self, key) -> None:
+        if key not in self._seen_shapes:
+            self._seen_shapes.add(key)
+            self.num_compiles += 1
+
+    def warmup(self, progress=None) -> None:
+        """Compile every (tokens, seqs) bucket pair now so no request waits on a compile."""
+        pairs = [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        start = time.perf_counter()
+        for i, (t, s) in enumerate(pairs):
+            self._run_dummy(t, s)
+            if progress is not None:
+                progress(i + 1, len(pairs), (t, s))
+        log.info("compiled %d step shapes in %.1fs", len(pairs), time.perf_counter() - start)
+
+    def _run_dummy(self, num_tokens: int, num_seqs: int) -> None:
+        """One step on padding only (everything writes to and reads the trash block)."""
+        from ..sampling_params import SamplingParams
+
+        bs = self.block_size
+        input_ids = np.zeros(num_tokens, np.int32)
+        meta = AttentionMetadata(
+            positions=np.zeros(num_tokens, np.int32),
+            slot_mapping=(np.arange(num_tokens, dtype=np.int32) % bs),
+            token_seq=np.zeros(num_tokens, np.int32),
+            block_tables=np.zeros((num_seqs, self.max_blocks_per_seq), np.int32),
+            num_kv_chunks=np.int32(1),
+        )
+        logits_indices = np.zeros(num_seqs, np.int32)
+        self._note_shape(("step", (num_tokens, num_seqs)))
+        logits, self.kv_caches = self._step_fn(self.graphdef, self.state, self.kv_caches,
+                                               *jax.device_put((input_ids, meta, logits_indices)))
+        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
+            arrays, modes = build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0])
+            self._note_shape(("sample", num_seqs, modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
+            jax.block_until_ready(self._sample_fn(logits, jax.device_put(arrays), modes=modes))
+
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        """Teacher-forced logits [len, vocab] for one sequence, on a private scratch cache."""
+        n = len(token_ids)
+        bs = self.block_size
+        num_blocks = math.ceil(n / bs) + 1
+        shape = (num_blocks * bs, self.config.num_kv_heads, self.config.head_dim)
+        caches = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.config.num_layers)]
+        positions = np.arange(n, dtype=np.int32)
+        table = np.arange(1, num_blocks, dtype=np.int32)
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_mapping=(table[positions // bs] * bs + positions % bs).astype(np.int32),
+            token_seq=np.zeros(n, np.int32),
+            block_tables=table[None, :],
+            num_kv_chunks=np.int32(math.ceil(n / self._chunk_tokens())),
+        )
+        logits = self._score_fn(self.graphdef, self.state, caches, np.asarray(token_ids, np.int32), meta)
+        return np.asarray(logits, dtype=np.float32)

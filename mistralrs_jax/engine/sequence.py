@@ -1,0 +1,146 @@
+"""One completion being generated: its tokens, its place in the KV cache, its state.
+
+A request with ``n > 1`` becomes ``n`` sequences that share a ``request_id`` and differ
+in ``index``. The scheduler moves a sequence between states, the block manager owns
+``block_table`` / ``block_hashes``, the engine appends sampled tokens and decides
+stop conditions. Nothing here touches JAX.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import secrets
+import time
+from typing import Any
+
+from ..sampling_params import SamplingParams
+
+# Seeds are folded into [0, 2**31) so the runner can carry them in an int32 array.
+SEED_MODULUS = 2**31
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    # Evicted from the KV cache to free blocks; waits again and recomputes
+    # prompt + output-so-far on re-admission.
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+def resolve_seed(params: SamplingParams, index: int) -> int:
+    """The seed one completion samples with.
+
+    A seeded request gives completion ``i`` the seed ``seed + i`` so that ``n`` seeded
+    completions differ from each other yet repeat across runs; an unseeded one draws
+    a fresh random seed.
+    """
+    if params.seed is None:
+        return secrets.randbelow(SEED_MODULUS)
+    return (params.seed + index) % SEED_MODULUS
+
+
+class Sequence:
+    """Token state of one completion.
+
+    ``token_ids`` is a single list (prompt followed by output) that grows in place;
+    treat it as read-only outside this class.
+
+    KV bookkeeping: ``num_computed_tokens`` counts the leading tokens whose keys and
+    values are in the cache. While decoding it equals ``num_tokens - 1``: the last
+    sampled token is fed to the next step. After a preemption it drops to 0 and the
+    whole prompt + output is recomputed.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        seed: int | None = None,
+        arrival_time: float | None = None,
+        prompt: str | None = None,
+        cache_salt: Any = None,
+    ):
+        self.seq_id: int = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.seed: int = resolve_seed(params, index) if seed is None else seed % SEED_MODULUS
+        self.prompt = prompt
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self._token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        # Anything that changes the KV of identical tokens (a LoRA adapter, image
+        # contents) must go in the salt, or prefix caching would share wrong blocks.
+        self.cache_salt = cache_salt
+
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        # Chain hashes of the leading full blocks of block_table (see BlockManager).
+        self.block_hashes: list[int] = []
+        # Tokens served from the prefix cache at the latest admission.
+        self.num_cached_prefix_tokens = 0
+
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: str | int | None = None  # the stop string or token id
+        self.num_preemptions = 0
+        # time.monotonic() stamps: durations between them are meaningful, not the values.
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    # -- tokens --------------------------------------------------------------------
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._token_ids
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self._token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        return self._token_ids[-1]
+
+    def append_token(self, token_id: int) -> None:
+        self._token_ids.append(int(token_id))
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+    # -- KV progress ---------------------------------------------------------------
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens that must still run through the model before the next one is sampled."""
+        return len(self._token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """One generated token left to feed: a plain decode step (not a (re)prefill)."""
+        return self.num_output_tokens > 0 and self.num_uncomputed_tokens == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(seq_id={self.seq_id}, request_id={self.request_id!r}, index={self.index}, "
+            f"status={self.status.name}, tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

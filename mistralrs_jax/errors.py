@@ -1,0 +1,55 @@
+"""Typed errors a user can cause. The server maps each to an HTTP status."""
+
+
+class MistralRsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    http_status = 500
+    error_type = "server_error"
+
+
+class InvalidRequestError(MistralRsError, ValueError):
+    """A request (sampling parameters, prompt, messages) is not acceptable."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class PromptTooLongError(InvalidRequestError):
+    def __init__(self, message: str):
+        super().__init__(message, param="messages", code="context_length_exceeded")
+
+
+class ModelLoadError(MistralRsError):
+    """A model file or directory cannot be used; the message names it and says why."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    pass
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    pass
+
+
+class CorruptModelFileError(ModelLoadError):
+    pass
+
+
+class TemplateError(MistralRsError):
+    """A chat template failed to render (bad template, or it raised on purpose)."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class NotSupportedError(MistralRsError):
+    """A feature that is recognised but not available in this build or configuration."""
+
+    http_status = 400
+    error_type = "invalid_request_error"

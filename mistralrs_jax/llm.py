@@ -1,0 +1,241 @@
+"""`LLM`: the offline Python API (vLLM's shape) over the engine."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import psutil
+
+from .config import EngineConfig, ModelConfig
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine
+from .engine.runner import ModelRunner
+from .engine.scheduler import Scheduler
+from .errors import ModelLoadError, NotSupportedError
+from .loading.chat_template import ChatTemplate
+from .loading.gguf import GGUFFile
+from .loading.hub import resolve_model_files
+from .loading.tokenizer import Tokenizer, load_tokenizer
+from .models.registry import build_model_from_gguf
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB of host memory when no budget flag is given
+CPU_DEFAULT_MAX_BATCHED_TOKENS = 256
+GPU_DEFAULT_MAX_BATCHED_TOKENS = 2048
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache so a restart does not recompile every bucket (design rule 8)."""
+    import jax
+
+    path = os.environ.get("MISTRALRS_JAX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mistralrs-jax", "xla")
+    try:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception as exc:  # the cache is an optimisation, never a reason to fail
+        log.debug("persistent compilation cache unavailable: %s", exc)
+
+
+def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, bytes_per_elem: int = 4) -> int:
+    """Blocks in the pool, from --pa-gpu-mem (MB), --pa-gpu-mem-usage (fraction) or --pa-ctxt-len (tokens)."""
+    import jax
+
+    per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * bytes_per_elem
+    per_block = per_token * engine.pa_blk_size
+    if engine.pa_gpu_mem is not None:
+        budget = engine.pa_gpu_mem * (1 << 20)
+    elif engine.pa_gpu_mem_usage is not None:
+        if not 0 < engine.pa_gpu_mem_usage <= 1:
+            raise NotSupportedError(f"--pa-gpu-mem-usage must be in (0, 1], got {engine.pa_gpu_mem_usage}")
+        device = jax.devices()[0]
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        total = (stats or {}).get("bytes_limit") or psutil.virtual_memory().total
+        budget = engine.pa_gpu_mem_usage * total
+    elif engine.pa_ctxt_len is not None:
+        budget = engine.pa_ctxt_len * per_token
+    elif jax.default_backend() == "cpu":
+        budget = min(CPU_DEFAULT_KV_BYTES, psutil.virtual_memory().available // 8)
+    else:
+        stats = jax.devices()[0].memory_stats() or {}
+        budget = 0.8 * max(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0), per_block * 64)
+    # +1: block 0 is the trash block padding tokens write into.
+    return max(2, int(budget // per_block)) + 1
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        gguf_file: str | None = None,
+        tokenizer: str | None = None,
+        token_source: str = "cache",
+        revision: str | None = None,
+        dtype: str = "auto",
+        max_seqs: int = 32,
+        max_num_batched_tokens: int | None = None,
+        pa_blk_size: int = 16,
+        pa_ctxt_len: int | None = None,
+        pa_gpu_mem: int | None = None,
+        pa_gpu_mem_usage: float | None = None,
+        prefix_cache_n: int = 16,
+        no_paged_attn: bool = False,
+        cpu_weights: str = "f32",
+        chat_template: str | None = None,
+        isq: str | None = None,
+        max_model_len: int | None = None,
+        token_buckets: list[int] | None = None,
+        seq_buckets: list[int] | None = None,
+        warmup: bool = True,
+    ):
+        import jax
+
+        _enable_compilation_cache()
+        if isq is not None:
+            raise NotSupportedError("in-situ quantization (--isq) is not supported yet in mistralrs-jax")
+        if pa_blk_size not in (8, 16, 32):
+            raise NotSupportedError(f"--pa-blk-size must be 8, 16 or 32, got {pa_blk_size}")
+        self.engine_config = EngineConfig(
+            max_seqs=max_seqs, max_num_batched_tokens=max_num_batched_tokens, pa_blk_size=pa_blk_size,
+            pa_ctxt_len=pa_ctxt_len, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
+            prefix_cache_n=prefix_cache_n, no_paged_attn=no_paged_attn, cpu_weights=cpu_weights,
+            token_buckets=token_buckets, seq_buckets=seq_buckets, warmup=warmup,
+        )
+        resolved = resolve_model_files(model, gguf_file=gguf_file, token_source=token_source, revision=revision,
+                                       kind="gguf" if gguf_file or model is None or str(model).endswith(".gguf") else "auto")
+        if getattr(resolved, "gguf_path", None) is None:
+            raise NotSupportedError(
+                f"{model}: loading safetensors / Hugging Face checkpoints is not supported yet; use a GGUF file")
+        self.model_path = resolved.gguf_path
+        self.model_name = resolved.display_name
+        gguf = GGUFFile(self.model_path)
+        self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
+        template = chat_template
+        if template is not None and os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        self._chat_template = ChatTemplate(
+            template or self.tokenizer.chat_template, bos_token=self.tokenizer.bos_token,
+            eos_token=self.tokenizer.eos_token,
+        )
+        log.info("loading %s (%s, %d layers) weights as %s", self.model_name, self.model_config.arch,
+                 self.model_config.num_layers, cpu_weights)
+        self.model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights)
+
+        ec = self.engine_config
+        num_blocks = kv_cache_num_blocks(self.model_config, ec)
+        default_cap = min(self.model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+        self.max_model_len = min(max_model_len or default_cap, (num_blocks - 1) * pa_blk_size)
+        backend = jax.default_backend()
+        batched = max_num_batched_tokens or (CPU_DEFAULT_MAX_BATCHED_TOKENS if backend == "cpu"
+                                             else GPU_DEFAULT_MAX_BATCHED_TOKENS)
+        batched = max(batched, max_seqs)
+        self.block_manager = BlockManager(num_blocks, pa_blk_size, enable_prefix_caching=prefix_cache_n > 0,
+                                          prefix_cache_n=prefix_cache_n)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
+                                   max_model_len=self.max_model_len)
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, pa_blk_size, self.max_model_len,
+                                  max_seqs, batched, token_buckets=token_buckets, seq_buckets=seq_buckets)
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB), max model len %d, buckets tokens=%s seqs=%s",
+                 num_blocks - 1, pa_blk_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
+                 self.runner.token_buckets, self.runner.seq_buckets)
+        eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.engine = Engine(self.runner, self.scheduler, self.tokenizer, eos, self.model_config.vocab_size)
+        if warmup:
+            self._warmup()
+        self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
+        self.engine.start()
+
+    def _warmup(self) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="compiling step shapes", unit="shape", disable=None, leave=False)
+
+        def progress(done, total, shape):
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]}")
+
+        self.runner.warmup(progress)
+        bar.close()
+
+    # -- prompts -----------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def _prompt_ids(self, prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
+        return [int(t) for t in prompt], None
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        # The template writes any BOS itself; don't add a second one.
+        return self.tokenizer.encode(text, add_special_tokens=False), text
+
+    # -- generation --------------------------------------------------------------------
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prepared = [self._prompt_ids(p) for p in prompts]
+        return self._run(prepared, params)
+
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prepared = [self._chat_ids(m, add_generation_prompt) for m in conversations]
+        return self._run(prepared, params)
+
+    def _run(self, prepared, params) -> list[RequestOutput]:
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prepared)
+        if len(params) != len(prepared):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prepared)} prompts")
+        handles = [self.engine.add_request(ids, p, prompt=text) for (ids, text), p in zip(prepared, params)]
+        return [h.result() for h in handles]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        ids, text = self._prompt_ids(prompt)
+        yield from self._stream(ids, text, params)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
+        ids, text = self._chat_ids(messages)
+        yield from self._stream(ids, text, params)
+
+    def _stream(self, ids, text, params) -> Iterator[str]:
+        handle = self.engine.add_request(ids, params or SamplingParams(), prompt=text)
+        try:
+            for delta in handle:
+                if delta.text:
+                    yield delta.text
+        finally:
+            if not handle.finished:
+                handle.abort()
+
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        """Teacher-forced f32 logits [len, vocab]: row i is the distribution of token i+1."""
+        if not token_ids:
+            raise ValueError("score() needs at least one token")
+        return self.runner.score(list(token_ids))
+
+    def metrics(self) -> dict:
+        return self.engine.metrics.snapshot()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,132 @@
+"""Reference ("peer") implementations the tests compare the engine against.
+
+Two peers, both written by other people and both reading the very same GGUF file:
+
+- llama.cpp through ``llama-cpp-python``: greedy continuations (its own quantized
+  kernels, so the reference for "does the engine pick the same tokens").
+- Hugging Face ``transformers`` on torch CPU: teacher-forced logits (it dequantizes
+  the GGUF to f32, so the reference for "does the engine compute the same numbers").
+
+Loaded peers are cached per file: loading costs seconds, and several tests share them.
+A peer that is not installed makes the calling test skip with a message that names the
+missing package and the command that installs it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+INSTALL_HINT = "pip install -e '.[peers]'"
+
+# import name -> distribution name on PyPI
+PEER_PACKAGES = {
+    "llama_cpp": "llama-cpp-python",
+    "torch": "torch",
+    "transformers": "transformers",
+    "accelerate": "accelerate",  # transformers loads GGUF files only with it installed
+}
+
+
+def require_peer(module_name: str) -> ModuleType:
+    """Import a peer package or skip the calling test, saying what to install."""
+    package = PEER_PACKAGES.get(module_name, module_name)
+    try:
+        return importlib.import_module(module_name)
+    except (ImportError, OSError) as exc:  # OSError: a llama.cpp shared library that fails to load
+        pytest.skip(f"peer package {package!r} is not importable ({exc}); install the peers with {INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+@functools.lru_cache(maxsize=2)
+def _llamacpp_model(gguf_path: str, n_ctx: int, n_threads: int):
+    llama_cpp = require_peer("llama_cpp")
+    return llama_cpp.Llama(
+        model_path=gguf_path,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        logits_all=False,
+        verbose=False,
+    )
+
+
+def llamacpp_greedy(
+    gguf_path: str | os.PathLike,
+    prompt_token_ids: list[int],
+    n_tokens: int,
+    *,
+    n_ctx: int = 1024,
+    n_threads: int = 2,
+) -> list[int]:
+    """The first ``n_tokens`` tokens llama.cpp picks greedily after ``prompt_token_ids``.
+
+    Pure argmax: temperature 0 selects llama.cpp's greedy sampler, and the repetition
+    penalty is set to 1.0 because llama-cpp-python's default (1.1) would reweight tokens
+    already seen. End-of-sequence tokens do not stop it (the caller compares against
+    ``ignore_eos=True`` runs).
+    """
+    if len(prompt_token_ids) + n_tokens > n_ctx:
+        raise ValueError(f"prompt ({len(prompt_token_ids)}) + {n_tokens} tokens exceed n_ctx={n_ctx}")
+    model = _llamacpp_model(str(gguf_path), n_ctx, n_threads)
+    model.reset()  # no KV reuse from an earlier prompt: every call starts from an empty cache
+    generated: list[int] = []
+    for token in model.generate(
+        list(prompt_token_ids),
+        temp=0.0,
+        top_k=1,
+        top_p=1.0,
+        min_p=0.0,
+        repeat_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+    ):
+        generated.append(int(token))
+        if len(generated) == n_tokens:
+            break
+    return generated
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+@functools.lru_cache(maxsize=2)
+def _transformers_model(gguf_path: str, dtype_name: str):
+    torch = require_peer("torch")
+    require_peer("accelerate")
+    transformers = require_peer("transformers")
+    extra = {}
+    if hasattr(transformers, "GgufConfig"):
+        # transformers >= 5 may keep GGUF blocks packed and run ggml kernels when the `kernels`
+        # package is installed; the reference must be a plain dense model in the requested dtype.
+        extra["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path),
+        gguf_file=os.path.basename(gguf_path),
+        dtype=getattr(torch, dtype_name),
+        **extra,
+    )
+    model.eval()
+    return model
+
+
+def transformers_logits(
+    gguf_path: str | os.PathLike, token_ids: list[int], dtype_name: str = "float32"
+) -> np.ndarray:
+    """Teacher-forced logits ``[len(token_ids), vocab]`` (f32) from transformers on the same GGUF.
+
+    Row i is the distribution over the token after ``token_ids[: i + 1]``, like
+    ``LLM.score``. transformers dequantizes every GGUF tensor to ``dtype_name`` at load.
+    """
+    torch = require_peer("torch")
+    model = _transformers_model(os.fspath(gguf_path), dtype_name)
+    with torch.inference_mode():
+        input_ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        logits = model(input_ids=input_ids).logits[0]
+    return logits.float().numpy()

@@ -1,0 +1,57 @@
+"""Teacher-forced logits of the engine vs Hugging Face transformers on the same GGUF file.
+
+Both sides dequantize the Q4_1 weights of SmolLM2-135M-Instruct to f32 and run the
+whole sequence in f32, so the only differences are summation order (XLA's vs torch's
+matmul blocking, fused vs unfused softmax) accumulated over 30 layers. A wrong rope
+layout, a missing q/k un-permutation, a bad norm epsilon or an off-by-one in the
+causal mask all move logits by whole units and flip the top-1 token.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peers import transformers_logits
+
+pytestmark = pytest.mark.slow
+
+# Measured on the 2-core CI CPU (JAX 0.10.2 XLA:CPU vs torch 2.13 CPU, 380 tokens):
+# max |Δ| was a few 1e-4 on logits of magnitude ~20 (f32 epsilon × depth × width).
+# 1e-2 leaves an order of magnitude for other CPUs' blocking, and is still two orders
+# below the smallest real bug (a wrong rope base alone moves logits by > 1).
+MAX_ABS_DIFF = 1e-2
+MEAN_ABS_DIFF = 1e-3
+
+
+def test_score_matches_transformers_on_english_text(llm, smollm2_gguf_path, english_text):
+    token_ids = llm.tokenizer.encode(english_text)
+    assert 200 <= len(token_ids) <= 1000, f"the fixture text should be a few hundred tokens, got {len(token_ids)}"
+
+    ours = np.asarray(llm.score(token_ids), dtype=np.float32)
+    reference = transformers_logits(smollm2_gguf_path, token_ids)
+    assert ours.shape == reference.shape == (len(token_ids), llm.model_config.vocab_size)
+    assert np.isfinite(ours).all()
+
+    abs_diff = np.abs(ours - reference)
+    max_abs, mean_abs = float(abs_diff.max()), float(abs_diff.mean())
+    top1_ours, top1_ref = ours.argmax(-1), reference.argmax(-1)
+    agreement = float((top1_ours == top1_ref).mean())
+    worst = np.unravel_index(abs_diff.argmax(), abs_diff.shape)
+    print(
+        f"\n{len(token_ids)} tokens: top-1 agreement {agreement:.2%}, "
+        f"max |Δ| {max_abs:.3e} (position {worst[0]}, token {worst[1]}), mean |Δ| {mean_abs:.3e}, "
+        f"logit range [{reference.min():.1f}, {reference.max():.1f}]"
+    )
+
+    disagreeing = np.flatnonzero(top1_ours != top1_ref).tolist()
+    assert agreement == 1.0, f"top-1 differs from transformers at positions {disagreeing}"
+    assert max_abs < MAX_ABS_DIFF
+    assert mean_abs < MEAN_ABS_DIFF
+
+
+def test_score_of_a_prefix_matches_the_prefix_rows(llm, english_text):
+    """Causality: the logits of a prefix do not depend on the tokens after it."""
+    token_ids = llm.tokenizer.encode(english_text)[:120]
+    full = np.asarray(llm.score(token_ids))
+    prefix = np.asarray(llm.score(token_ids[:37]))
+    np.testing.assert_allclose(prefix, full[:37], atol=MAX_ABS_DIFF)
