@@ -29,8 +29,13 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKEN_BUCKETS = [1, 4, 16, 64, 256]
-DEFAULT_SEQ_BUCKETS = [1, 4, 16, 64]
+DEFAULT_TOKEN_BUCKETS = [2, 8, 32, 128, 512]
+DEFAULT_SEQ_BUCKETS = [1, 8, 32, 128]
+# A 1-token step is pathological on XLA:CPU (0.10.2): the KV scatter followed by the
+# gather of the same cache stops being in place and costs ~10 ms per layer, against
+# ~0.3 ms with 2 tokens. Batch-1 decode therefore pads to 2 tokens (the pad writes to
+# the trash block); the extra matmul row is free in a memory-bound step.
+MIN_TOKEN_BUCKET = 2
 
 
 def _bucket(buckets: list[int], n: int) -> int:
@@ -66,10 +71,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
-        self.token_buckets = sorted(t for t in (token_buckets or DEFAULT_TOKEN_BUCKETS) if t < max_num_batched_tokens)
-        self.token_buckets.append(max_num_batched_tokens)
-        self.seq_buckets = sorted(s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs)
-        self.seq_buckets.append(max_num_seqs)
+        self.token_buckets = sorted({max(MIN_TOKEN_BUCKET, t) for t in (token_buckets or DEFAULT_TOKEN_BUCKETS)
+                                     if t < max_num_batched_tokens} | {max(MIN_TOKEN_BUCKET, max_num_batched_tokens)})
+        self.seq_buckets = sorted({s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs} | {max_num_seqs})
         self.graphdef, self.state = nnx.split(model)
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
@@ -102,7 +106,7 @@ class ModelRunner:
         num_tokens = sum(n for _, n in scheduled)
         num_seqs = len(scheduled)
         t_pad = _bucket(self.token_buckets, num_tokens)
-        s_pad = _bucket(self.seq_buckets, num_seqs)
+        s_pad = self.seq_bucket_for(t_pad)
         bs = self.block_size
         input_ids = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
@@ -163,9 +167,20 @@ class ModelRunner:
             self._seen_shapes.add(key)
             self.num_compiles += 1
 
+    def seq_bucket_for(self, num_tokens_padded: int) -> int:
+        """The sequence axis is tied to the token axis: a step with t padded tokens holds
+        at most min(t, max_seqs) sequences, so each token bucket compiles with one seq
+        bucket. Extra rows only cost lm_head/sampler rows, which are cheap next to the
+        weights a step streams anyway, and the warm-up compiles len(token_buckets)
+        shapes instead of a grid."""
+        return _bucket(self.seq_buckets, min(num_tokens_padded, self.seq_buckets[-1]))
+
+    def shape_pairs(self) -> list[tuple[int, int]]:
+        return [(t, self.seq_bucket_for(t)) for t in self.token_buckets]
+
     def warmup(self, progress=None) -> None:
         """Compile every (tokens, seqs) bucket pair now so no request waits on a compile."""
-        pairs = [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        pairs = self.shape_pairs()
         start = time.perf_counter()
         for i, (t, s) in enumerate(pairs):
             self._run_dummy(t, s)

@@ -17,7 +17,6 @@ the same bits too. This is the form a quantized Linear keeps in memory.
 
 from __future__ import annotations
 
-import logging
 import re
 from math import prod
 from typing import NamedTuple, Sequence
@@ -30,12 +29,14 @@ from ..errors import CorruptModelFileError, NotSupportedError
 from . import iquants, kquants, legacy
 from .packing import F32, BlockFormat
 
-logger = logging.getLogger(__name__)
-
 _NATIVE: dict[str, BlockFormat] = {f.name: f for f in (*legacy.FORMATS, *kquants.FORMATS, *iquants.FORMATS)}
 
-# Codebook and ternary types: gguf-py decodes them; nothing here encodes them.
+# Lattice-codebook, ternary and NVFP4 types: gguf-py decodes them; nothing here encodes them.
 _GGUF_DECODED = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "NVFP4")
+_CODEBOOK_NOT_AFFINE = (
+    "only decoding through gguf-py is implemented for it; its grid values are small integers, "
+    "so an int8 form could be built, but this package does not unpack it"
+)
 
 QTYPES: dict[str, tuple[int, int]] = {
     **{name: (f.block_size, f.type_size) for name, f in _NATIVE.items()},
@@ -200,10 +201,8 @@ def to_affine_int8(
     shape = tuple(int(s) for s in shape)
     fmt = _NATIVE.get(name)
     if fmt is None or fmt.unpack is None:
-        reason = fmt.not_affine_reason if fmt is not None else "its values come from a multi-value codebook"
-        raise NotSupportedError(
-            f"{name} has no exact int8 affine form ({reason}); load it with dequantize() instead"
-        )
+        reason = fmt.not_affine_reason if fmt is not None else _CODEBOOK_NOT_AFFINE
+        raise NotSupportedError(f"{name} cannot be kept as int8 here ({reason}); load it with dequantize() instead")
     blocks = _blocks(data, name, shape)
     cols = shape[-1]
     rows = prod(shape[:-1])

@@ -34,14 +34,19 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 # kvalues_mxfp4: the FP4 (E2M1) values, doubled so that they are integers.
 MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
 
-# best_index_int8 picks level i once x reaches the midpoint of levels i-1 and i;
-# midpoints of integers are exact halves, so a sorted search gives the same answer.
-_IQ4NL_MIDPOINTS = ((IQ4NL_VALUES[:-1].astype(F32) + IQ4NL_VALUES[1:].astype(F32)) / F32(2)).astype(F32)
+# best_index_int8 picks level i once x reaches the midpoint of levels i-1 and i. The
+# midpoints of integers are multiples of 1/2, so `midpoint <= x` depends on floor(2x)
+# only (2x is exact): a table over floor(2x) gives the same index without a search.
 _IQ4NL_FLOAT = IQ4NL_VALUES.astype(F32)
+_TWICE_MIDPOINTS = IQ4NL_VALUES[:-1].astype(np.int32) + IQ4NL_VALUES[1:].astype(np.int32)
+_LUT_LOW, _LUT_HIGH = int(_TWICE_MIDPOINTS[0]) - 1, int(_TWICE_MIDPOINTS[-1])
+_INDEX_BY_FLOOR_2X = np.searchsorted(_TWICE_MIDPOINTS, np.arange(_LUT_LOW, _LUT_HIGH + 1), side="right").astype(np.uint8)
 
 
 def _best_index(x: np.ndarray) -> np.ndarray:
-    return np.searchsorted(_IQ4NL_MIDPOINTS, x, side="right").astype(np.uint8)
+    """Index of the nearest IQ4_NL level to x (ties to the upper level), as in ggml."""
+    twice = np.floor(np.clip(x, F32(_LUT_LOW / 2), F32(_LUT_HIGH / 2)) * F32(2))
+    return _INDEX_BY_FLOOR_2X[twice.astype(np.int32) - _LUT_LOW]
 
 
 def _codebook_nibbles(packed: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -127,7 +127,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     sumlx = seq_sum(wx * levels)
     suml2 = seq_sum(weights * levels * levels)
     active = ~zero
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # Products of sums may overflow to inf for huge inputs; C compares those infs too.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
             changed = np.zeros_like(active)
             for i in range(x.shape[0]):

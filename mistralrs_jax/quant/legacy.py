@@ -39,7 +39,8 @@ def _decode_f16(blocks: np.ndarray) -> np.ndarray:
 
 
 def _encode_f16(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=F32).astype(np.float16).view(np.uint8)
+    with np.errstate(over="ignore"):  # beyond +-65504 becomes inf, as in ggml
+        return np.ascontiguousarray(x, dtype=F32).astype(np.float16).view(np.uint8)
 
 
 def _decode_bf16(blocks: np.ndarray) -> np.ndarray:

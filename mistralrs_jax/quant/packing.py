@@ -36,13 +36,15 @@ def u16_field(blocks: np.ndarray, start: int) -> np.ndarray:
 
 def f16_bytes(values: np.ndarray) -> np.ndarray:
     """f32 values (n,) -> their f16 encoding as (n, 2) bytes (round to nearest even,
-    like ggml's GGML_FP32_TO_FP16)."""
-    return np.ascontiguousarray(values, dtype=F32).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    like ggml's GGML_FP32_TO_FP16; beyond the f16 range that gives inf, as in ggml)."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(values, dtype=F32).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def f16_round(values: np.ndarray) -> np.ndarray:
     """What a value reads back as after a trip through an f16 field."""
-    return np.asarray(values, dtype=F32).astype(np.float16).astype(F32)
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=F32).astype(np.float16).astype(F32)
 
 
 def split_nibbles(packed: np.ndarray) -> np.ndarray:
@@ -77,12 +79,14 @@ def pack_bit_planes(planes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    """C's roundf: ties go away from zero (np.rint would send them to even).
+    """C's roundf: ties go away from zero, where np.rint sends them to even.
 
-    `x - trunc(x)` is exact in floating point, so the tie test is exact too.
+    rint and roundf differ only on exact ties that rint rounded toward zero; the
+    residual x - rint(x) is exact, so those are found exactly.
     """
-    whole = np.trunc(x)
-    return np.where(np.abs(x - whole) >= 0.5, whole + np.sign(x), whole)
+    rounded = np.rint(x)
+    toward_zero_tie = (x - rounded) == np.copysign(F32(0.5), x)
+    return np.add(rounded, np.sign(x), out=rounded, where=toward_zero_tie)
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
@@ -95,9 +99,14 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
 def seq_sum(terms: np.ndarray) -> np.ndarray:
     """Sum over axis 0 strictly left to right, as the C loops `s += t[i]` do.
 
-    numpy's own reductions may use pairwise summation, which rounds differently;
-    the quantizers' scale searches compare such sums, so the order matters.
+    The quantizers' scale searches compare such sums, so the rounding order matters.
+    numpy adds element by element when it reduces along an axis that is not the fast
+    one in memory (its pairwise summation is only used along the fast axis, see the
+    notes of numpy.sum), which is the case for a C-contiguous (n, B>1) array.
     """
+    terms = np.ascontiguousarray(terms)
+    if terms.ndim == 2 and terms.shape[1] > 1:
+        return np.add.reduce(terms, axis=0)
     acc = terms[0].copy()
     for i in range(1, terms.shape[0]):
         acc += terms[i]
