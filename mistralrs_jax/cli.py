@@ -428,6 +428,8 @@ def configure_logging(level: int) -> None:
     # No force=True: a handler someone installed first (pytest's, an embedding app's) stays.
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger().setLevel(level)
+    if level > logging.DEBUG:  # JAX's start-up chatter (e.g. "no TPU found") is debug material here
+        logging.getLogger("jax").setLevel(max(level, logging.WARNING))
 
 
 def _apply_environment(args: argparse.Namespace) -> None:

@@ -211,7 +211,7 @@ def test_interactive_request_log(llm, tmp_path):
 def test_interactive_subprocess_answers_paris(smollm2_gguf_path):
     """`mistralrs-server -i` end to end: piped stdin, greedy, the real default model."""
     result = subprocess.run(
-        [sys.executable, "-m", "mistralrs_jax.cli", "--seed", "0", "--max-seqs", "1", "-i"],
+        [sys.executable, "-m", "mistralrs_jax.cli", "--seed", "0", "--max-seqs", "1", "--max-num-batched-tokens", "64", "-i"],
         input="\\temperature 0\nWhat is the capital of France?\n", cwd=REPO_ROOT, capture_output=True,
         text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )

@@ -118,7 +118,9 @@ class LibGGML:
     def __init__(self) -> None:
         spec = importlib.util.find_spec("llama_cpp")
         if spec is None:
-            pytest.skip("llama-cpp-python (the `peers` extra) is not installed; it carries llama.cpp's reference quantizers")
+            pytest.skip(
+                "llama-cpp-python (the `peers` extra) is not installed; it carries llama.cpp's reference quantizers"
+            )
         libdir = Path(spec.submodule_search_locations[0]) / "lib"
         names = ["libggml-base.so", "libggml-base.dylib", "libggml.so", "libllama.so"]
         paths = [libdir / n for n in names if (libdir / n).exists()]
@@ -126,7 +128,8 @@ class LibGGML:
             pytest.skip(f"llama-cpp-python is installed but no ggml shared library was found in {libdir}")
         self.lib = ctypes.CDLL(str(paths[0]))
         self.lib.ggml_quantize_chunk.argtypes = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # type, src, dst
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # start, nrows, n_per_row, imatrix
         ]
         self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
 
@@ -389,7 +392,9 @@ def test_dequantize_speed(capsys):
         mid = time.perf_counter()
         to_affine_int8(raw, name, shape)
         end = time.perf_counter()
-        timings.append(f"{name} {shape}: dequantize {1e3 * (mid - start):.0f} ms, to_affine_int8 {1e3 * (end - mid):.0f} ms")
+        timings.append(
+            f"{name} {shape}: dequantize {1e3 * (mid - start):.0f} ms, to_affine_int8 {1e3 * (end - mid):.0f} ms"
+        )
     with capsys.disabled():
         print("\n" + "\n".join(timings))
 
@@ -414,7 +419,7 @@ def test_real_model_file(capsys):
     elapsed = time.perf_counter() - start
     n_values = sum(w.size for w in weights.values())
     with capsys.disabled():
-        print(f"\nSmolLM2-135M Q4_1: dequantized {len(weights)} tensors, {n_values / 1e6:.0f}M values in {elapsed:.2f} s")
+        print(f"\nSmolLM2-135M Q4_1: {len(weights)} tensors, {n_values / 1e6:.0f}M values dequantized in {elapsed:.2f} s")
 
     by_name = {t.name: t for t in reader.tensors}
     for name in ["token_embd.weight", "blk.0.ffn_down.weight", "blk.7.attn_q.weight", "blk.0.attn_norm.weight"]:

@@ -120,7 +120,10 @@ def sample(logits: jax.Array, arrays: SamplingArrays, modes: SamplerModes) -> Sa
         # Unnormalized probabilities relative to the top token: e == p / p_max.
         relative_probs = jnp.exp(scaled - row_max)
         if modes.use_filters:
-            keep = _truncation_mask(scaled, row_max, relative_probs, arrays.top_k, arrays.top_p, arrays.min_p)
+            # Greedy rows never read their filters; clearing them spares the exact fallback.
+            top_k = jnp.where(greedy_row, 0, arrays.top_k)
+            top_p = jnp.where(greedy_row, 1.0, arrays.top_p)
+            keep = _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, arrays.min_p)
             relative_probs = jnp.where(keep, relative_probs, 0.0)
         uniforms = jax.vmap(_row_uniform)(arrays.seeds, arrays.steps)
         sampled_ids = _blocked_inverse_cdf(relative_probs, uniforms)

@@ -40,7 +40,9 @@ MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12
 _IQ4NL_FLOAT = IQ4NL_VALUES.astype(F32)
 _TWICE_MIDPOINTS = IQ4NL_VALUES[:-1].astype(np.int32) + IQ4NL_VALUES[1:].astype(np.int32)
 _LUT_LOW, _LUT_HIGH = int(_TWICE_MIDPOINTS[0]) - 1, int(_TWICE_MIDPOINTS[-1])
-_INDEX_BY_FLOOR_2X = np.searchsorted(_TWICE_MIDPOINTS, np.arange(_LUT_LOW, _LUT_HIGH + 1), side="right").astype(np.uint8)
+_INDEX_BY_FLOOR_2X = np.searchsorted(
+    _TWICE_MIDPOINTS, np.arange(_LUT_LOW, _LUT_HIGH + 1), side="right"
+).astype(np.uint8)
 
 
 def _best_index(x: np.ndarray) -> np.ndarray:

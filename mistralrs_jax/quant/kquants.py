@@ -191,7 +191,9 @@ def _unpack_q8_k(blocks: np.ndarray) -> Unpacked:
 # ---------------------------------------------------------------- quantizers
 
 
-def _requantize(x: np.ndarray, levels: np.ndarray, step: np.ndarray, shift: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+def _requantize(
+    x: np.ndarray, levels: np.ndarray, step: np.ndarray, shift: np.ndarray | None, lo: int, hi: int
+) -> np.ndarray:
     """Final pass of every K-quantizer: re-round x against the stored (f16-rounded)
     scales; groups whose step is 0 keep the levels from the search.
 

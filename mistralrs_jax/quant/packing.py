@@ -1,4 +1,5 @@
-"""Byte- and float-level helpers shared by the GGML block formats.
+"""What the GGML block-format modules share: byte/float helpers and the two types each
+format module fills in (BlockFormat, Unpacked).
 
 Every function works on whole arrays of blocks at once: `blocks` is a C-contiguous
 uint8 array of shape (n_blocks, type_size). The rounding helpers reproduce the C
