@@ -328,8 +328,9 @@ def _tool_module(module_name: str) -> Any | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    invoked_as = os.path.basename(sys.argv[0]) if sys.argv else ""
     parser = argparse.ArgumentParser(
-        prog="mistralrs-server",
+        prog=invoked_as if invoked_as == "mistralrs-jax" else "mistralrs-server",
         description="mistralrs-jax: an OpenAI-compatible LLM server on JAX, with the command line of "
                     "mistral.rs. Global flags go before the model subcommand.",
         epilog="examples:\n"

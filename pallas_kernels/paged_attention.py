@@ -1,15 +1,27 @@
-"""Paged attention over a ragged mixed batch (prefill chunks and decode tokens together).
+"""Paged attention over a ragged mixed batch (decode tokens and prefill chunks together).
 
 Layout (shared with the runner):
-- the KV cache of one layer is `k_cache`, `v_cache`: [num_blocks * block_size, kv_heads, head_dim];
-  block 0 is a trash block that padding tokens write into.
-- the step's tokens are one flat axis of length T (padded). Token t belongs to sequence
-  row `token_seq[t]`, sits at absolute position `positions[t]`, and its K/V were written
-  to the cache before attention runs, so each token simply attends to cache positions
-  0..positions[t] of its own sequence (causal), through `block_tables[token_seq[t]]`.
+- the KV cache of one layer is `k_cache`, `v_cache`: [num_blocks * block_size, kv_heads,
+  head_dim]; block 0 is a trash block that padding tokens write into.
+- the step's tokens are one flat axis of length T (padded). Token t belongs to sequence row
+  `token_seq[t]` and sits at absolute position `positions[t]`. Its K/V were written to the
+  cache before attention runs, so each token attends to cache positions 0..positions[t] of
+  its own sequence (causal, optionally a sliding window), read through the block tables.
+- decode tokens come first: tokens [0, num_decode_tokens) are one-token decodes.
 
-`paged_attention()` is the public entry: `dispatch()` picks the Pallas GPU kernel when a
-GPU is present (see the Pallas issue) and the pure-JAX reference otherwise.
+The pure-JAX reference has two paths, both with dynamic loop bounds so no step shape
+depends on context lengths:
+- decode tokens (one query per sequence): each token gathers its own context in chunks and
+  reduces with broadcast multiply-adds. Measured on XLA:CPU, this beats an einsum over
+  per-token gathered keys ~3x (tiny batched dots are slow there).
+- prefill tokens: the host lists "key chunks" (sequence row, first key position) covering
+  the prefill sequences' contexts; each loop iteration gathers one chunk of KEY_CHUNK keys
+  and scores *all* tokens against it as one dense matmul, masking tokens of other
+  sequences. Dense matmuls are what XLA:CPU does well: ~25x faster than per-token gathers
+  for a 256-token prefill.
+
+`paged_attention()` is the public entry: `dispatch()` picks the Pallas GPU kernel when a GPU
+is present (see the Pallas issue) and this reference otherwise.
 """
 from __future__ import annotations
 
@@ -18,10 +30,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-# Keys gathered per loop iteration of the reference. Large enough that a short decode
-# context is one iteration; small enough that a 512-token prefill chunk's gather stays
-# in tens of MB.
-REFERENCE_KV_CHUNK_TOKENS = 128
+DECODE_CHUNK_TOKENS = 128  # keys gathered per loop iteration of the decode path
+PREFILL_KEY_CHUNK = 256  # keys per prefill-path iteration
 
 
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
@@ -31,63 +41,121 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
     return k_cache, v_cache
 
 
+def _soft_cap(s, soft_cap):
+    return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
+
+
+def _online_update(carry, s, v_term):
+    """One online-softmax step. s: scores [..., keys] (masked with -inf); v_term(p) -> [..., D]."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
+    p = jnp.exp(s - m_safe[..., None])
+    correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+    return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + v_term(p)
+
+
+def _decode_path(qg, k_blocks, v_blocks, token_tables, positions, num_chunks, block_size, sliding_window, soft_cap):
+    """qg [N, kvh, g, D] (pre-scaled); token_tables [N, max_blocks]. Returns (l, acc)."""
+    n, kvh, group, head_dim = qg.shape
+    blocks_per_chunk = max(1, DECODE_CHUNK_TOKENS // block_size)
+    chunk_tokens = blocks_per_chunk * block_size
+
+    def body(chunk, carry):
+        ids = jax.lax.dynamic_slice_in_dim(token_tables, chunk * blocks_per_chunk, blocks_per_chunk, axis=1)
+        k = k_blocks[ids].reshape(n, chunk_tokens, kvh, 1, head_dim).astype(jnp.float32)
+        v = v_blocks[ids].reshape(n, chunk_tokens, kvh, 1, head_dim).astype(jnp.float32)
+        s = (qg[:, None] * k).sum(-1)  # [N, C, kvh, g]
+        s = jnp.moveaxis(_soft_cap(s, soft_cap), 1, -1)  # [N, kvh, g, C]
+        key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
+        visible = key_pos[None, :] <= positions[:, None]
+        if sliding_window is not None:
+            visible &= key_pos[None, :] > positions[:, None] - sliding_window
+        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+        return _online_update(carry, s, lambda p: (jnp.moveaxis(p, -1, 1)[..., None] * v).sum(1))
+
+    init = (jnp.full((n, kvh, group), -jnp.inf, jnp.float32), jnp.zeros((n, kvh, group), jnp.float32),
+            jnp.zeros((n, kvh, group, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    return l, acc
+
+
+def _prefill_path(qg, k_blocks, v_blocks, block_tables, token_seq, positions, is_prefill, chunk_seq, chunk_start,
+                  num_chunks, block_size, sliding_window, soft_cap):
+    """All tokens against the listed key chunks, one dense matmul per chunk."""
+    t, kvh, group, head_dim = qg.shape
+    blocks_per_chunk = max(1, PREFILL_KEY_CHUNK // block_size)
+    chunk_tokens = blocks_per_chunk * block_size
+    q_heads = jnp.transpose(qg, (1, 0, 2, 3)).reshape(kvh, t * group, head_dim)  # [kvh, T*g, D]
+
+    def body(c, carry):
+        row = chunk_seq[c]
+        start = chunk_start[c]
+        ids = jax.lax.dynamic_slice_in_dim(block_tables[row], start // block_size, blocks_per_chunk)
+        k = k_blocks[ids].reshape(chunk_tokens, kvh, head_dim).astype(jnp.float32)
+        v = v_blocks[ids].reshape(chunk_tokens, kvh, head_dim).astype(jnp.float32)
+        s = jnp.einsum("hqd,khd->hqk", q_heads, k).reshape(kvh, t, group, chunk_tokens)
+        s = _soft_cap(s, soft_cap)
+        key_pos = start + jnp.arange(chunk_tokens)
+        visible = (token_seq[:, None] == row) & is_prefill[:, None] & (key_pos[None, :] <= positions[:, None])
+        if sliding_window is not None:
+            visible &= key_pos[None, :] > positions[:, None] - sliding_window
+        s = jnp.where(visible[None, :, None, :], s, -jnp.inf)
+
+        def v_term(p):
+            return jnp.einsum("hqk,khd->hqd", p.reshape(kvh, t * group, chunk_tokens), v).reshape(kvh, t, group, head_dim)
+
+        return _online_update(carry, s, v_term)
+
+    init = (jnp.full((kvh, t, group), -jnp.inf, jnp.float32), jnp.zeros((kvh, t, group), jnp.float32),
+            jnp.zeros((kvh, t, group, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    return jnp.transpose(l, (1, 0, 2)), jnp.transpose(acc, (1, 0, 2, 3))
+
+
 def paged_attention_reference(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks * block_size, kv_heads, head_dim]
     v_cache: jax.Array,
-    token_seq: jax.Array,  # [T] int32
-    positions: jax.Array,  # [T] int32
-    block_tables: jax.Array,  # [S, max_blocks] int32
-    num_kv_chunks: jax.Array,  # scalar int32: ceil((max position + 1) / chunk)
+    meta,  # AttentionMetadata (see mistralrs_jax/models/llama.py)
     *,
     block_size: int,
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> jax.Array:
-    """Online-softmax loop over chunks of each token's own context. Returns [T, heads, head_dim]."""
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = num_heads // kv_heads
-    blocks_per_chunk = max(1, REFERENCE_KV_CHUNK_TOKENS // block_size)
-    chunk_tokens = blocks_per_chunk * block_size
-    max_blocks = block_tables.shape[1]
-    if max_blocks % blocks_per_chunk:  # pad the table so every chunk slice is in bounds
-        pad = blocks_per_chunk - max_blocks % blocks_per_chunk
-        block_tables = jnp.pad(block_tables, ((0, 0), (0, pad)))
     k_blocks = k_cache.reshape(-1, block_size, kv_heads, head_dim)
     v_blocks = v_cache.reshape(-1, block_size, kv_heads, head_dim)
-    token_tables = block_tables[token_seq]  # [T, max_blocks]
     qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, kv_heads, group, head_dim)
+    token_index = jnp.arange(num_tokens)
 
-    def body(chunk, carry):
-        m, l, acc = carry
-        ids = jax.lax.dynamic_slice_in_dim(token_tables, chunk * blocks_per_chunk, blocks_per_chunk, axis=1)
-        k = k_blocks[ids].reshape(num_tokens, chunk_tokens, kv_heads, head_dim).astype(jnp.float32)
-        v = v_blocks[ids].reshape(num_tokens, chunk_tokens, kv_heads, head_dim).astype(jnp.float32)
-        s = jnp.einsum("tkgd,tskd->tkgs", qg, k)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
-        visible = key_pos[None, :] <= positions[:, None]
-        if sliding_window is not None:
-            visible &= key_pos[None, :] > positions[:, None] - sliding_window
-        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        # Rows with nothing visible yet keep m = -inf; use 0 there to avoid inf - inf.
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("tkgs,tskd->tkgd", p, v)
-        return m_new, l, acc
+    # Decode path over the leading tokens (at most one per sequence row).
+    num_rows = min(num_tokens, meta.block_tables.shape[0])
+    tables = meta.block_tables
+    blocks_per_chunk = max(1, DECODE_CHUNK_TOKENS // block_size)
+    if tables.shape[1] % blocks_per_chunk:
+        tables = jnp.pad(tables, ((0, 0), (0, blocks_per_chunk - tables.shape[1] % blocks_per_chunk)))
+    dec_l, dec_acc = _decode_path(
+        qg[:num_rows], k_blocks, v_blocks, tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
+        meta.num_decode_chunks, block_size, sliding_window, soft_cap)
 
-    init = (
-        jnp.full((num_tokens, kv_heads, group), -jnp.inf, jnp.float32),
-        jnp.zeros((num_tokens, kv_heads, group), jnp.float32),
-        jnp.zeros((num_tokens, kv_heads, group, head_dim), jnp.float32),
-    )
-    _, l, acc = jax.lax.fori_loop(0, num_kv_chunks, body, init)
+    prefill_blocks = max(1, PREFILL_KEY_CHUNK // block_size)
+    tables = meta.block_tables
+    if tables.shape[1] % prefill_blocks:
+        tables = jnp.pad(tables, ((0, 0), (0, prefill_blocks - tables.shape[1] % prefill_blocks)))
+    is_prefill = token_index >= meta.num_decode_tokens
+    pre_l, pre_acc = _prefill_path(
+        qg, k_blocks, v_blocks, tables, meta.token_seq, meta.positions, is_prefill, meta.chunk_seq,
+        meta.chunk_start, meta.num_prefill_chunks, block_size, sliding_window, soft_cap)
+
+    is_decode = (token_index < meta.num_decode_tokens)[:, None, None]
+    dec_l = jnp.pad(dec_l, ((0, num_tokens - num_rows), (0, 0), (0, 0)))
+    dec_acc = jnp.pad(dec_acc, ((0, num_tokens - num_rows), (0, 0), (0, 0), (0, 0)))
+    l = jnp.where(is_decode, dec_l, pre_l)
+    acc = jnp.where(is_decode[..., None], dec_acc, pre_acc)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
@@ -108,8 +176,8 @@ def _pallas_available() -> bool:
     return False  # the Pallas kernel lands with the Pallas-kernels issue
 
 
-def paged_attention(q, k_cache, v_cache, token_seq, positions, block_tables, num_kv_chunks, **kwargs):
+def paged_attention(q, k_cache, v_cache, meta, **kwargs):
     impl = dispatch()
     if impl != "reference":
         raise NotImplementedError("the Pallas paged-attention kernel is not built yet; use the reference")
-    return paged_attention_reference(q, k_cache, v_cache, token_seq, positions, block_tables, num_kv_chunks, **kwargs)
+    return paged_attention_reference(q, k_cache, v_cache, meta, **kwargs)

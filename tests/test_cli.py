@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mistralrs_jax import cli
+from mistralrs_jax import SamplingParams, cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,9 +200,8 @@ def test_interactive_request_log(llm, tmp_path):
     args = parse(f"-i --log {log_file}")
     args.request_log_file = cli.log_level_and_request_log(args)[1]
     chat = cli.InteractiveChat(llm, args)
-    chat.params = chat.params.__class__(temperature=0.0, max_tokens=8)
+    chat.params = SamplingParams(temperature=0.0, max_tokens=8)
     chat.run(io.StringIO("Say hello.\n"), io.StringIO())
-    import json
 
     record = json.loads(log_file.read_text().splitlines()[0])
     assert record["messages"] == [{"role": "user", "content": "Say hello."}]
@@ -208,12 +209,33 @@ def test_interactive_request_log(llm, tmp_path):
 
 
 @pytest.mark.slow
-def test_interactive_subprocess_answers_paris(smollm2_gguf_path):
-    """`mistralrs-server -i` end to end: piped stdin, greedy, the real default model."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mistralrs_jax.cli", "--seed", "0", "--max-seqs", "1", "--max-num-batched-tokens", "64", "-i"],
-        input="\\temperature 0\nWhat is the capital of France?\n", cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Paris" in result.stdout, result.stdout
+def test_interactive_subprocess_ctrl_c_then_paris(smollm2_gguf_path, tmp_path):
+    """`mistralrs-server -i` end to end on the real default model, input piped, greedy:
+    Ctrl-C (SIGINT) stops a long reply without ending the session; the next question gets
+    its answer and end of input exits cleanly."""
+    script = tmp_path / "typed.txt"
+    script.write_text("\\temperature 0\nWrite a very long story about a dragon.\nWhat is the capital of France?\n")
+    with script.open("rb") as typed:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mistralrs_jax.cli", "--seed", "0", "--max-seqs", "1",
+             "--max-num-batched-tokens", "64", "-i"],
+            stdin=typed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    try:
+        seen = b""
+        marker = b"(temperature = 0.0)\n"
+        while marker not in seen or len(seen.split(marker)[1]) < 40:  # the story has begun
+            byte = process.stdout.read(1)
+            assert byte, "the chat ended before the story began: " + process.stderr.read().decode()[-3000:]
+            seen += byte
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err.decode()[-3000:]
+    _story, stopped, after = rest.decode().partition("[stopped]")
+    assert stopped, "the reply was not stopped: " + rest.decode()[-2000:]
+    assert "Paris" in after, after

@@ -82,6 +82,8 @@ def check_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None:
     assert output.num_batched_tokens <= scheduler.max_num_batched_tokens
     assert len({seq.seq_id for seq, _ in output.scheduled}) == len(output.scheduled)
     assert len(scheduler.running) <= scheduler.max_num_seqs
+    counts = [n for _, n in output.scheduled]
+    assert counts[: output.num_decodes] == [1] * output.num_decodes and 1 not in counts[output.num_decodes :]
     assert all(seq.status is SequenceStatus.RUNNING for seq, _ in output.scheduled)
     holders = [0] * manager.num_blocks
     owners: dict[int, tuple[Sequence, int]] = {}
@@ -116,8 +118,11 @@ class Driver:
         self.steps = 0
 
     def step(self) -> SchedulerOutput:
+        waiting_before = set(self.scheduler.waiting)
         output = self.scheduler.schedule()
         check_invariants(self.scheduler, output)
+        if output.preempted:  # a step short of blocks admits nobody new
+            assert not any(seq in waiting_before for seq, _ in output.scheduled)
         self.finished.extend(output.finished_aborted)
         appended = self.scheduler.update_after_step(output, self.model.step(output))
         for seq in appended:
@@ -271,6 +276,25 @@ def test_chunked_prefill_respects_the_token_budget_next_to_decodes():
     driver.run()
     assert_matches_reference(decoder, 128)
     assert_matches_reference(long_prompt, 128)
+
+
+def test_prefill_chunk_shrinks_to_the_free_blocks_instead_of_preempting():
+    manager = BlockManager(num_blocks=9, block_size=4)  # 8 usable blocks
+    scheduler = Scheduler(manager, 4, 16, 64, long_prefill_token_threshold=8)
+    prompt = make_seqs("prompt", list(range(1, 29)), 2, arrival=0.0, ignore_eos=True)[0]
+    chat = make_seqs("chat", [4] * 8, 6, arrival=1.0, ignore_eos=True)[0]
+    scheduler.add(prompt)
+    scheduler.add(chat)
+    driver = Driver(scheduler)
+    assert dict(driver.step().scheduled) == {prompt: 8, chat: 8}
+    second = driver.step()
+    assert second.scheduled == [(chat, 1), (prompt, 8)] and second.num_decodes == 1  # decodes lead
+    assert manager.num_free_blocks == 1
+    third = driver.step()  # 8 more prompt tokens need 2 blocks; 1 is free
+    assert dict(third.scheduled) == {prompt: 4, chat: 1} and third.preempted == []
+    driver.run()
+    for seq in (prompt, chat):
+        assert_matches_reference(seq, 64)
 
 
 def test_long_prefill_threshold_caps_one_sequence_per_step():
@@ -436,3 +460,21 @@ def test_sequence_outgrowing_the_whole_pool_finishes_instead_of_livelocking():
     assert neighbour.finish_reason == "length"
     assert_matches_reference(neighbour, 100, truncated_ok=neighbour in capacity_finished)
     assert manager.num_free_blocks == manager.num_total_blocks
+
+
+def test_sequence_keeps_prompt_and_output_in_one_list_and_resolves_seeds():
+    params = SamplingParams(n=3, seed=2**31 + 5, max_tokens=4)
+    seqs = [Sequence("r", np.array([5, 6, 7]), params, index=i) for i in range(3)]
+    assert [seq.seed for seq in seqs] == [5, 6, 7]  # seed + index, folded into int32 range
+    assert len({seq.seq_id for seq in seqs}) == 3
+    seq = seqs[0]
+    assert seq.token_ids == [5, 6, 7] and all(type(t) is int for t in seq.token_ids)
+    seq.append_token(np.int32(9))
+    seq.append_token(3)
+    assert seq.token_ids == [5, 6, 7, 9, 3] and seq.output_token_ids == [9, 3]
+    assert seq.prompt_token_ids == [5, 6, 7] and seq.last_token_id == 3
+    assert (seq.num_tokens, seq.num_prompt_tokens, seq.num_output_tokens) == (5, 3, 2)
+    seq.num_computed_tokens = 4
+    assert seq.is_decoding and seq.num_uncomputed_tokens == 1
+    unseeded = Sequence("u", [1], SamplingParams())
+    assert 0 <= unseeded.seed < 2**31

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.paged_attention import REFERENCE_KV_CHUNK_TOKENS
+from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUNK
 
 from ..config import ModelConfig
 from ..models.llama import AttentionMetadata
@@ -102,46 +102,68 @@ class ModelRunner:
 
     # -- host-side batch building --------------------------------------------------------
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]):
-        num_tokens = sum(n for _, n in scheduled)
-        num_seqs = len(scheduled)
-        t_pad = _bucket(self.token_buckets, num_tokens)
-        s_pad = self.seq_bucket_for(t_pad)
+    def max_prefill_chunks(self, num_seq_rows: int) -> int:
+        return num_seq_rows * math.ceil(self.max_blocks_per_seq * self.block_size / PREFILL_KEY_CHUNK)
+
+    def build_metadata(self, runs: list[tuple[list[int], int, list[int]]], t_pad: int, s_pad: int):
+        """Arrays for one step. `runs` holds, per sequence row in batch order, (tokens to
+        run, position of the first, block table); one-token runs must come first."""
         bs = self.block_size
         input_ids = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
-        # Padding tokens write into block 0 (the trash block) and attend to it.
+        # Padding tokens write into block 0 (the trash block) and attend to nothing real.
         slot_mapping = np.arange(t_pad, dtype=np.int32) % bs
-        token_seq = np.full(t_pad, s_pad - 1 if num_seqs < s_pad else 0, np.int32)
+        token_seq = np.full(t_pad, s_pad - 1, np.int32)
         block_tables = np.zeros((s_pad, self.max_blocks_per_seq), np.int32)
         logits_indices = np.zeros(s_pad, np.int32)
+        chunk_seq = np.zeros(self.max_prefill_chunks(s_pad), np.int32)
+        chunk_start = np.zeros_like(chunk_seq)
+        num_chunks = num_decodes = 0
+        max_decode_position = -1
+        window = self.config.sliding_window
         offset = 0
-        max_position = 0
-        for row, (seq, n) in enumerate(scheduled):
-            start = seq.num_computed_tokens
+        for row, (tokens, start, table) in enumerate(runs):
+            n = len(tokens)
             pos = np.arange(start, start + n, dtype=np.int32)
-            table = np.asarray(seq.block_table, np.int32)
-            input_ids[offset:offset + n] = seq.token_ids[start:start + n]
+            table = np.asarray(table, np.int32)
+            input_ids[offset:offset + n] = tokens
             positions[offset:offset + n] = pos
             slot_mapping[offset:offset + n] = table[pos // bs] * bs + pos % bs
             token_seq[offset:offset + n] = row
             block_tables[row, :len(table)] = table
             offset += n
             logits_indices[row] = offset - 1
-            max_position = max(max_position, start + n - 1)
-        num_chunks = math.ceil((max_position + 1) / self._chunk_tokens())
+            if n == 1 and num_decodes == row:
+                num_decodes += 1
+                max_decode_position = max(max_decode_position, start)
+                continue
+            first = max(0, start - window + 1) // PREFILL_KEY_CHUNK if window else 0
+            for c in range(first, math.ceil((start + n) / PREFILL_KEY_CHUNK)):
+                chunk_seq[num_chunks] = row
+                chunk_start[num_chunks] = c * PREFILL_KEY_CHUNK
+                num_chunks += 1
         meta = AttentionMetadata(
-            positions=positions, slot_mapping=slot_mapping, token_seq=token_seq,
-            block_tables=block_tables, num_kv_chunks=np.int32(num_chunks),
+            positions=positions, slot_mapping=slot_mapping, token_seq=token_seq, block_tables=block_tables,
+            num_decode_tokens=np.int32(num_decodes),
+            num_decode_chunks=np.int32(math.ceil((max_decode_position + 1) / DECODE_CHUNK_TOKENS)),
+            chunk_seq=chunk_seq, chunk_start=chunk_start, num_prefill_chunks=np.int32(num_chunks),
         )
-        return input_ids, meta, logits_indices, (t_pad, s_pad)
+        return input_ids, meta, logits_indices
 
-    def _chunk_tokens(self) -> int:
-        return max(1, REFERENCE_KV_CHUNK_TOKENS // self.block_size) * self.block_size
+    def prepare(self, scheduled: list[tuple[Sequence, int]]):
+        num_tokens = sum(n for _, n in scheduled)
+        t_pad = _bucket(self.token_buckets, num_tokens)
+        s_pad = self.seq_bucket_for(t_pad)
+        runs = [(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n], seq.num_computed_tokens,
+                 seq.block_table) for seq, n in scheduled]
+        return (*self.build_metadata(runs, t_pad, s_pad), (t_pad, s_pad))
 
     # -- running ---------------------------------------------------------------------
 
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        """Run one step; results come back in the order of `scheduled`."""
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i][1] != 1)  # decodes first
+        scheduled = [scheduled[i] for i in order]
         input_ids, meta, logits_indices, shape_key = self.prepare(scheduled)
         seqs = [seq for seq, _ in scheduled]
         arrays, modes = build_sampling_arrays(
@@ -156,11 +178,11 @@ class ModelRunner:
         inputs = jax.device_put((input_ids, meta, logits_indices, arrays))
         logits, self.kv_caches = self._step_fn(self.graphdef, self.state, self.kv_caches, *inputs[:3])
         out = self._sample_fn(logits, inputs[3], modes=modes)
-        n = len(seqs)
+        rows = np.argsort(order)  # batch row of each original entry
         if modes.num_logprobs or any(seq.params.logprobs is not None for seq in seqs):
             host = jax.device_get(out)
-            return StepResult(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n], host.top_logprobs[:n])
-        return StepResult(np.asarray(jax.device_get(out.token_ids))[:n])
+            return StepResult(host.token_ids[rows], host.logprobs[rows], host.top_ids[rows], host.top_logprobs[rows])
+        return StepResult(np.asarray(jax.device_get(out.token_ids))[rows])
 
     def _note_shape(self, key) -> None:
         if key not in self._seen_shapes:
@@ -192,16 +214,7 @@ class ModelRunner:
         """One step on padding only (everything writes to and reads the trash block)."""
         from ..sampling_params import SamplingParams
 
-        bs = self.block_size
-        input_ids = np.zeros(num_tokens, np.int32)
-        meta = AttentionMetadata(
-            positions=np.zeros(num_tokens, np.int32),
-            slot_mapping=(np.arange(num_tokens, dtype=np.int32) % bs),
-            token_seq=np.zeros(num_tokens, np.int32),
-            block_tables=np.zeros((num_seqs, self.max_blocks_per_seq), np.int32),
-            num_kv_chunks=np.int32(1),
-        )
-        logits_indices = np.zeros(num_seqs, np.int32)
+        input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
         self._note_shape(("step", (num_tokens, num_seqs)))
         logits, self.kv_caches = self._step_fn(self.graphdef, self.state, self.kv_caches,
                                                *jax.device_put((input_ids, meta, logits_indices)))
@@ -217,14 +230,8 @@ class ModelRunner:
         num_blocks = math.ceil(n / bs) + 1
         shape = (num_blocks * bs, self.config.num_kv_heads, self.config.head_dim)
         caches = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.config.num_layers)]
-        positions = np.arange(n, dtype=np.int32)
-        table = np.arange(1, num_blocks, dtype=np.int32)
-        meta = AttentionMetadata(
-            positions=positions,
-            slot_mapping=(table[positions // bs] * bs + positions % bs).astype(np.int32),
-            token_seq=np.zeros(n, np.int32),
-            block_tables=table[None, :],
-            num_kv_chunks=np.int32(math.ceil(n / self._chunk_tokens())),
-        )
-        logits = self._score_fn(self.graphdef, self.state, caches, np.asarray(token_ids, np.int32), meta)
+        table = list(range(1, num_blocks))
+        t_pad = n
+        input_ids, meta, _ = self.build_metadata([(list(token_ids), 0, table)], t_pad, 1)
+        logits = self._score_fn(self.graphdef, self.state, caches, input_ids, meta)
         return np.asarray(logits, dtype=np.float32)

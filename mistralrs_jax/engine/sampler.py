@@ -59,8 +59,9 @@ PENALTY_WINDOW = 64
 HISTORY_WIDTH_BUCKETS = (0, 64, 256, 1024)  # W of history_tokens: 0 when no row has penalties
 BIAS_WIDTH_BUCKETS = (0, 16, 128, MAX_LOGIT_BIAS_ENTRIES)  # B of bias_token_ids
 NUM_LOGPROBS_BUCKETS = (0, 1, 5, MAX_TOP_LOGPROBS)  # K of top_ids; callers slice to what was asked
-# Width of the blocks used by the blocked argmax and the blocked inverse CDF.
+# Width of the blocks of the blocked argmax, and fan-out of the inverse-CDF sum tree.
 _BLOCK = 256
+_FANOUT = 64
 
 _THREEFRY = "threefry2x32"  # named, so a changed default PRNG cannot change seeded outputs
 
@@ -126,7 +127,7 @@ def sample(logits: jax.Array, arrays: SamplingArrays, modes: SamplerModes) -> Sa
             keep = _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, arrays.min_p)
             relative_probs = jnp.where(keep, relative_probs, 0.0)
         uniforms = jax.vmap(_row_uniform)(arrays.seeds, arrays.steps)
-        sampled_ids = _blocked_inverse_cdf(relative_probs, uniforms)
+        sampled_ids = _inverse_cdf(relative_probs, uniforms)
         token_ids = jnp.where(greedy_row, greedy_ids, sampled_ids)
 
     log_normalizer = jax.nn.logsumexp(raw, axis=-1)
@@ -209,9 +210,9 @@ def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, 
     nucleus_mass = top_p * top_k_mass
     candidate_probs = jnp.exp(candidate_logits - row_max)
     candidate_probs = jnp.where(candidate_logits >= top_k_threshold[:, None], candidate_probs, 0.0)
-    cumulative = jnp.cumsum(candidate_probs, axis=-1)
+    cumulative = _small_cumsum(candidate_probs)
     mass_before = jnp.concatenate([jnp.zeros((num_rows, 1), jnp.float32), cumulative[:, :-1]], axis=-1)
-    nucleus_size = jnp.sum(mass_before < nucleus_mass[:, None], axis=-1)
+    nucleus_size = jnp.sum(mass_before <= nucleus_mass[:, None], axis=-1)
     last_in_nucleus = jnp.take_along_axis(candidate_logits, jnp.maximum(nucleus_size - 1, 0)[:, None], axis=-1)[:, 0]
     top_p_threshold = jnp.where(top_p_on, last_in_nucleus, -jnp.inf)
     nucleus_fits = cumulative[:, -1] >= nucleus_mass
@@ -326,25 +327,47 @@ def _blocked_argmax(logits):
     return (best_block * _BLOCK + jnp.argmax(block, axis=-1)).astype(jnp.int32)
 
 
-def _blocked_inverse_cdf(weights, uniforms):
-    """Index i with P(i) = weights[i] / sum(weights): a cumulative sum over block totals, then in one block."""
-    blocks = _pad_to_blocks(weights, 0.0)
-    block_totals = jnp.sum(blocks, axis=-1)
-    block_cumulative = jnp.cumsum(block_totals, axis=-1)
-    target = uniforms * block_cumulative[:, -1]
-    # Rounding can put the target at or past the end; clamping to the last non-empty
-    # block/token keeps a zero-weight token from ever being returned.
-    last_block = _last_nonzero_index(block_totals)
-    block_index = jnp.minimum(jnp.sum(block_cumulative <= target[:, None], axis=-1), last_block)
-    mass_before = jnp.where(
-        block_index > 0,
-        jnp.take_along_axis(block_cumulative, jnp.maximum(block_index - 1, 0)[:, None], axis=-1)[:, 0],
-        0.0,
-    )
-    block = jnp.take_along_axis(blocks, block_index[:, None, None], axis=1)[:, 0]
-    in_block = jnp.cumsum(block, axis=-1)
-    position = jnp.minimum(jnp.sum(in_block <= (target - mass_before)[:, None], axis=-1), _last_nonzero_index(block))
-    return (block_index * _BLOCK + position).astype(jnp.int32)
+def _inverse_cdf(weights, uniforms):
+    """Index i with P(i) = weights[i] / sum(weights), walking a tree of partial sums.
+
+    Level sums with fan-out _FANOUT are built in one pass over the row; the walk then picks
+    one child per level from a cumulative sum of at most _FANOUT values, so no cumulative
+    sum over the whole row is needed (XLA:CPU lowers cumsum to a slow associative scan).
+    """
+    num_rows, vocab = weights.shape
+    depth = 1
+    while _FANOUT**depth < vocab:
+        depth += 1
+    levels = [_pad_to_blocks(weights, 0.0, _FANOUT ** (depth - 1)).reshape(num_rows, -1)]
+    for _ in range(depth - 1):
+        levels.append(jnp.sum(levels[-1].reshape(num_rows, -1, _FANOUT), axis=-1))
+    target = uniforms * jnp.sum(levels[-1], axis=-1)
+    index = jnp.zeros((num_rows,), jnp.int32)
+    for depth_index, level in enumerate(reversed(levels)):
+        if depth_index == 0:
+            children = level  # the root's children: at most _FANOUT sums
+        else:
+            children = jnp.take_along_axis(level.reshape(num_rows, -1, _FANOUT), index[:, None, None], axis=1)[:, 0]
+        cumulative = _small_cumsum(children)
+        # The first child whose cumulative sum passes the target; clamping to the last
+        # non-empty child covers a target that rounding put at or past the end, so a
+        # zero-weight token is never returned.
+        choice = jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=-1), _last_nonzero_index(children))
+        before = jnp.take_along_axis(cumulative, jnp.maximum(choice - 1, 0)[:, None], axis=-1)[:, 0]
+        target = jnp.maximum(target - jnp.where(choice > 0, before, 0.0), 0.0)
+        index = index * children.shape[1] + choice
+    return index
+
+
+def _small_cumsum(values):
+    """Inclusive cumulative sum over a short last axis (<= a few hundred) as one masked reduce.
+
+    Every prefix is the same reduction with later entries zeroed, so for values >= 0 the
+    result is non-decreasing whatever order the reduction adds in.
+    """
+    width = values.shape[-1]
+    lower_triangle = jnp.arange(width)[:, None] >= jnp.arange(width)[None, :]
+    return jnp.sum(jnp.where(lower_triangle, values[..., None, :], 0.0), axis=-1)
 
 
 def _last_nonzero_index(values):

@@ -48,14 +48,16 @@ ABORT = "abort"
 
 @dataclass
 class SchedulerOutput:
-    # (sequence, tokens to run this step) in batch order: decodes first, then prefill
-    # chunks (new prompts, continuing chunks and recomputes after preemption).
+    # (sequence, tokens to run this step) in batch order: single-token entries first
+    # (decodes, and prompts with one token left), then longer prefill chunks (new
+    # prompts, continuing chunks, recomputes after preemption); FCFS within each.
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     # Finished by the scheduler during this step (they can never fit the KV pool);
     # finish_reason is set. The engine reports them like any finished sequence.
     finished_aborted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
+    num_decodes: int = 0  # scheduled[:num_decodes] run exactly one token each
 
     @property
     def is_empty(self) -> bool:
@@ -144,8 +146,8 @@ class Scheduler:
         self._by_request.setdefault(seq.request_id, []).append(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
-        """Finish every unfinished sequence of a request with ``"abort"`` and free its
-        blocks now. Unknown or already finished requests return []."""
+        """Finish every still unfinished sequence of a request with ``"abort"``, free
+        their blocks now and return them. Unknown or finished requests return []."""
         seqs = list(self._by_request.get(request_id, ()))
         for seq in seqs:
             self.finish(seq, ABORT)
@@ -262,9 +264,10 @@ class Scheduler:
                 chosen[seq] = num_new
                 budget -= num_new
 
-        decodes = [(seq, n) for seq, n in chosen.items() if seq.is_decoding]
-        prefills = [(seq, n) for seq, n in chosen.items() if not seq.is_decoding]
+        decodes = [(seq, n) for seq, n in chosen.items() if n == 1]
+        prefills = [(seq, n) for seq, n in chosen.items() if n != 1]
         output.scheduled = decodes + prefills
+        output.num_decodes = len(decodes)
         output.num_batched_tokens = self.max_num_batched_tokens - budget
         return output
 

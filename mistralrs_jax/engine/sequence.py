@@ -71,11 +71,12 @@ class Sequence:
         self.params = params
         self.seed: int = resolve_seed(params, index) if seed is None else seed % SEED_MODULUS
         self.prompt = prompt
-        self.prompt_token_ids: list[int] = list(prompt_token_ids)
-        self._token_ids: list[int] = list(prompt_token_ids)
+        self.prompt_token_ids: list[int] = [int(token) for token in prompt_token_ids]
+        self._token_ids: list[int] = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         # Anything that changes the KV of identical tokens (a LoRA adapter, image
-        # contents) must go in the salt, or prefix caching would share wrong blocks.
+        # contents) must go in this hashable salt, or prefix caching would share
+        # wrong blocks.
         self.cache_salt = cache_salt
 
         self.num_computed_tokens = 0

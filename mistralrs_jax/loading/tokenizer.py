@@ -12,6 +12,7 @@ tokenizer is checked against llama.cpp's own vocab test vectors in tests/test_to
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,15 +36,42 @@ TOKEN_TYPE_BYTE = 6
 
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
-# Tokens that end a turn although the file may not name them as EOS/EOT; llama.cpp finds these by
-# their text too (llama-vocab.cpp, "special_eog_ids").
+# Added tokens that end generation although the file may not name them as EOS/EOT. llama.cpp finds
+# these by their text (llama-vocab.cpp, "special_eog_ids"): turn ends, plus the fill-in-the-middle
+# pad / repo / file-separator tokens, after which a code model has nothing more to say.
 END_OF_GENERATION_TEXTS = frozenset(
     {
-        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
-        "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "<|end_of_text|>",
-        "<end_of_utterance>", "<eos>", "<turn|>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+        "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+        "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
     }
 )
+# llama.cpp takes the first of each group it finds; each group is one role.
+FILL_IN_THE_MIDDLE_END_TEXTS = (
+    ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    ("<|file_sep|>",),
+)
+
+
+def _end_of_generation_ids(added: dict[int, str]) -> set[int]:
+    """Ids among the added (special or user-defined) tokens that end generation, by llama.cpp's rules."""
+    by_text = {text: index for index, text in sorted(added.items(), reverse=True)}  # lowest id wins
+    ends = {index for text, index in by_text.items() if text in END_OF_GENERATION_TEXTS}
+    for group in FILL_IN_THE_MIDDLE_END_TEXTS:
+        found = [by_text[text] for text in group if text in by_text]
+        if found:
+            ends.add(min(found))
+    # gpt-oss / Solar Open: "<|end|>" ends a message there, not the generation.
+    texts = set(by_text)
+    if "<|end|>" in texts and (({"<|return|>", "<|call|>"} <= texts) or ({"<|calls|>", "<|flush|>"} <= texts)):
+        ends.discard(by_text["<|end|>"])
+    # Gemma 4 has an ordinary "</s>".
+    if "</s>" in texts and "<|tool_response>" in texts:
+        ends.discard(by_text["</s>"])
+    return ends
+
 
 # --- Pre-tokenizer presets ----------------------------------------------------------------------
 # llama.cpp splits text with a list of regexes applied one after another: each one cuts every piece
@@ -302,20 +330,41 @@ def _wordpiece_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizer
     return hf
 
 
-def _register_special_tokens(hf: tokenizers.Tokenizer, tokens: Sequence[str], token_types: Sequence[int], vocab_text: dict[int, str] | None = None) -> None:
-    """Control tokens become special added tokens (matched whole in text, dropped by skip_special_tokens);
-    user-defined ones become plain added tokens (matched whole, always shown), as llama.cpp treats them."""
-    control, user_defined = [], []
-    for index, token_type in enumerate(token_types):
-        text = tokens[index] if vocab_text is None else vocab_text.get(index, tokens[index])
-        if token_type == TOKEN_TYPE_CONTROL:
-            control.append(AddedToken(text, special=True, normalized=False))
-        elif token_type == TOKEN_TYPE_USER_DEFINED:
-            user_defined.append(AddedToken(text, special=False, normalized=False))
-    if control:
-        hf.add_special_tokens(control)
-    if user_defined:
-        hf.add_tokens(user_defined)
+def _whitespace_stripping(fields: dict[str, Any]) -> tuple[set[str], set[str] | None]:
+    """Special tokens that swallow the whitespace beside them, by llama.cpp's per-model rules (the
+    original tokenizers mark them `lstrip`/`rstrip`). Returns (lstrip texts, rstrip texts); `None`
+    for rstrip means "every special token but BOS/UNK/<|endoftext|>" (Phi-3's `<|user|>` eats the
+    newline after it)."""
+    name = str(fields.get("general.name", "")).lower()
+    pre = str(fields.get("tokenizer.ggml.pre", ""))
+    arch = str(fields.get("general.architecture", ""))
+    if any(key in pre for key in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or arch in ("nomic-bert-moe", "jina-bert-v3"):
+        return {"<mask>"}, set()
+    if "phi-3" in name or "phi3" in name:
+        return set(), None
+    if "modern-bert" in name:
+        return {"[MASK]"}, set()
+    return set(), set()
+
+
+def _register_special_tokens(hf: tokenizers.Tokenizer, fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int]) -> None:
+    """Tokens llama.cpp matches whole in text become added tokens. Control and unknown ones are special
+    (dropped by skip_special_tokens); user-defined ones are plain, so they always show, as in llama.cpp."""
+    lstrip, rstrip = _whitespace_stripping(fields)
+    never_rstrip = {"<unk>", "<s>", "<|endoftext|>"}
+    special, plain = [], []
+    for index, token_type in enumerate(token_types[: len(tokens)]):
+        if token_type not in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNKNOWN):
+            continue
+        text = tokens[index]
+        strip_right = text not in never_rstrip if rstrip is None else text in rstrip
+        added = AddedToken(text, special=token_type != TOKEN_TYPE_USER_DEFINED, normalized=False,
+                           lstrip=text in lstrip, rstrip=strip_right)
+        (plain if token_type == TOKEN_TYPE_USER_DEFINED else special).append(added)
+    if special:
+        hf.add_special_tokens(special)
+    if plain:
+        hf.add_tokens(plain)
 
 
 def _id_field(fields: dict[str, Any], key: str, n_tokens: int) -> int | None:
@@ -326,17 +375,85 @@ def _id_field(fields: dict[str, Any], key: str, n_tokens: int) -> int | None:
     return value if 0 <= value < n_tokens else None
 
 
+# Numeric GGUF value types (gguf.GGUFValueType codes) and their struct/numpy codes.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
 def read_gguf_metadata(path: str) -> dict[str, Any]:
-    """Every metadata key of a GGUF file as plain Python values; tensors are not read."""
-    import gguf  # imported here: only GGUF loading needs it
+    """Every metadata key of a GGUF file as plain Python values (lists for arrays); tensors are not read.
+
+    A small reader of its own rather than `gguf.GGUFReader`: that one makes numpy views for every element
+    of every array, which takes seconds to minutes on a 150k-262k token vocabulary; this takes ~0.2 s.
+    """
+    import mmap
+    import struct
+
+    import numpy as np
 
     try:
-        reader = gguf.GGUFReader(path, "r")
+        handle = open(path, "rb")
     except FileNotFoundError as exc:
         raise ModelNotFoundError(f"GGUF file not found: {path}") from exc
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise CorruptModelFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    except OSError as exc:
+        raise ModelLoadError(f"cannot open {path}: {exc}") from exc
+    with handle:
+        try:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as exc:  # empty file
+            raise CorruptModelFileError(f"{path} is empty, not a GGUF file") from exc
+        with data:
+            try:
+                return _parse_gguf_metadata(data, struct, np)
+            except (struct.error, IndexError, ValueError, OverflowError) as exc:
+                raise CorruptModelFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
+
+
+def _parse_gguf_metadata(data: Any, struct: Any, np: Any) -> dict[str, Any]:
+    if data[:4] != b"GGUF":
+        raise ValueError("no GGUF magic at the start of the file")
+    order = "<"
+    version = struct.unpack_from("<I", data, 4)[0]
+    if version & 0xFFFF == 0:  # a big-endian file reads as a huge little-endian number
+        order, version = ">", struct.unpack_from(">I", data, 4)[0]
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is too old (need 2 or later)")
+    _, kv_count = struct.unpack_from(order + "QQ", data, 8)
+    offset = 24
+    u32, u64 = struct.Struct(order + "I"), struct.Struct(order + "Q")
+
+    def read_string(at: int) -> tuple[str, int]:
+        length = u64.unpack_from(data, at)[0]
+        at += 8
+        return data[at : at + length].decode("utf-8", errors="replace"), at + length
+
+    def read_value(kind: int, at: int) -> tuple[Any, int]:
+        if kind == _GGUF_STRING:
+            return read_string(at)
+        if kind in _GGUF_SCALARS:
+            code = order + _GGUF_SCALARS[kind]
+            return struct.unpack_from(code, data, at)[0], at + struct.calcsize(code)
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        item_kind = u32.unpack_from(data, at)[0]
+        count = u64.unpack_from(data, at + 4)[0]
+        at += 12
+        if item_kind in _GGUF_SCALARS:
+            dtype = np.dtype(order + _GGUF_SCALARS[item_kind])
+            values = np.frombuffer(data, dtype=dtype, count=count, offset=at)
+            return values.tolist(), at + count * dtype.itemsize
+        items = []
+        for _ in range(count):
+            item, at = read_value(item_kind, at)
+            items.append(item)
+        return items, at
+
+    fields: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key, offset = read_string(offset)
+        kind = u32.unpack_from(data, offset)[0]
+        fields[key], offset = read_value(kind, offset + 4)
+    return fields
 
 
 # --- The tokenizer ------------------------------------------------------------------------------
@@ -355,25 +472,30 @@ class Tokenizer:
         pad_token_id: int | None = None,
         add_bos: bool = False,
         add_eos: bool = False,
+        prefix_ids: Sequence[int] | None = None,
+        suffix_ids: Sequence[int] | None = None,
         chat_template: str | None = None,
         chat_templates: dict[str, str] | None = None,
         source: str = "",
     ):
+        """`prefix_ids`/`suffix_ids` override what `add_special_tokens` puts around the text (BERT's
+        [CLS] ... [SEP]); by default BOS if add_bos and EOS if add_eos."""
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.add_bos = bool(add_bos) and bos_token_id is not None
         self.add_eos = bool(add_eos) and eos_token_id is not None
+        self._prefix_ids = list(prefix_ids) if prefix_ids is not None else [bos_token_id] if self.add_bos else []
+        self._suffix_ids = list(suffix_ids) if suffix_ids is not None else [eos_token_id] if self.add_eos else []
         self.chat_template = chat_template
         self.chat_templates = dict(chat_templates or {})
         self.source = source
         added = backend.get_added_tokens_decoder()
         self.special_token_ids: set[int] = {index for index, token in added.items() if token.special}
-        ends = set(int(i) for i in eos_token_ids)
+        ends = {int(i) for i in eos_token_ids} | _end_of_generation_ids({i: t.content for i, t in added.items()})
         if eos_token_id is not None:
             ends.add(eos_token_id)
-        ends |= {index for index, token in added.items() if token.content in END_OF_GENERATION_TEXTS}
         self.eos_token_ids: set[int] = ends
 
     # construction
@@ -396,6 +518,7 @@ class Tokenizer:
             "cls_token_id", "seperator_token_id")}
         bos, eos = ids["bos_token_id"], ids["eos_token_id"]
         add_eos = False
+        suffix: list[int] | None = None
         if model_type == "gpt2":
             pre = fields.get("tokenizer.ggml.pre") or "default"
             if pre not in BPE_PRESETS:
@@ -412,14 +535,15 @@ class Tokenizer:
             add_bos = True
         elif model_type == "bert":
             backend = _wordpiece_model(fields, tokens)
-            # BERT frames text as [CLS] ... [SEP]; those play the BOS/EOS roles when special tokens are added.
+            # BERT frames text as [CLS] ... [SEP]; llama.cpp treats [CLS] as its BOS and adds [SEP] after.
             bos = ids["cls_token_id"] if ids["cls_token_id"] is not None else bos
-            eos = ids["seperator_token_id"] if ids["seperator_token_id"] is not None else eos
-            add_bos = add_eos = True
+            add_bos = True
+            if fields.get("tokenizer.ggml.add_sep_token", True) and ids["seperator_token_id"] is not None:
+                suffix = [ids["seperator_token_id"]]
         else:
             raise UnsupportedArchitectureError(
                 f"{source}: GGUF tokenizer model {model_type!r} is not supported (supported: gpt2, llama, gemma4, bert)")
-        _register_special_tokens(backend, tokens, token_types)
+        _register_special_tokens(backend, fields, tokens, token_types)
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", add_bos))
         add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", add_eos))
         templates = {key[len("tokenizer.chat_template."):]: value for key, value in fields.items()
@@ -432,6 +556,7 @@ class Tokenizer:
             pad_token_id=ids["padding_token_id"],
             add_bos=add_bos,
             add_eos=add_eos,
+            suffix_ids=suffix,
             chat_template=fields.get("tokenizer.chat_template"),
             chat_templates=templates,
             source=source,
@@ -468,16 +593,21 @@ class Tokenizer:
         if pad is None and isinstance(generation.get("pad_token_id"), int):
             pad = generation["pad_token_id"]
 
-        # What the file's post-processor adds decides BOS/EOS unless the config says otherwise.
+        # What the file's post-processor puts around the text decides, unless the config says otherwise.
         plain = backend.encode("a", add_special_tokens=False).ids
         framed = backend.encode("a", add_special_tokens=True).ids
-        add_bos = config.get("add_bos_token", bos is not None and framed[:1] == [bos] and plain[:1] != [bos])
-        add_eos = config.get("add_eos_token", eos is not None and framed[-1:] == [eos] and plain[-1:] != [eos])
-        backend.post_processor = None  # BOS/EOS are added by `encode` from the flags above
+        start = next((i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain), 0)
+        prefix, suffix = framed[:start], framed[start + len(plain):]
+        add_bos = bool(config.get("add_bos_token", bos is not None and prefix == [bos]))
+        add_eos = bool(config.get("add_eos_token", eos is not None and suffix == [eos]))
+        prefix_ids = None if "add_bos_token" in config or prefix in ([], [bos]) else prefix
+        suffix_ids = None if "add_eos_token" in config or suffix in ([], [eos]) else suffix
+        backend.post_processor = None  # `encode` adds them itself, the same way for every source
 
         chat_template, templates = _hf_chat_templates(path, config)
         return cls(backend, bos_token_id=bos, eos_token_id=eos, eos_token_ids=eos_list, pad_token_id=pad,
-                   add_bos=add_bos, add_eos=add_eos, chat_template=chat_template, chat_templates=templates, source=path)
+                   add_bos=add_bos, add_eos=add_eos, prefix_ids=prefix_ids, suffix_ids=suffix_ids,
+                   chat_template=chat_template, chat_templates=templates, source=path)
 
     # encoding and decoding
 
@@ -486,10 +616,7 @@ class Tokenizer:
         `add_special_tokens` adds BOS/EOS where the model asks for them."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
-            if self.add_bos:
-                ids.insert(0, self.bos_token_id)
-            if self.add_eos:
-                ids.append(self.eos_token_id)
+            ids = self._prefix_ids + ids + self._suffix_ids
         return ids
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -515,6 +642,14 @@ class Tokenizer:
     @property
     def eos_token(self) -> str | None:
         return self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else None
+
+    @functools.cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of SentencePiece byte-fallback tokens `<0xNN>` (none in a byte-level vocabulary)."""
+        return frozenset(
+            index for token, index in self.backend.get_vocab(with_added_tokens=False).items()
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        )
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
@@ -599,7 +734,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids)
-        self._byte_ids = _byte_fallback_ids(tokenizer)
+        self._byte_ids = tokenizer.byte_token_ids
         # With a prompt, the window starts inside it so the first generated token decodes in context
         # (its leading space is kept), but nothing of the prompt itself is released.
         self.read_offset = len(self.ids)
@@ -643,15 +778,3 @@ class IncrementalDetokenizer:
         full_text = self._decode(self.prefix_offset)
         self.read_offset = len(self.ids)
         return full_text[len(prefix_text):]
-
-
-def _byte_fallback_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """Ids of SentencePiece byte tokens `<0xNN>`, computed once per tokenizer."""
-    cached = getattr(tokenizer, "_byte_fallback_ids", None)
-    if cached is None:
-        cached = frozenset(
-            index for token, index in tokenizer.backend.get_vocab(with_added_tokens=False).items()
-            if len(token) == 6 and token.startswith("<0x") and token.endswith(">")
-        )
-        tokenizer._byte_fallback_ids = cached
-    return cached

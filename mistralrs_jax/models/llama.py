@@ -25,13 +25,21 @@ log = logging.getLogger(__name__)
 @jax.tree_util.register_dataclass
 @dataclass
 class AttentionMetadata:
-    """Per-step arrays describing the ragged batch (built by the runner on the host)."""
+    """Per-step arrays describing the ragged batch (built by the runner on the host).
+
+    Decode tokens (one per sequence) come first in the token axis; see
+    pallas_kernels/paged_attention.py for how the two groups are attended.
+    """
 
     positions: jax.Array  # [T] absolute position of each token
     slot_mapping: jax.Array  # [T] flat KV-cache slot each token's K/V is written to
     token_seq: jax.Array  # [T] sequence row of each token
     block_tables: jax.Array  # [S, max_blocks]
-    num_kv_chunks: jax.Array  # scalar: loop bound of the attention reference
+    num_decode_tokens: jax.Array  # scalar: tokens [0, n) are one-token decodes
+    num_decode_chunks: jax.Array  # scalar: loop bound of the decode path
+    chunk_seq: jax.Array  # [C] sequence row of each prefill key chunk
+    chunk_start: jax.Array  # [C] first key position of each prefill key chunk
+    num_prefill_chunks: jax.Array  # scalar: chunks in use
 
 
 class LlamaAttention(nnx.Module):
@@ -54,10 +62,8 @@ class LlamaAttention(nnx.Module):
         q = apply_rope(q, meta.positions, inv_freq, self.rotary_dim)
         k = apply_rope(k, meta.positions, inv_freq, self.rotary_dim)
         k_cache, v_cache = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        out = paged_attention(
-            q, k_cache, v_cache, meta.token_seq, meta.positions, meta.block_tables, meta.num_kv_chunks,
-            block_size=block_size, scale=self.scale, sliding_window=self.sliding_window,
-        )
+        out = paged_attention(q, k_cache, v_cache, meta, block_size=block_size, scale=self.scale,
+                              sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), (k_cache, v_cache)
 
 

@@ -1,0 +1,107 @@
+"""The Quart application: an OpenAI-compatible API over one `LLM`.
+
+    app = create_app(llm, api_key="secret", request_log="requests.jsonl")
+    serve(llm, args)          # what `mistralrs-server` runs (hypercorn on --host/--port)
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/ID], GET /health,
+GET /metrics (Prometheus), GET /v1/status (JSON for dashboards), and POST /v1/re_isq,
+POST /v1/images/generations (400 until the features behind them exist).
+With an API key, every route but /health (and CORS preflights) needs `Authorization: Bearer KEY`.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+from typing import Any
+
+from quart import Quart, Response, g, request
+
+from .errors import APIError, register_error_handlers
+from .prometheus import EngineCollector, make_registry
+from .request_log import Exchange, RequestLog
+from .routes_admin import blueprint as admin_blueprint
+from .routes_chat import blueprint as chat_blueprint
+from .routes_completions import blueprint as completions_blueprint
+from .state import ServerState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any text prompt a context window holds
+OPEN_ROUTES = ("/health",)  # answer without the API key, so load balancers can probe
+UNLOGGED_ROUTES = ("/health", "/metrics", "/v1/status")  # polled by monitors: not worth a log line each
+
+
+def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None = None,
+               model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               truncate_sequence: bool = False, default_seed: int | None = None) -> Quart:
+    """A Quart app serving `llm` (a `mistralrs_jax.LLM`). `model_name` defaults to `llm.model_name`."""
+    app = Quart("mistralrs_jax_server")
+    app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None, JSON_SORT_KEYS=False)
+    state = ServerState(llm=llm, model_name=model_name or llm.model_name, api_key=api_key or None,
+                        request_log=RequestLog(request_log) if request_log else None,
+                        truncate_sequence=truncate_sequence, default_seed=default_seed)
+    metrics = getattr(getattr(llm, "engine", None), "metrics", None)
+    state.metrics_registry = make_registry(EngineCollector(
+        llm.metrics, state.model_name, lambda: getattr(metrics, "compiles_at_start", None),
+        lambda: dict(state.http_responses)))
+    app.extensions["mistralrs"] = state
+    for blueprint in (chat_blueprint, completions_blueprint, admin_blueprint):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+
+    @app.before_request
+    async def _open_exchange() -> None:
+        g.exchange = Exchange(method=request.method, route=request.path)
+        if state.api_key is None or request.path in OPEN_ROUTES or request.method == "OPTIONS":
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer YOUR_KEY` "
+                                "with the key the server was started with (--api-key)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.after_request
+    async def _close_exchange(response: Response) -> Response:
+        # mistral.rs answers any origin (permissive CORS), so browser front-ends can call it.
+        response.headers.setdefault("Access-Control-Allow-Origin", "*")
+        response.headers.setdefault("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        response.headers.setdefault("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        route = request.url_rule.rule if request.url_rule is not None else "(unknown)"
+        state.count_response(route, response.status_code)
+        exchange: Exchange | None = g.get("exchange")
+        if exchange is None or exchange.deferred:
+            return response
+        exchange.status = response.status_code
+        if exchange.error is None and response.status_code >= 400:
+            exchange.error = _error_message(await response.get_data(as_text=True))
+        if state.request_log is not None and request.path not in UNLOGGED_ROUTES:
+            state.request_log.write(exchange)
+        return response
+
+    @app.after_serving
+    async def _close_log() -> None:
+        if state.request_log is not None:
+            state.request_log.close()
+
+    return app
+
+
+def _error_message(body: str) -> str:
+    import json
+
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body[:500]
+
+
+def serve(llm: Any, args: argparse.Namespace) -> None:
+    """Serve `llm` over HTTP with the command-line settings in `args` until SIGINT/SIGTERM."""
+    from .serving import run_until_signal
+
+    request_log = getattr(args, "request_log_file", None) or getattr(args, "request_logging_file", None)
+    app = create_app(llm, api_key=getattr(args, "api_key", None), request_log=request_log,
+                     truncate_sequence=bool(getattr(args, "truncate_sequence", False)),
+                     default_seed=getattr(args, "seed", None))
+    run_until_signal(app, args.host, args.port, model_name=app.extensions["mistralrs"].model_name)

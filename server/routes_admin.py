@@ -1,0 +1,92 @@
+"""Everything but generation: models, health, Prometheus metrics, JSON status, and the
+routes mistral.rs has whose features this engine lacks yet (answered with a clear 400)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from quart import Blueprint, Response
+
+from mistralrs_jax.errors import NotSupportedError
+
+from .bodies import json_response
+from .errors import APIError
+from .prometheus import render
+from .state import DEFAULT_MODEL_ALIAS, server_state
+
+blueprint = Blueprint("admin", __name__)
+
+
+def _model_card() -> dict[str, Any]:
+    state = server_state()
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local"}
+
+
+@blueprint.get("/v1/models")
+async def list_models() -> Response:
+    return json_response({"object": "list", "data": [_model_card()]})
+
+
+@blueprint.get("/v1/models/<path:model_id>")
+async def retrieve_model(model_id: str) -> Response:
+    state = server_state()
+    if model_id not in (state.model_name, DEFAULT_MODEL_ALIAS):
+        raise APIError(404, f"the model {model_id!r} does not exist on this server; it serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return json_response(_model_card())
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    return json_response({"status": "ok", "model": server_state().model_name})
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    body, content_type = render(server_state().metrics_registry)
+    return Response(body, status=200, content_type=content_type)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+@blueprint.get("/v1/status")
+async def status() -> Response:
+    """One JSON document for dashboards: model, engine settings, the metrics snapshot, server counters."""
+    state = server_state()
+    llm = state.llm
+    runner = getattr(llm, "runner", None)
+    return json_response({
+        "model": {"id": state.model_name, "path": getattr(llm, "model_path", None),
+                  "max_model_len": getattr(llm, "max_model_len", None),
+                  "config": _plain(getattr(llm, "model_config", None))},
+        "engine": {"config": _plain(getattr(llm, "engine_config", None)),
+                   "token_buckets": _plain(getattr(runner, "token_buckets", None)),
+                   "seq_buckets": _plain(getattr(runner, "seq_buckets", None))},
+        "metrics": _plain(llm.metrics()),
+        "server": {"api_key_required": state.api_key is not None,
+                   "request_logging": state.request_log is not None,
+                   "http_responses": [{"route": route, "status": code, "count": count}
+                                      for (route, code), count in sorted(state.http_responses.items())]},
+    })
+
+
+@blueprint.post("/v1/re_isq")
+async def re_isq() -> Response:
+    raise NotSupportedError("re-quantizing the loaded model (/v1/re_isq) is not available yet: in-situ "
+                            "quantization (ISQ) is not supported by this build")
+
+
+@blueprint.post("/v1/images/generations")
+async def image_generations() -> Response:
+    raise NotSupportedError("image generation (/v1/images/generations) is not available: this server runs text "
+                            "models only (mistral.rs serves it with diffusion models)")

@@ -1,0 +1,274 @@
+"""Typed OpenAI request bodies. Bad input stops here with a 400 naming the parameter.
+
+Types are checked strictly (`"temperature": "0.5"` is an error, as at OpenAI); value
+ranges are checked by `SamplingParams`, so the engine and the server agree on them.
+Unknown fields are ignored, as mistral.rs and vLLM do, so clients that send extras
+(`user`, `store`, `metadata`, ...) work; fields this server recognises but cannot
+honour yet (tools, JSON response formats, `suffix`, ...) answer a 400 instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mistralrs_jax.errors import InvalidRequestError, MistralRsError, NotSupportedError
+from mistralrs_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+
+from .errors import APIError
+
+# OpenAI's legacy /v1/completions default (chat has none: it runs to EOS or the context).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class ContentPart(_Strict):
+    """One OpenAI content part; the chat template decides which kinds the model takes."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+
+
+class SamplingFields(_Strict):
+    """The fields /v1/chat/completions and /v1/completions share."""
+
+    model: str | None = None
+    n: int | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # vLLM / mistral.rs extensions the engine honours.
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+    def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
+                        default_seed: int | None = None) -> SamplingParams:
+        """`SamplingParams` for this request; an out-of-range value raises InvalidRequestError naming it."""
+        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
+        for name in ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+                     "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        kwargs["seed"] = self.seed if self.seed is not None else default_seed
+        if self.logit_bias:
+            kwargs["logit_bias"] = _token_id_keys(self.logit_bias)
+        return SamplingParams(**kwargs)
+
+
+def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI sends logit_bias keys as strings of token ids (JSON objects have string keys)."""
+    parsed = {}
+    for key, bias in logit_bias.items():
+        try:
+            parsed[int(key)] = bias
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids written as strings (e.g. \"1234\"), got {key!r}",
+                param="logit_bias") from None
+    return parsed
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool | None = None  # extension: False continues the last message
+
+    def check(self) -> None:
+        self.check_common()
+        if not self.messages:
+            raise InvalidRequestError("messages must hold at least one message", param="messages")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                                          param="top_logprobs")
+        if self.tools:
+            raise NotSupportedError("tool calling (tools) is not supported yet by this server; send the request "
+                                    "without tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise NotSupportedError("tool_choice other than \"none\"/\"auto\" is not supported yet (no tool calling)")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise NotSupportedError(f"response_format {self.response_format.type!r} (constrained JSON output) is "
+                                    "not supported yet; use {\"type\": \"text\"}")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        # max_tokens is deprecated in favour of max_completion_tokens; the newer one wins.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        messages = []
+        for message in self.messages:
+            item = message.model_dump(exclude_none=True)
+            if item["role"] == "developer":  # OpenAI's newer name for the system role
+                item["role"] = "system"
+            messages.append(item)
+        return messages
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if isinstance(self.prompt, list) and (not self.prompt or any(
+                isinstance(p, list) and not p for p in self.prompt)):
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if self.suffix:
+            raise NotSupportedError("suffix (fill-in-the-middle) is not supported by this server")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise NotSupportedError("best_of other than n is not supported yet; drop best_of")
+        if self.echo and self.logprobs is not None:
+            raise NotSupportedError("echo together with logprobs needs prompt-token logprobs, which this server "
+                                    "does not compute yet; drop one of them")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Pydantic puts the union member it tried into the location (`str`, `list[int]`, `ContentPart`)."""
+    return isinstance(part, str) and (not part.isidentifier() or part in _TYPE_TAGS or part[:1].isupper())
+
+
+def _param_of(loc: tuple[Any, ...]) -> str:
+    """`messages[0].content` from pydantic's location."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_type_tag(part):
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """One 400 for a pydantic error: the first failing parameter and what it should be."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(first["loc"])
+    param = _param_of(loc)
+    shown = f" (got {_short_repr(first.get('input'))})"
+    tag_at = next((i for i, part in enumerate(loc) if _is_type_tag(part)), None)
+    if first["type"] == "missing":
+        message, code, shown = f"{param} is required", "missing_required_parameter", ""
+    elif tag_at is not None:  # a union: name every accepted form rather than the first one tried
+        prefix = loc[:tag_at]
+        forms = []
+        for err in errors:
+            err_loc = tuple(err["loc"])
+            if err_loc[:tag_at] == prefix and len(err_loc) > tag_at and err_loc[tag_at] not in forms:
+                forms.append(err_loc[tag_at])
+        param = _param_of(prefix)
+        shown = f" (got {_short_repr(_input_at(exc, prefix))})" if len(forms) > 1 else shown
+        message, code = f"{param} must be {' or '.join(forms)}", "invalid_type"
+    else:
+        message, code = f"{param}: {first['msg'][0].lower()}{first['msg'][1:]}", "invalid_type"
+    return APIError(400, message + shown, param=param, code=code)
+
+
+def _input_at(exc: ValidationError, prefix: tuple[Any, ...]) -> Any:
+    """The value the union was tried on: an error located one step (the member tag) below `prefix`."""
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if len(loc) == len(prefix) + 1 and loc[:-1] == prefix:
+            return err.get("input")
+    return None
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_request(model: type[SamplingFields], body: Any) -> Any:
+    """Validate a decoded JSON body into `model` and run its semantic checks."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
+                       code="invalid_json")
+    try:
+        request = model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    try:
+        request.check()
+    except MistralRsError as exc:
+        raise APIError.from_engine(exc) from None
+    return request
