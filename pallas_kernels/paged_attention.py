@@ -124,6 +124,8 @@ def paged_attention_reference(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> jax.Array:
+    q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
+    meta = jax.tree.map(jnp.asarray, meta)
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = num_heads // kv_heads

@@ -1,34 +1,52 @@
 """Greedy continuations of the engine vs llama.cpp on the same GGUF file and prompt ids.
 
-Why only the first 16 of 32 tokens must agree: llama.cpp does not compute in f32. For
-Q4_1 weights its CPU kernels quantize the activations to 8 bits (q8_1 blocks) and take
-integer dot products, while the engine dequantizes the weights to f32 once and runs f32
-matmuls. The logits therefore differ by ~1e-2, and when two candidates are that close
-the argmax flips; after one flip the continuations are different texts. Such near-ties
-are rare in the first few tokens of an ordinary prompt but become likely over 32, so the
-tail is reported, not asserted.
+llama.cpp does not compute in f32. For Q4_1 weights its CPU kernels quantize the
+activations to 8 bits (q8_1 blocks) and take integer dot products, and its KV cache is
+f16; the engine dequantizes the weights to f32 once and runs f32 matmuls. Measured on
+the 385-token English fixture, llama.cpp's teacher-forced logits differ from the f32
+reference (transformers on the same file) by 0.15 on average and up to 1.5, and its
+top-1 token differs at ~3% of positions. A greedy continuation therefore follows
+llama.cpp exactly only until the first near-tie, and after one flip the two texts are
+different texts: over 32 tokens most prompts agree throughout, some flip early
+("The capital of France is" flips at token 5, on a 0.22-logit gap in f32).
+
+So the test asserts what is true of a correct f32 engine:
+- the first 16 tokens equal llama.cpp's for most prompts, and
+- wherever a prompt diverges earlier, the f32 reference sides with the engine at the
+  divergence point and the two candidates are a near-tie in f32 (a gap llama.cpp's
+  activation rounding can close).
+How many of 32 tokens agree is printed for every prompt.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mistralrs_jax import SamplingParams
-from peers import llamacpp_greedy
+from peers import llamacpp_greedy, require_peer, transformers_logits
 
 pytestmark = pytest.mark.slow
 
 N_GENERATED = 32
 N_MUST_AGREE = 16
+# Largest f32 logit gap between the engine's token and llama.cpp's token that is accepted
+# as a near-tie. The flips measured on these prompts had gaps of 0.015-0.22; llama.cpp's
+# mean logit error is 0.15, so 0.5 is ~3x its typical error and still far below the gaps
+# a real bug produces (several logits).
+NEAR_TIE_GAP = 0.5
+MIN_EXACT_FRACTION = 0.5
 
 RAW_PROMPTS = [
-    "The capital of France is",
     "Once upon a time, in a small village at the edge of a forest,",
-    "def fibonacci(n):\n    ",
-    "The three primary colors are red,",
     "Water boils at 100 degrees Celsius at sea level, but on a high mountain",
+    "My favourite recipe for a rainy Sunday afternoon is",
+    "The three primary colors are red,",
+    "In 1969, the first humans",
+    "The capital of France is",
 ]
 CHAT_MESSAGES = [
-    [{"role": "user", "content": "Give me three tips for sleeping better."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
     [
         {"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "What is photosynthesis?"},
@@ -41,27 +59,46 @@ def _prompt_ids(llm) -> list[tuple[str, list[int]]]:
     for messages in CHAT_MESSAGES:
         chat_text = llm.apply_chat_template(messages, add_generation_prompt=True)
         assert "<|im_start|>assistant" in chat_text, "SmolLM2's template is ChatML"
-        prompts.append((messages[-1]["content"], llm.tokenizer.encode(chat_text, add_special_tokens=False)))
+        label = f"chat: {messages[-1]['content']}"
+        prompts.append((label, llm.tokenizer.encode(chat_text, add_special_tokens=False)))
     return prompts
 
 
 def test_greedy_matches_llamacpp(llm, smollm2_gguf_path):
+    require_peer("llama_cpp")
+    require_peer("transformers")
     prompts = _prompt_ids(llm)
     params = SamplingParams(temperature=0.0, max_tokens=N_GENERATED, ignore_eos=True)
-    # One batched call: greedy output must not depend on what else is in the batch.
+    # One batched call: the greedy output of a prompt must not depend on what else is in the batch.
     outputs = llm.generate([ids for _, ids in prompts], [params] * len(prompts))
 
-    failures = []
+    exact, failures = 0, []
     for (label, prompt_ids), output in zip(prompts, outputs):
         ours = output.outputs[0].token_ids
         assert len(ours) == N_GENERATED, f"ignore_eos run of {label!r} stopped after {len(ours)} tokens"
         reference = llamacpp_greedy(smollm2_gguf_path, prompt_ids, N_GENERATED)
         first_difference = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), N_GENERATED)
         agreeing = sum(a == b for a, b in zip(ours, reference))
-        print(
+        report = (
             f"\n{label!r}: first {first_difference} tokens identical, {agreeing}/{N_GENERATED} positions agree"
             f"\n  ours:      {llm.tokenizer.decode(ours)!r}\n  llama.cpp: {llm.tokenizer.decode(reference)!r}"
         )
-        if first_difference < N_MUST_AGREE:
-            failures.append(f"{label!r} diverges at token {first_difference}: {ours[:N_MUST_AGREE]} vs {reference[:N_MUST_AGREE]}")
-    assert not failures, "\n".join(failures)
+        if first_difference >= N_MUST_AGREE:
+            exact += 1
+        else:
+            # Ask the f32 reference who is right at the first token where the two part.
+            context = prompt_ids + ours[:first_difference]
+            f32_logits = transformers_logits(smollm2_gguf_path, context)[-1]
+            ours_token, llamacpp_token = ours[first_difference], reference[first_difference]
+            gap = float(f32_logits[ours_token] - f32_logits[llamacpp_token])
+            report += (
+                f"\n  at token {first_difference}: f32 reference picks {int(f32_logits.argmax())}, "
+                f"ours {ours_token}, llama.cpp {llamacpp_token}; f32 logit gap {gap:.4f}"
+            )
+            if int(f32_logits.argmax()) != ours_token or not 0.0 <= gap < NEAR_TIE_GAP:
+                failures.append(report)
+        print(report)
+    assert not failures, "divergences from llama.cpp not explained by its rounding:" + "".join(failures)
+    assert exact >= MIN_EXACT_FRACTION * len(prompts), (
+        f"only {exact}/{len(prompts)} prompts match llama.cpp for {N_MUST_AGREE} tokens"
+    )

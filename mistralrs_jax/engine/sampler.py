@@ -192,7 +192,7 @@ def _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, min_p):
         lambda: _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, top_p_on),
         lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32),
     )
-    return (scaled >= threshold[:, None]) & (relative_probs >= min_p[:, None])
+    return (scaled >= threshold[:, None]) & (relative_probs > min_p[:, None] * 0.9)
 
 
 def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, top_p_on):
@@ -212,7 +212,7 @@ def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, 
     candidate_probs = jnp.where(candidate_logits >= top_k_threshold[:, None], candidate_probs, 0.0)
     cumulative = _small_cumsum(candidate_probs)
     mass_before = jnp.concatenate([jnp.zeros((num_rows, 1), jnp.float32), cumulative[:, :-1]], axis=-1)
-    nucleus_size = jnp.sum(mass_before <= nucleus_mass[:, None], axis=-1)
+    nucleus_size = jnp.sum(mass_before < nucleus_mass[:, None], axis=-1)
     last_in_nucleus = jnp.take_along_axis(candidate_logits, jnp.maximum(nucleus_size - 1, 0)[:, None], axis=-1)[:, 0]
     top_p_threshold = jnp.where(top_p_on, last_in_nucleus, -jnp.inf)
     nucleus_fits = cumulative[:, -1] >= nucleus_mass

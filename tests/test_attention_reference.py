@@ -1,0 +1,98 @@
+"""The pure-JAX paged attention reference against a naive per-sequence softmax attention.
+
+The naive version (numpy, f64) keeps each sequence's keys contiguous and applies the causal
+(and sliding-window) mask directly; the reference reads the same keys through shuffled block
+tables, with decode tokens and prefill chunks mixed in one ragged batch.
+"""
+import functools
+import math
+
+import jax
+
+import numpy as np
+import pytest
+
+from mistralrs_jax.engine.runner import ModelRunner
+from mistralrs_jax.config import ModelConfig
+from pallas_kernels.paged_attention import paged_attention_reference
+
+
+def naive_attention(q, keys, values, positions, scale, window=None, soft_cap=None):
+    """q [n, H, D] at `positions`; keys/values [L, KVH, D] of this sequence (position = index)."""
+    n, num_heads, _ = q.shape
+    group = num_heads // keys.shape[1]
+    out = np.zeros(q.shape, np.float64)
+    for i in range(n):
+        for h in range(num_heads):
+            s = keys[:, h // group, :] @ q[i, h] * scale
+            if soft_cap:
+                s = soft_cap * np.tanh(s / soft_cap)
+            idx = np.arange(len(keys))
+            visible = idx <= positions[i]
+            if window:
+                visible &= idx > positions[i] - window
+            s = np.where(visible, s, -np.inf)
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ values[:, h // group, :]
+    return out
+
+
+class _Runner(ModelRunner):
+    """Only the host-side metadata builder of the runner (no model)."""
+
+    def __init__(self, block_size, max_model_len, window=None):
+        self.block_size = block_size
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.config = ModelConfig(arch="llama", vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
+                                  num_heads=1, num_kv_heads=1, head_dim=8, sliding_window=window)
+
+
+CASES = [  # (block_size, heads, kv_heads, window, soft_cap, mix): every value of each axis appears
+    (16, 4, 4, None, None, "decode"), (16, 4, 4, None, None, "prefill"), (16, 4, 4, None, None, "mixed"),
+    (32, 4, 1, None, None, "mixed"), (16, 8, 1, None, None, "mixed"), (32, 8, 2, None, None, "decode"),
+    (16, 4, 1, 40, None, "mixed"), (32, 4, 4, 40, None, "prefill"), (16, 8, 1, 40, None, "decode"),
+    (16, 4, 1, None, 30.0, "mixed"), (32, 8, 1, 40, 30.0, "mixed"),
+]
+
+
+@pytest.mark.parametrize("block_size,heads,kv_heads,window,soft_cap,mix", CASES)
+def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, mix):
+    rng = np.random.default_rng(hash((block_size, heads, window, mix)) % 2**32)
+    head_dim = 16
+    num_blocks = 64
+    max_model_len = 600
+    # (context already cached, new tokens this step) per sequence
+    shapes = {"decode": [(37, 1), (300, 1), (5, 1)],
+              "prefill": [(0, 23), (270, 40)],
+              "mixed": [(100, 1), (0, 1), (17, 1), (0, 30), (33, 9), (260, 20)]}[mix]
+    free = list(rng.permutation(np.arange(1, num_blocks)))
+    k_cache = rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
+    v_cache = rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
+    runs, seqs = [], []
+    for cached, new in shapes:
+        total = cached + new
+        table = [int(free.pop()) for _ in range(math.ceil(total / block_size))]
+        keys = rng.standard_normal((total, kv_heads, head_dim)).astype(np.float32)
+        values = rng.standard_normal((total, kv_heads, head_dim)).astype(np.float32)
+        for pos in range(total):  # the cache already holds this step's K/V too (written first)
+            slot = table[pos // block_size] * block_size + pos % block_size
+            k_cache[slot], v_cache[slot] = keys[pos], values[pos]
+        runs.append((list(range(new)), cached, table))
+        seqs.append((keys, values, cached, new))
+    runner = _Runner(block_size, max_model_len, window)
+    num_tokens = sum(new for *_, new in seqs)
+    t_pad = num_tokens + 3  # some padding tokens too
+    _, meta, _ = runner.build_metadata(runs, t_pad, len(runs) + 1)
+    q = rng.standard_normal((t_pad, heads, head_dim)).astype(np.float32)
+    scale = head_dim ** -0.5
+    attend = jax.jit(functools.partial(paged_attention_reference, block_size=block_size, scale=scale,
+                                       sliding_window=window, soft_cap=soft_cap))
+    out = np.asarray(attend(q, k_cache, v_cache, meta))
+    offset = 0
+    for keys, values, cached, new in seqs:
+        positions = np.arange(cached, cached + new)
+        expected = naive_attention(q[offset:offset + new].astype(np.float64), keys.astype(np.float64),
+                                   values.astype(np.float64), positions, scale, window, soft_cap)
+        np.testing.assert_allclose(out[offset:offset + new], expected, atol=2e-5, rtol=2e-5)
+        offset += new
+    assert np.isfinite(out).all()
