@@ -25,7 +25,7 @@ from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB of host memory when no budget flag is given
+CPU_DEFAULT_KV_BYTES = 512 << 20  # host memory for the KV cache when no budget flag is given
 CPU_DEFAULT_MAX_BATCHED_TOKENS = 256
 GPU_DEFAULT_MAX_BATCHED_TOKENS = 2048
 DEFAULT_MAX_MODEL_LEN_CAP = 8192

@@ -32,7 +32,7 @@ BATCH = 64
 
 sample_jit = jax.jit(sampler.sample, static_argnames=("modes",))
 adjust_jit = jax.jit(apply_logit_adjustments, static_argnames=("modes",))
-truncation_mask_jit = jax.jit(truncation_mask)
+truncation_mask_jit = jax.jit(truncation_mask, static_argnames=("one_row_at_a_time",))
 
 # Turns on every mode of the mixed BATCH tests (penalties, bias, filters, 5 logprobs).
 EVERY_MODE = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.2, logit_bias={0: 1.0}, logprobs=5, seed=3)
@@ -189,9 +189,12 @@ def test_top_k_never_samples_outside_the_top_k():
     assert len(set(tokens.tolist())) > CANDIDATES  # the draws do reach past the candidates
 
 
-@pytest.mark.parametrize("vocab", [VOCAB, 49152])
-def test_truncation_mask_matches_sort_reference(vocab):
-    """Exact top-k/top-p/min-p sets, including rows whose cut lies past the candidates."""
+@pytest.mark.parametrize(
+    "vocab, one_row_at_a_time", [(VOCAB, True), (49152, True), (VOCAB, False)], ids=["cpu-path", "wide", "accelerator-path"]
+)
+def test_truncation_mask_matches_sort_reference(vocab, one_row_at_a_time):
+    """Exact top-k/top-p/min-p sets, including rows whose cut lies past the candidates
+    (bisected one row at a time as on CPU, or all rows at once as on an accelerator)."""
     rng = np.random.default_rng(4)
     rows = 24
     logits = (rng.standard_normal((rows, vocab)) * rng.choice([0.05, 1.0, 3.0], (rows, 1))).astype(np.float32)
@@ -199,7 +202,7 @@ def test_truncation_mask_matches_sort_reference(vocab):
     top_k = rng.choice([0, 1, 5, 50, CANDIDATES, CANDIDATES + 1, 700], rows).astype(np.int32)
     top_p = rng.choice([1.0, 0.1, 0.5, 0.9, 0.99], rows).astype(np.float32)
     min_p = rng.choice([0.0, 0.0, 0.05, 0.5], rows).astype(np.float32)
-    mask = np.asarray(truncation_mask_jit(jnp.asarray(logits), top_k, top_p, min_p))
+    mask = np.asarray(truncation_mask_jit(jnp.asarray(logits), top_k, top_p, min_p, one_row_at_a_time))
     for i in range(rows):
         expected = reference_keep_mask(logits[i], top_k[i], top_p[i], min_p[i])
         assert np.array_equal(mask[i], expected), (

@@ -74,14 +74,17 @@ class ModelRunner:
         self.token_buckets = sorted({max(MIN_TOKEN_BUCKET, t) for t in (token_buckets or DEFAULT_TOKEN_BUCKETS)
                                      if t < max_num_batched_tokens} | {max(MIN_TOKEN_BUCKET, max_num_batched_tokens)})
         self.seq_buckets = sorted({s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs} | {max_num_seqs})
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # Pass the weights as a flat list of arrays and close over the graph definition:
+        # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.
+        self.state_leaves, self._state_treedef = jax.tree.flatten(state)
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
         self.num_compiles = 0
         self._seen_shapes: set = set()
-        self._step_fn = jax.jit(self._step, static_argnums=(0,), donate_argnums=(2,))
+        self._step_fn = jax.jit(self._step, donate_argnums=(1,))
         self._sample_fn = jax.jit(sample, static_argnames=("modes",))
-        self._score_fn = jax.jit(self._score, static_argnums=(0,))
+        self._score_fn = jax.jit(self._score)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -89,14 +92,17 @@ class ModelRunner:
 
     # -- the jitted step -------------------------------------------------------------------
 
-    def _step(self, graphdef, state, kv_caches, input_ids, meta, logits_indices):
-        model = nnx.merge(graphdef, state)
+    def _model(self, state_leaves):
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_treedef, state_leaves))
+
+    def _step(self, state_leaves, kv_caches, input_ids, meta, logits_indices):
+        model = self._model(state_leaves)
         hidden, kv_caches = model(input_ids, meta, kv_caches, self.block_size)
         logits = model.logits(hidden[logits_indices])
         return logits, kv_caches
 
-    def _score(self, graphdef, state, kv_caches, input_ids, meta):
-        model = nnx.merge(graphdef, state)
+    def _score(self, state_leaves, kv_caches, input_ids, meta):
+        model = self._model(state_leaves)
         hidden, _ = model(input_ids, meta, kv_caches, self.block_size)
         return model.logits(hidden)
 
@@ -176,7 +182,7 @@ class ModelRunner:
         self._note_shape(("step", shape_key))
         self._note_shape(("sample", shape_key[1], modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
         inputs = jax.device_put((input_ids, meta, logits_indices, arrays))
-        logits, self.kv_caches = self._step_fn(self.graphdef, self.state, self.kv_caches, *inputs[:3])
+        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs[:3])
         out = self._sample_fn(logits, inputs[3], modes=modes)
         rows = np.argsort(order)  # batch row of each original entry
         if modes.num_logprobs or any(seq.params.logprobs is not None for seq in seqs):
@@ -216,7 +222,7 @@ class ModelRunner:
 
         input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
         self._note_shape(("step", (num_tokens, num_seqs)))
-        logits, self.kv_caches = self._step_fn(self.graphdef, self.state, self.kv_caches,
+        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches,
                                                *jax.device_put((input_ids, meta, logits_indices)))
         for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
             arrays, modes = build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0])
@@ -233,5 +239,5 @@ class ModelRunner:
         table = list(range(1, num_blocks))
         t_pad = n
         input_ids, meta, _ = self.build_metadata([(list(token_ids), 0, table)], t_pad, 1)
-        logits = self._score_fn(self.graphdef, self.state, caches, input_ids, meta)
+        logits = self._score_fn(self.state_leaves, caches, input_ids, meta)
         return np.asarray(logits, dtype=np.float32)

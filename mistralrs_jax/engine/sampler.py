@@ -13,18 +13,21 @@ only in which mass top-p renormalizes over when min-p is also set.
 Reported logprobs are vLLM's default ("raw_logprobs", also what OpenAI reports): the
 log-softmax of the model's raw logits, before bias, penalties, temperature and filters.
 
-Why the filters avoid a full sort: on XLA:CPU sorting a 49152-wide row costs ~15 ms
-(S=32: ~600 ms), while `lax.top_k` of 128 candidates costs ~0.08 ms per row. Each row's
-top-k/top-p thresholds are read off its `CANDIDATES` largest logits, and a row whose
-top-k or nucleus does not fit inside those candidates gets its thresholds from an exact
-bisection over the float bit patterns of its full row (~0.4 ms a row, paid only by such
-rows). Both paths give the same, exact thresholds. Tokens tied with a threshold are kept,
-so the kept set never depends on token order.
+Why the filters avoid a full sort: on XLA:CPU a sort of a 49152-wide row costs ~20 ms
+(S=32: ~1 s), while the 128 largest logits cost ~0.07 ms a row (`_top_k`: the largest
+block maxima first, then the top-k within those blocks). Each row's top-k/top-p
+thresholds are read off its `CANDIDATES` largest logits; a row whose top-k or nucleus
+does not fit inside them gets its threshold from an exact bisection over the float bit
+patterns of its full row (~0.4 ms a row at V=49152, paid only by such rows: with
+SmolLM2 at T=1, top_p=0.95 that is ~14% of steps, at T=0.7 under 1%). Both paths give
+the same, exact thresholds. Tokens tied with a threshold are kept, so the kept set never
+depends on token order.
 
 Why an inverse-CDF draw rather than Gumbel-max: Gumbel-max needs V random numbers per row
 (S=32, V=49152: ~15 ms of threefry on this CPU); the inverse CDF needs one uniform per row
-and a blocked cumulative sum (~0.4 ms at S=32). Probabilities below ~1e-7 (the uniform's
-resolution) are not reproduced exactly, which no sampler in f32 does either.
+and a walk down a tree of partial sums (no full-row cumsum: XLA:CPU lowers cumsum to a
+slow associative scan). Probabilities below ~1e-7 (the uniform's resolution) are not
+reproduced exactly, which no f32 sampler does either.
 
 Reproducibility: each row's key is `fold_in(key(seed), step)`, and every computation is
 row-local, so the same seed and step give the same token whatever else is in the batch.
@@ -32,7 +35,6 @@ row-local, so the same seed and step give the same token whatever else is in the
 from __future__ import annotations
 
 import bisect
-import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,11 +48,9 @@ from jax import lax
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
 
-logger = logging.getLogger(__name__)
-
 # Temperatures below this are greedy (as in vLLM): dividing by them would overflow.
 GREEDY_TEMPERATURE = 1e-5
-# Candidates read with lax.top_k for the top-k/top-p thresholds; see the module docstring.
+# Largest logits read for the top-k/top-p thresholds; see the module docstring.
 CANDIDATES = 128
 # Penalties look at the last PENALTY_WINDOW tokens of prompt+output: the `repeat_last_n`
 # default of both mistral.rs and llama.cpp.
@@ -118,7 +118,7 @@ def sample(logits: jax.Array, arrays: SamplingArrays, modes: SamplerModes) -> Sa
         temperature = jnp.where(greedy_row, 1.0, arrays.temperature)
         scaled = adjusted / temperature[:, None]
         row_max = jnp.max(scaled, axis=-1, keepdims=True)
-        # Unnormalized probabilities relative to the top token: e == p / p_max.
+        # Probabilities relative to the row's most likely token: p / p_max, unnormalized.
         relative_probs = jnp.exp(scaled - row_max)
         if modes.use_filters:
             # Greedy rows never read their filters; clearing them spares the exact fallback.
@@ -170,18 +170,26 @@ def apply_logit_adjustments(logits: jax.Array, arrays: SamplingArrays, modes: Sa
     return logits
 
 
-def truncation_mask(scaled_logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+def truncation_mask(
+    scaled_logits: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    one_row_at_a_time: bool | None = None,
+) -> jax.Array:
     """bool[S, V]: the tokens top-k, then top-p, then min-p leave in play (exact, ties kept).
 
     top-k keeps logits >= the k-th largest. top-p keeps the smallest set of most likely
     tokens whose mass (renormalized over the top-k set) reaches top_p. min-p keeps tokens
-    with p >= min_p * p_max.
+    with p >= min_p * p_max. `one_row_at_a_time` picks how rows whose cut lies past the
+    candidates are bisected (see `_exact_threshold_for_rows`); None picks by backend.
     """
     row_max = jnp.max(scaled_logits, axis=-1, keepdims=True)
-    return _truncation_mask(scaled_logits, row_max, jnp.exp(scaled_logits - row_max), top_k, top_p, min_p)
+    relative_probs = jnp.exp(scaled_logits - row_max)
+    return _truncation_mask(scaled_logits, row_max, relative_probs, top_k, top_p, min_p, one_row_at_a_time)
 
 
-def _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, min_p):
+def _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, min_p, one_row_at_a_time=None):
     vocab = scaled.shape[1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     top_k_on = k < vocab
@@ -189,13 +197,13 @@ def _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, min_p):
     # Rows with only min-p (or nothing) skip the candidate search at run time.
     threshold = lax.cond(
         jnp.any(top_k_on | top_p_on),
-        lambda: _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, top_p_on),
+        lambda: _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, top_p_on, one_row_at_a_time),
         lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32),
     )
-    return (scaled >= threshold[:, None]) & (relative_probs > min_p[:, None] * 0.9)
+    return (scaled >= threshold[:, None]) & (relative_probs >= min_p[:, None])
 
 
-def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, top_p_on):
+def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, top_p_on, one_row_at_a_time):
     """f32[S]: the logit each row's top-k and top-p together cut at (tokens equal to it stay)."""
     num_rows, vocab = scaled.shape
     num_candidates = min(CANDIDATES, vocab)
@@ -219,39 +227,50 @@ def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, 
 
     needs_full_row = (top_k_on & ~k_fits) | (top_p_on & ~nucleus_fits)
     threshold = jnp.maximum(top_k_threshold, top_p_threshold)
-    return _exact_threshold_for_rows(needs_full_row, scaled, relative_probs, k, top_p, threshold)
+    return _exact_threshold_for_rows(needs_full_row, scaled, relative_probs, k, top_p, threshold, one_row_at_a_time)
 
 
-def _exact_threshold_for_rows(needs_full_row, scaled, relative_probs, k, top_p, threshold):
-    """Recompute the top-k/top-p logit threshold by bisection for rows the candidates miss.
+def _exact_threshold_for_rows(needs_full_row, scaled, relative_probs, k, top_p, threshold, one_row_at_a_time):
+    """Replace the threshold of the rows the candidates miss by a bisection over the full row.
 
-    Rows are visited one at a time so the cost (~0.3 ms per bisection at V=49152) is paid
-    only per row that needs it.
+    On CPU the rows are visited one at a time, so the cost (~0.4 ms a row at V=49152) is
+    paid only per row that needs it. On an accelerator a loop over rows would serialize
+    ~60 tiny kernels a row, so all rows are bisected at once when any needs it.
     """
-    vocab = scaled.shape[1]
+    if one_row_at_a_time is None:
+        one_row_at_a_time = jax.default_backend() == "cpu"
+    if not one_row_at_a_time:
+        return lax.cond(
+            jnp.any(needs_full_row),
+            lambda: jnp.where(needs_full_row, jax.vmap(_full_row_threshold)(scaled, relative_probs, k, top_p), threshold),
+            lambda: threshold,
+        )
     order = jnp.argsort(~needs_full_row, stable=True)  # rows needing the full row first
     count = jnp.sum(needs_full_row)
 
     def one_row(state):
         i, threshold = state
         row = order[i]
-        row_logits = scaled[row]
-        row_probs = relative_probs[row]
-        k_threshold = lax.cond(
-            k[row] < vocab, lambda: _kth_largest(row_logits, k[row]), lambda: jnp.float32(-jnp.inf)
-        )
-        in_top_k = jnp.where(row_logits >= k_threshold, row_probs, 0.0)
-
-        def nucleus_logit_threshold():
-            p_threshold = _nucleus_threshold(in_top_k, top_p[row] * jnp.sum(in_top_k))
-            # The smallest logit inside the nucleus is its logit-scale threshold.
-            return jnp.min(jnp.where(in_top_k >= p_threshold, row_logits, jnp.inf))
-
-        p_threshold = lax.cond(top_p[row] < 1.0, nucleus_logit_threshold, lambda: jnp.float32(-jnp.inf))
-        return i + 1, threshold.at[row].set(jnp.maximum(k_threshold, p_threshold))
+        row_threshold = _full_row_threshold(scaled[row], relative_probs[row], k[row], top_p[row])
+        return i + 1, threshold.at[row].set(row_threshold)
 
     _, threshold = lax.while_loop(lambda state: state[0] < count, one_row, (jnp.int32(0), threshold))
     return threshold
+
+
+def _full_row_threshold(row_logits, row_probs, k, top_p):
+    """The top-k/top-p logit threshold of one row, exactly, without candidates."""
+    vocab = row_logits.shape[0]
+    k_threshold = lax.cond(k < vocab, lambda: _kth_largest(row_logits, k), lambda: jnp.float32(-jnp.inf))
+    in_top_k = jnp.where(row_logits >= k_threshold, row_probs, 0.0)
+
+    def nucleus_logit_threshold():
+        p_threshold = _nucleus_threshold(in_top_k, top_p * jnp.sum(in_top_k))
+        # The smallest logit inside the nucleus is its logit-scale threshold.
+        return jnp.min(jnp.where(in_top_k >= p_threshold, row_logits, jnp.inf))
+
+    p_threshold = lax.cond(top_p < 1.0, nucleus_logit_threshold, lambda: jnp.float32(-jnp.inf))
+    return jnp.maximum(k_threshold, p_threshold)
 
 
 def _top_k(values, k, block):

@@ -144,14 +144,19 @@ class ChatTemplate:
 
     def __init__(
         self,
-        template: str,
+        template: str | None,
         bos_token: str | None = None,
         eos_token: str | None = None,
         named_templates: Mapping[str, str] | None = None,
         special_tokens: Mapping[str, str | None] | None = None,
     ):
-        """`special_tokens` adds other names the template may read (`unk_token`, `pad_token`, ...).
+        """`template` None means the model has none: ChatML is used, with a warning.
+        `special_tokens` adds other names the template may read (`unk_token`, `pad_token`, ...).
         `named_templates` are alternatives such as "tool_use", chosen by `render` when tools are given."""
+        if template is None:
+            logger.warning("the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
+                           "Pass --chat-template if the model expects another format.")
+            template = DEFAULT_CHATML_TEMPLATE
         self.source = template
         self.context: dict[str, Any] = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self.context.update({key: value or "" for key, value in (special_tokens or {}).items()})
