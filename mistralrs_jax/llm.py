@@ -11,6 +11,7 @@ import psutil
 
 from .config import EngineConfig, ModelConfig
 from .engine.block_manager import BlockManager
+from .engine.contiguous_cache import ContiguousBlockManager, contiguous_pool_layout
 from .engine.engine import Engine
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
@@ -118,14 +119,7 @@ class LLM:
         gguf = GGUFFile(self.model_path)
         self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
-        template = chat_template
-        if template is not None and os.path.isfile(template):
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
-        self._chat_template = ChatTemplate(
-            template or self.tokenizer.chat_template, bos_token=self.tokenizer.bos_token,
-            eos_token=self.tokenizer.eos_token,
-        )
+        self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer, override=chat_template)
         log.info("loading %s (%s, %d layers) weights as %s", self.model_name, self.model_config.arch,
                  self.model_config.num_layers, cpu_weights)
         self.model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights)
@@ -133,13 +127,25 @@ class LLM:
         ec = self.engine_config
         num_blocks = kv_cache_num_blocks(self.model_config, ec)
         default_cap = min(self.model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
-        self.max_model_len = min(max_model_len or default_cap, (num_blocks - 1) * pa_blk_size)
+        if no_paged_attn:
+            # One contiguous slot of max_model_len tokens per sequence (engine/contiguous_cache.py).
+            # Without an explicit max_model_len the KV budget is split between the max_seqs slots.
+            slot_tokens = max_model_len or min(default_cap, (num_blocks - 1) // max_seqs * pa_blk_size)
+            if slot_tokens < 2:
+                raise NotSupportedError(
+                    f"--no-paged-attn splits the KV cache into {max_seqs} slots, leaving each under 2 tokens: "
+                    f"lower --max-seqs or give the KV cache more memory")
+            num_blocks, slot_blocks = contiguous_pool_layout(max_seqs, slot_tokens, pa_blk_size)
+            self.max_model_len = slot_tokens
+            self.block_manager = ContiguousBlockManager(max_seqs, slot_blocks, pa_blk_size)
+        else:
+            self.max_model_len = min(max_model_len or default_cap, (num_blocks - 1) * pa_blk_size)
+            self.block_manager = BlockManager(num_blocks, pa_blk_size, enable_prefix_caching=prefix_cache_n > 0,
+                                              prefix_cache_n=prefix_cache_n)
         backend = jax.default_backend()
         batched = max_num_batched_tokens or (CPU_DEFAULT_MAX_BATCHED_TOKENS if backend == "cpu"
                                              else GPU_DEFAULT_MAX_BATCHED_TOKENS)
         batched = max(batched, max_seqs)
-        self.block_manager = BlockManager(num_blocks, pa_blk_size, enable_prefix_caching=prefix_cache_n > 0,
-                                          prefix_cache_n=prefix_cache_n)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
                                    max_model_len=self.max_model_len)
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, pa_blk_size, self.max_model_len,
@@ -179,8 +185,7 @@ class LLM:
 
     def _chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        # The template writes any BOS itself; don't add a second one.
-        return self.tokenizer.encode(text, add_special_tokens=False), text
+        return self.tokenizer.encode_prompt(text), text
 
     # -- generation --------------------------------------------------------------------
 

@@ -165,21 +165,44 @@ def paged_attention_reference(
 def dispatch() -> str:
     """Which implementation `paged_attention` uses: 'pallas', 'pallas-interpret' or 'reference'.
 
-    MISTRALRS_JAX_ATTENTION=reference|pallas|interpret overrides the default (Pallas on
-    GPU, the XLA reference elsewhere).
+    'pallas' is the kernel in paged_attention_pallas.py compiled through Pallas' Triton
+    lowering (the only GPU lowering written so far; a Mosaic GPU kernel would be a
+    fourth choice here). MISTRALRS_JAX_ATTENTION=reference|pallas|interpret overrides the
+    default (Pallas on GPU, the XLA reference elsewhere). Read on every call, i.e. at
+    trace time: a jitted function keeps the choice it was traced with.
     """
+    from mistralrs_jax.errors import NotSupportedError
+
     forced = os.environ.get("MISTRALRS_JAX_ATTENTION", "").strip().lower()
-    if forced in ("reference", "pallas", "interpret"):
+    if forced:
+        if forced not in ("reference", "pallas", "interpret"):
+            raise NotSupportedError(f"MISTRALRS_JAX_ATTENTION={forced!r} is not a choice: set it to reference, "
+                                    "pallas or interpret, or unset it")
+        if forced == "pallas" and jax.default_backend() != "gpu":
+            raise NotSupportedError("MISTRALRS_JAX_ATTENTION=pallas needs an NVIDIA GPU (the kernel is compiled "
+                                    "with Triton); on this backend use interpret (slow, for tests) or reference")
         return "pallas-interpret" if forced == "interpret" else forced
     return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
 
 
 def _pallas_available() -> bool:
-    return False  # the Pallas kernel lands with the Pallas-kernels issue
+    from ._compat import triton_available
+
+    return triton_available()
 
 
-def paged_attention(q, k_cache, v_cache, meta, **kwargs):
-    impl = dispatch()
-    if impl != "reference":
-        raise NotImplementedError("the Pallas paged-attention kernel is not built yet; use the reference")
-    return paged_attention_reference(q, k_cache, v_cache, meta, **kwargs)
+def paged_attention(q, k_cache, v_cache, meta, *, impl: str | None = None, **kwargs):
+    """Paged attention over the ragged batch; `impl` (a `dispatch()` value) overrides the choice."""
+    impl = impl or dispatch()
+    if impl == "reference":
+        return paged_attention_reference(q, k_cache, v_cache, meta, **kwargs)
+    from .paged_attention_pallas import paged_attention_pallas, triton_supports
+
+    if impl == "pallas" and not triton_supports(q.shape[-1], kwargs["block_size"]):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "head_dim %d / block_size %d are not powers of two: the Triton kernel cannot tile them, using the XLA "
+            "reference attention", q.shape[-1], kwargs["block_size"])
+        return paged_attention_reference(q, k_cache, v_cache, meta, **kwargs)
+    return paged_attention_pallas(q, k_cache, v_cache, meta, interpret=impl == "pallas-interpret", **kwargs)

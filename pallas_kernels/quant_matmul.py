@@ -19,5 +19,43 @@ def affine_int8_matmul_reference(x, q, scale, offset, group: int):
     return jax.lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())))
 
 
-def affine_int8_matmul(x, q, scale, offset, group: int):
-    return affine_int8_matmul_reference(x, q, scale, offset, group)
+def dispatch() -> str:
+    """Which implementation `affine_int8_matmul` uses: 'pallas', 'pallas-interpret' or 'reference'.
+
+    'pallas' is the kernel in quant_matmul_pallas.py compiled through Pallas' Triton
+    lowering (no Mosaic GPU kernel yet). MISTRALRS_JAX_QMATMUL=reference|pallas|interpret
+    overrides the default (Pallas on GPU, the XLA reference elsewhere). Read on every
+    call, i.e. at trace time.
+    """
+    import os
+
+    from mistralrs_jax.errors import NotSupportedError
+
+    forced = os.environ.get("MISTRALRS_JAX_QMATMUL", "").strip().lower()
+    if forced:
+        if forced not in ("reference", "pallas", "interpret"):
+            raise NotSupportedError(f"MISTRALRS_JAX_QMATMUL={forced!r} is not a choice: set it to reference, "
+                                    "pallas or interpret, or unset it")
+        if forced == "pallas" and jax.default_backend() != "gpu":
+            raise NotSupportedError("MISTRALRS_JAX_QMATMUL=pallas needs an NVIDIA GPU (the kernel is compiled "
+                                    "with Triton); on this backend use interpret (slow, for tests) or reference")
+        return "pallas-interpret" if forced == "interpret" else forced
+    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+
+
+def _pallas_available() -> bool:
+    from ._compat import triton_available
+
+    return triton_available()
+
+
+def affine_int8_matmul(x, q, scale, offset, group: int, *, impl: str | None = None):
+    """x [T, in] @ dequant(q).T -> [T, out] f32; `impl` (a `dispatch()` value) overrides the choice."""
+    impl = impl or dispatch()
+    if impl == "reference":
+        return affine_int8_matmul_reference(x, q, scale, offset, group)
+    from .quant_matmul_pallas import affine_int8_matmul_pallas, triton_supports
+
+    if impl == "pallas" and not triton_supports(q.shape[0], q.shape[1], group):
+        return affine_int8_matmul_reference(x, q, scale, offset, group)
+    return affine_int8_matmul_pallas(x, q, scale, offset, group, interpret=impl == "pallas-interpret")

@@ -37,8 +37,18 @@ def _sdist_path() -> Path:
     if cached.is_file():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(cached.parent)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+        "-d",
+        str(cached.parent),
+    ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as exc:
@@ -102,7 +112,7 @@ def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
 
 def vocab_names_with_cases() -> list[str]:
     folder = llama_cpp_vocab_dir()
-    return sorted(path.name[len("ggml-vocab-"):-len(".gguf.inp")] for path in folder.glob("ggml-vocab-*.gguf.inp"))
+    return sorted(path.name[len("ggml-vocab-") : -len(".gguf.inp")] for path in folder.glob("ggml-vocab-*.gguf.inp"))
 
 
 def smollm2_gguf() -> Path:

@@ -26,6 +26,7 @@ class LiveServer:
     llm: Any
     request_log: Path | None = None
     api_key: str | None = None
+    max_body_bytes: int | None = None
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("api_key", self.api_key or "unused")
@@ -107,6 +108,6 @@ def small_body_server(server_llm):
     """The same engine behind an app that takes request bodies of at most SMALL_BODY_LIMIT bytes."""
     background = _start(server_llm, max_body_bytes=SMALL_BODY_LIMIT)
     try:
-        yield LiveServer(background.url, server_llm)
+        yield LiveServer(background.url, server_llm, max_body_bytes=SMALL_BODY_LIMIT)
     finally:
         background.stop()

@@ -1,9 +1,11 @@
-"""BlockManager: block accounting, hash-chained prefix sharing, LRU eviction, prefix_cache_n."""
+"""BlockManager: block accounting, hash-chained prefix sharing, LRU eviction, prefix_cache_n;
+ContiguousBlockManager: the fixed per-sequence slots of --no-paged-attn."""
 import random
 
 import pytest
 
 from mistralrs_jax.engine.block_manager import NULL_BLOCK, BlockManager
+from mistralrs_jax.engine.contiguous_cache import ContiguousBlockManager, contiguous_pool_layout
 from mistralrs_jax.engine.sequence import Sequence
 from mistralrs_jax.sampling_params import SamplingParams
 
@@ -244,3 +246,70 @@ def test_random_workload_keeps_block_accounting_exact(seed):
         manager.free(seq)
     assert manager.num_free_blocks == manager.num_total_blocks
     assert all(manager.ref_count(b) == 0 for b in range(manager.num_blocks))
+
+
+# --------------------------------------------------------------------------- --no-paged-attn
+
+
+def test_contiguous_slots_are_fixed_block_ranges_handed_out_whole():
+    num_blocks, slot_blocks = contiguous_pool_layout(num_slots=3, slot_tokens=10, block_size=4)
+    assert (num_blocks, slot_blocks) == (10, 3)  # 3 slots of ceil(10 / 4) blocks, plus the null block
+    manager = ContiguousBlockManager(num_slots=3, slot_blocks=3, block_size=4)
+    assert manager.num_blocks == num_blocks and manager.num_total_blocks == 9 and manager.slot_tokens == 12
+    assert manager.max_blocks_per_seq == 3
+    seqs = [make_seq(range(5)) for _ in range(4)]
+    for seq in seqs[:3]:
+        assert manager.can_allocate(seq, 5) and manager.allocate_for(seq, 5)
+    tables = [seq.block_table for seq in seqs[:3]]
+    # Each sequence owns a whole contiguous range; together they tile blocks 1..9 once.
+    assert all(table == list(range(table[0], table[0] + 3)) for table in tables)
+    assert sorted(block for table in tables for block in table) == list(range(1, 10))
+    assert manager.num_free_blocks == 0 and manager.num_used_blocks == 9
+    assert not manager.can_allocate(seqs[3], 1) and not manager.allocate_for(seqs[3], 1)
+    assert seqs[3].block_table == [] and manager.num_tokens_fitting(seqs[3]) == 0
+    assert_refcounts_match(manager, seqs[:3])
+
+    # Growing inside the slot never allocates; running past its end is refused.
+    seq = seqs[0]
+    seq.num_computed_tokens = 5
+    assert manager.allocate_for(seq, 7) and seq.block_table == tables[0]
+    assert manager.num_tokens_fitting(seq) == 7
+    assert not manager.can_allocate(seq, 8) and not manager.allocate_for(seq, 8)
+
+    # A freed slot goes to the next sequence whole; nothing is cached or shared.
+    manager.free(seqs[1])
+    assert seqs[1].block_table == [] and manager.num_free_blocks == 3
+    assert manager.find_cached_prefix(seqs[3]) == [] and manager.match_prefix(seqs[3]) == 0
+    assert manager.allocate_for(seqs[3], 5) and seqs[3].block_table == tables[1]
+    manager.free(seqs[1])  # a sequence without a slot: nothing happens
+    for seq in (seqs[0], seqs[2], seqs[3]):
+        manager.free(seq)
+    assert manager.num_free_blocks == manager.num_total_blocks
+    assert all(manager.ref_count(b) == 0 for b in range(manager.num_blocks))
+    assert manager.stats.prefix_cache_queries == 0 and manager.stats.prefix_cache_hits == 0
+
+
+def test_reset_prefix_cache_forgets_every_prefix_and_frees_cached_blocks():
+    manager = BlockManager(num_blocks=20, block_size=BLOCK)
+    released = make_seq(SYSTEM_PROMPT + [1, 2])
+    admit_and_compute(manager, released)
+    manager.free(released)
+    live = make_seq(SYSTEM_PROMPT + [3])
+    assert admit_and_compute(manager, live) == 64  # shares the released sequence's blocks
+    extra = make_seq(list(range(2000, 2033)))
+    admit_and_compute(manager, extra)
+    manager.free(extra)
+    assert manager.num_cached_free_blocks == 2
+
+    assert manager.reset_prefix_cache() == 6  # 4 system-prompt blocks in use + 2 cached free ones
+    assert manager.num_cached_free_blocks == 0
+    assert all(manager.cached_hash(block) is None for block in range(manager.num_blocks))
+    assert_refcounts_match(manager, [live])
+    again = make_seq(SYSTEM_PROMPT + [4])
+    assert manager.find_cached_prefix(again) == [] and admit_and_compute(manager, again) == 0
+    assert not set(again.block_table) & set(live.block_table)
+    for seq in (live, again):
+        manager.free(seq)
+    assert manager.num_free_blocks == manager.num_total_blocks
+    # Caching goes on as before after a reset.
+    assert admit_and_compute(manager, make_seq(SYSTEM_PROMPT + [5])) == 64

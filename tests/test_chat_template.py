@@ -48,10 +48,12 @@ def _template_fields(name: str) -> dict:
 def _transformers_render(template: str, messages, **kwargs) -> str:
     """What transformers' `apply_chat_template(..., tokenize=False)` renders: it hands the template and the
     tokenizer's special tokens to `render_jinja_template`."""
-    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils",
-                                              reason="transformers is the reference renderer here")
+    chat_template_utils = pytest.importorskip(
+        "transformers.utils.chat_template_utils", reason="transformers is the reference renderer here"
+    )
     rendered, _ = chat_template_utils.render_jinja_template(
-        conversations=[copy.deepcopy(messages)], chat_template=template, **kwargs)
+        conversations=[copy.deepcopy(messages)], chat_template=template, **kwargs
+    )
     return rendered[0]
 
 
@@ -73,8 +75,13 @@ def test_smollm2_template_renders_chatml():
     assert template.render(messages) == expected
     plain = copy.deepcopy(messages)
     plain[2]["content"] = "Name a color."
-    assert expected == _transformers_render(fields["tokenizer.chat_template"], plain, add_generation_prompt=True,
-                                            bos_token="<|im_start|>", eos_token="<|im_end|>")
+    assert expected == _transformers_render(
+        fields["tokenizer.chat_template"],
+        plain,
+        add_generation_prompt=True,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
     assert template.render(messages, add_generation_prompt=False) == expected[: -len("<|im_start|>assistant\n")]
 
 
@@ -87,8 +94,9 @@ def test_model_templates_match_transformers(name):
     template = ChatTemplate(source, bos_token=bos, eos_token=eos)
     for messages in CONVERSATIONS:
         for add_generation_prompt in (True, False):
-            expected = _transformers_render(source, messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos, eos_token=eos)
+            expected = _transformers_render(
+                source, messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+            )
             assert template.render(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
@@ -97,24 +105,46 @@ def test_tools_and_tool_calls_match_transformers():
     tool-call arguments as a JSON string; templates expect the object."""
     fields = _template_fields("gemma-4")
     source = fields["tokenizer.chat_template"]
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "required": ["city"], "properties": {
-            "city": {"type": "string", "description": "City name"},
-            "unit": {"type": "string", "enum": ["c", "f"]}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {
+                    "type": "object",
+                    "required": ["city"],
+                    "properties": {
+                        "city": {"type": "string", "description": "City name"},
+                        "unit": {"type": "string", "enum": ["c", "f"]},
+                    },
+                },
+            },
+        }
+    ]
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 21}"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
         {"role": "assistant", "content": "It's 21°C."},
         {"role": "user", "content": "Thanks"},
     ]
     reference_messages = copy.deepcopy(messages)
     reference_messages[2]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
-    expected = _transformers_render(source, reference_messages, tools=tools, add_generation_prompt=True,
-                                    bos_token="<bos>", eos_token="<eos>")
+    expected = _transformers_render(
+        source, reference_messages, tools=tools, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>"
+    )
     rendered = ChatTemplate(source, bos_token="<bos>", eos_token="<eos>").render(messages, tools=tools)
     assert rendered == expected
     assert "get_weather" in rendered and "Paris" in rendered
@@ -123,13 +153,28 @@ def test_tools_and_tool_calls_match_transformers():
 def test_named_tool_use_template_is_chosen_with_tools():
     fields = _template_fields("command-r")
     tool_use = fields["tokenizer.chat_template.tool_use"]
-    template = ChatTemplate(fields["tokenizer.chat_template"], bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>",
-                            named_templates={"tool_use": tool_use, "rag": fields["tokenizer.chat_template.rag"]})
-    tools = [{"name": "internet_search", "description": "Search the web",
-              "parameter_definitions": {"query": {"description": "what to look up", "type": "str", "required": True}}}]
+    template = ChatTemplate(
+        fields["tokenizer.chat_template"],
+        bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>",
+        named_templates={"tool_use": tool_use, "rag": fields["tokenizer.chat_template.rag"]},
+    )
+    tools = [
+        {
+            "name": "internet_search",
+            "description": "Search the web",
+            "parameter_definitions": {"query": {"description": "what to look up", "type": "str", "required": True}},
+        }
+    ]
     messages = CONVERSATIONS[0]
-    expected = _transformers_render(tool_use, messages, tools=tools, add_generation_prompt=True,
-                                    bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>")
+    expected = _transformers_render(
+        tool_use,
+        messages,
+        tools=tools,
+        add_generation_prompt=True,
+        bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>",
+    )
     assert template.render(messages, tools=tools) == expected
     assert "internet_search" in expected
     assert "internet_search" not in template.render(messages)
@@ -141,21 +186,26 @@ def test_raise_exception_becomes_template_error_with_its_message():
     with pytest.raises(TemplateError, match="Conversation roles must alternate user/assistant"):
         template.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(TemplateError, match="custom failure: user"):
-        ChatTemplate("{{ raise_exception('custom failure: ' + messages[0]['role']) }}").render([{"role": "user", "content": ""}])
+        ChatTemplate("{{ raise_exception('custom failure: ' + messages[0]['role']) }}").render(
+            [{"role": "user", "content": ""}]
+        )
 
 
-@pytest.mark.parametrize("attack", [
-    "{{ ''.__class__.__mro__ }}",
-    "{{ ''.__class__ }}",
-    "{{ cycler.__init__.__globals__ }}",
-    "{{ joiner.__init__.__globals__.os }}",
-    "{{ messages.__class__.__base__.__subclasses__() }}",
-    "{{ raise_exception.__globals__ }}",
-    "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
-    "{{ namespace(__init__=1) }}",
-    "{% set items = [] %}{{ items.append(1) }}",
-    "{{ self._TemplateReference__context }}",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__ }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ joiner.__init__.__globals__.os }}",
+        "{{ messages.__class__.__base__.__subclasses__() }}",
+        "{{ raise_exception.__globals__ }}",
+        "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
+        "{{ namespace(__init__=1) }}",
+        "{% set items = [] %}{{ items.append(1) }}",
+        "{{ self._TemplateReference__context }}",
+    ],
+)
 def test_sandbox_escapes_raise_template_error(attack):
     with pytest.raises(TemplateError, match="sandbox forbids|unsafe|underscore"):
         ChatTemplate(attack).render(CONVERSATIONS[0])
@@ -164,7 +214,8 @@ def test_sandbox_escapes_raise_template_error(attack):
 def test_tojson_strftime_and_extra_variables():
     template = ChatTemplate(
         "{{ tools | tojson }}|{{ {'k': 'é<>&'} | tojson(indent=2) }}|{{ strftime_now('%Y') }}|{{ custom }}|{{ bos_token }}",
-        bos_token="<s>")
+        bos_token="<s>",
+    )
     rendered = template.render(CONVERSATIONS[0], tools=[{"name": "ü"}], custom="extra")
     assert rendered == '[{"name": "ü"}]|{\n  "k": "é<>&"\n}|' + datetime.now().strftime("%Y") + "|extra|<s>"
 
@@ -179,7 +230,8 @@ def test_content_parts():
     # A template that walks the parts itself gets them as sent.
     multimodal = ChatTemplate(
         "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for p in m['content'] %}<{{ p['type'] }}>{% endfor %}{% endif %}{% endfor %}")
+        "{% else %}{% for p in m['content'] %}<{{ p['type'] }}>{% endfor %}{% endif %}{% endfor %}"
+    )
     content = [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "what?"}]
     assert multimodal.render([{"role": "user", "content": content}]) == "<image_url><text>"
 
@@ -194,7 +246,9 @@ def test_invalid_templates_and_messages():
 
 
 def test_generation_block_renders_its_body():
-    template = ChatTemplate("{% for m in messages %}{% generation %}<{{ m['content'] }}>{% endgeneration %}{% endfor %}")
+    template = ChatTemplate(
+        "{% for m in messages %}{% generation %}<{{ m['content'] }}>{% endgeneration %}{% endfor %}"
+    )
     assert template.render(CONVERSATIONS[0]) == "<Hi there!>"
 
 
@@ -213,10 +267,15 @@ def test_default_chatml_with_warning_and_override_file(tmp_path, caplog):
     rendered = template.render(CONVERSATIONS[2])
     expected = _transformers_render(DEFAULT_CHATML_TEMPLATE, CONVERSATIONS[2], add_generation_prompt=True)
     assert rendered == expected
-    assert rendered.startswith("<|im_start|>user\nTell me a joke<|im_end|>\n") and rendered.endswith("<|im_start|>assistant\n")
+    assert rendered.startswith("<|im_start|>user\nTell me a joke<|im_end|>\n") and rendered.endswith(
+        "<|im_start|>assistant\n"
+    )
     override = tmp_path / "template.jinja"
     override.write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert ChatTemplate.for_tokenizer(_TokenizerWithoutTemplate(), override=str(override)).render(CONVERSATIONS[0]) == "<s>Hi there!"
+    assert (
+        ChatTemplate.for_tokenizer(_TokenizerWithoutTemplate(), override=str(override)).render(CONVERSATIONS[0])
+        == "<s>Hi there!"
+    )
     with pytest.raises(TemplateError, match="missing.jinja"):
         ChatTemplate.for_tokenizer(_TokenizerWithoutTemplate(), override=str(tmp_path / "missing.jinja"))
     caplog.clear()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mistralrs_jax.engine.block_manager import NULL_BLOCK, BlockManager
+from mistralrs_jax.engine.contiguous_cache import ContiguousBlockManager
 from mistralrs_jax.engine.scheduler import Scheduler, SchedulerOutput
 from mistralrs_jax.engine.sequence import Sequence, SequenceStatus
 from mistralrs_jax.errors import InvalidRequestError, PromptTooLongError
@@ -478,3 +479,38 @@ def test_sequence_keeps_prompt_and_output_in_one_list_and_resolves_seeds():
     assert seq.is_decoding and seq.num_uncomputed_tokens == 1
     unseeded = Sequence("u", [1], SamplingParams())
     assert 0 <= unseeded.seed < 2**31
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_contiguous_slots_serve_a_random_workload_without_preemption(seed):
+    """--no-paged-attn: the same scheduler over fixed per-sequence slots gives the
+    reference outputs, admits at most one sequence per slot, never preempts, and a
+    sequence reaching the end of its slot (max_model_len) finishes with "length"."""
+    rng = random.Random(seed)
+    max_model_len = 40
+    num_slots, slot_blocks = 3, 10  # 3 slots of 40 tokens
+    manager = ContiguousBlockManager(num_slots, slot_blocks, block_size=4)
+    scheduler = Scheduler(manager, max_num_seqs=num_slots, max_num_batched_tokens=rng.choice([8, 24]),
+                          max_model_len=max_model_len)
+    driver = Driver(scheduler)
+    requests = []
+    for request in range(12):
+        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 30))]
+        seqs = make_seqs(f"r{request}", prompt, rng.randrange(1, 40), n=rng.choice([1, 2]), arrival=float(request),
+                         ignore_eos=rng.random() < 0.5)
+        requests.append(seqs)
+        for seq in seqs:
+            scheduler.add(seq)
+    aborted = requests[rng.randrange(12)]
+    for _ in range(rng.randrange(1, 10)):
+        driver.step()
+    driver.finished.extend(scheduler.abort(aborted[0].request_id))  # [] if it had finished already
+    driver.run()
+    assert scheduler.num_preempted_total == 0
+    assert all(len(output.scheduled) <= num_slots for output in driver.outputs)
+    assert len(driver.finished) == sum(len(seqs) for seqs in requests)
+    for seq in driver.finished:
+        assert seq.block_table == []
+        assert_matches_reference(seq, max_model_len, truncated_ok=seq in aborted)
+    assert any(seq.num_tokens == max_model_len and seq.finish_reason == "length" for seq in driver.finished)
+    assert manager.num_free_blocks == manager.num_total_blocks

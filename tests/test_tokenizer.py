@@ -14,6 +14,7 @@ import pytest
 import _vocab_fixtures as fixtures
 from mistralrs_jax.errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
 from mistralrs_jax.loading.tokenizer import (
+    BPE_PRESETS,
     TOKEN_TYPE_NORMAL,
     IncrementalDetokenizer,
     Tokenizer,
@@ -23,8 +24,21 @@ from mistralrs_jax.loading.tokenizer import (
 
 # Every vocab in llama.cpp's models/ folder that comes with test vectors.
 VOCABS_WITH_VECTORS = [
-    "llama-spm", "llama-bpe", "qwen2", "gpt-2", "phi-3", "starcoder", "deepseek-llm", "deepseek-coder",
-    "falcon", "mpt", "command-r", "refact", "bert-bge", "gemma-4", "qwen35",
+    "llama-spm",
+    "llama-bpe",
+    "qwen2",
+    "gpt-2",
+    "phi-3",
+    "starcoder",
+    "deepseek-llm",
+    "deepseek-coder",
+    "falcon",
+    "mpt",
+    "command-r",
+    "refact",
+    "bert-bge",
+    "gemma-4",
+    "qwen35",
 ]
 # Varied text: unicode, CJK, emoji (incl. ZWJ sequences), code, whitespace runs, numbers, special tokens.
 TEXTS = [
@@ -97,12 +111,27 @@ def test_llama_cpp_vocab_vectors(name):
     tokenizer = _vocab_tokenizer(name)
     cases = fixtures.vocab_cases(name)
     assert len(cases) >= 40
-    wrong = [(text, ids, tokenizer.encode(text, add_special_tokens=False)) for text, ids in cases
-             if tokenizer.encode(text, add_special_tokens=False) != ids]
+    wrong = [
+        (text, ids, tokenizer.encode(text, add_special_tokens=False))
+        for text, ids in cases
+        if tokenizer.encode(text, add_special_tokens=False) != ids
+    ]
     assert not wrong, f"{len(wrong)}/{len(cases)} cases differ, first: {wrong[0]!r}"
     if name != "bert-bge":  # WordPiece lowercases and drops whitespace: no round trip by design
         undecoded = [(text, tokenizer.decode(ids)) for text, ids in cases if tokenizer.decode(ids) != text]
         assert not undecoded, undecoded[:3]
+
+
+def test_every_pre_tokenizer_preset_compiles_and_keeps_all_text():
+    """Presets without llama.cpp vectors still have to be valid Oniguruma and lose no text when splitting."""
+    from tokenizers import Regex, pre_tokenizers
+
+    sample = "Hello, World! It's 2024: 12345 ½ 日本語 한국어 ÀÉÎ µ \t\n\r\n  x   ’quote’ 🦙 ...!? ’s"
+    for name, preset in BPE_PRESETS.items():
+        splitter = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in preset.splits])
+        pieces = [piece for piece, _ in splitter.pre_tokenize_str(sample)]
+        assert "".join(pieces) == sample, name
+        assert len(pieces) > 10, name
 
 
 def test_vocab_only_gguf_metadata_matches_gguf_library():
@@ -119,8 +148,23 @@ def test_vocab_only_gguf_metadata_matches_gguf_library():
     assert isinstance(ours["tokenizer.chat_template"], str) and len(ours["tokenizer.ggml.tokens"]) == 32064
 
 
-@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "qwen2", "gpt-2", "phi-3", "starcoder", "command-r",
-                                  "refact", "gemma-4", "deepseek-coder", "bert-bge", "smollm2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama-spm",
+        "llama-bpe",
+        "qwen2",
+        "gpt-2",
+        "phi-3",
+        "starcoder",
+        "command-r",
+        "refact",
+        "gemma-4",
+        "deepseek-coder",
+        "bert-bge",
+        "smollm2",
+    ],
+)
 def test_special_ids_and_end_of_generation_match_llama_cpp(name, smollm2_path, smollm2):
     """BOS/EOS ids, whether BOS/EOS are added, and the end-of-generation set, as llama.cpp reads the file.
     llama.cpp also promotes a few *normal*-type tokens by their text (Qwen2's stray "</s>"); we keep to
@@ -168,11 +212,16 @@ def test_add_special_tokens_and_rendered_prompts():
 
 
 CHAT_MARKUP = [
-    "a</s>b", "<s>Hello", "x <s> y", "<unk> z [PAD32011] q", "<|endoftext|>  x",
-    "<|user|>\nhi<|end|>\n<|assistant|>", "<|system|> sys <|end|>  \n\n <|user|>",
+    "a</s>b",
+    "<s>Hello",
+    "x <s> y",
+    "<unk> z [PAD32011] q",
+    "<|endoftext|>  x",
+    "<|user|>\nhi<|end|>\n<|assistant|>",
+    "<|system|> sys <|end|>  \n\n <|user|>",
     "<|im_start|>user\nhi<|im_end|>\n",
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
-    "<start_of_turn>user\nhi<end_of_turn>\n<|turn>x<turn|> <|\"|>q",
+    '<start_of_turn>user\nhi<end_of_turn>\n<|turn>x<turn|> <|"|>q',
     "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>hi<|END_OF_TURN_TOKEN|>",
     "[CLS] hi [SEP] [MASK]",
 ]
@@ -203,14 +252,17 @@ def test_smollm2_matches_transformers(smollm2, smollm2_transformers):
         expected = reference.encode(text, add_special_tokens=True)
         assert smollm2.encode(text) == expected, text
         for skip in (True, False):
-            assert smollm2.decode(expected, skip_special_tokens=skip) == reference.decode(expected, skip_special_tokens=skip)
+            assert smollm2.decode(expected, skip_special_tokens=skip) == reference.decode(
+                expected, skip_special_tokens=skip
+            )
         assert smollm2.decode(expected, skip_special_tokens=False) == text
     assert smollm2.vocab_size == len(reference)
     assert (smollm2.bos_token, smollm2.eos_token) == (reference.bos_token, reference.eos_token)
     assert smollm2.pad_token_id == reference.pad_token_id
     assert smollm2.chat_template == reference.chat_template
     assert smollm2.special_token_ids == set(reference.all_special_ids) | {
-        i for i, tok in reference.added_tokens_decoder.items() if tok.special}
+        i for i, tok in reference.added_tokens_decoder.items() if tok.special
+    }
 
 
 def test_smollm2_matches_llama_cpp(smollm2, smollm2_path):
@@ -257,7 +309,9 @@ def test_incremental_detokenizer_equals_decode(name, smollm2):
     for text in TEXTS:
         sequences.append((tokenizer.encode(text), True))
     for _ in range(60):  # real text with special tokens spliced in
-        text = "".join(rng.choice(["🦙", "😶‍🌫️", "✅", " a", "é", "日本", " ", "\n", "Hello", " world", "½"]) for _ in range(12))
+        text = "".join(
+            rng.choice(["🦙", "😶‍🌫️", "✅", " a", "é", "日本", " ", "\n", "Hello", " world", "½"]) for _ in range(12)
+        )
         ids = tokenizer.encode(text, add_special_tokens=False)
         sequences.append((list(ids), True))
         for _ in range(3):  # may land inside a character's bytes: no longer valid text
@@ -305,7 +359,7 @@ def test_incremental_detokenizer_keeps_leading_space_after_prompt():
     assert "".join(alone) == "Hello there"
     in_context, tail = _streamed(spm, generated, True, prompt=prompt)
     full, before = spm.decode(prompt + generated), spm.decode(prompt)
-    assert "".join(in_context) + tail == full[len(before):] == " Hello there"
+    assert "".join(in_context) + tail == full[len(before) :] == " Hello there"
 
 
 # --- errors a user can cause -------------------------------------------------------------------

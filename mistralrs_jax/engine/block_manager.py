@@ -122,6 +122,11 @@ class BlockManager:
         return self.num_total_blocks * self.block_size
 
     @property
+    def max_blocks_per_seq(self) -> int:
+        """The most blocks one sequence can ever hold: the whole pool."""
+        return self.num_total_blocks
+
+    @property
     def usage(self) -> float:
         return self.num_used_blocks / self.num_total_blocks
 
@@ -236,6 +241,22 @@ class BlockManager:
             self._block_tokens[block] = None
 
     # -- prefix cache --------------------------------------------------------------
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (vLLM's ``reset_prefix_cache``), e.g. to measure
+        without the cache. Cached free blocks become clean; blocks in use stay with their
+        sequences but are no longer shared with new ones. Returns the blocks forgotten.
+        Like every method here, call it from the engine loop thread or while it is idle."""
+        forgotten = 0
+        for block in range(1, self.num_blocks):
+            if self._block_hash[block] is not None:
+                self._unregister(block)
+                forgotten += 1
+            self._block_generation[block] = 0
+        self._clean_free.extend(self._cached_free)
+        self._cached_free.clear()
+        self._generations.clear()
+        return forgotten
 
     def _root_hash(self, seq: Sequence) -> int:
         return hash(("mistralrs_jax.prefix_root", seq.cache_salt))

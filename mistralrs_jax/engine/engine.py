@@ -34,7 +34,8 @@ class _SeqState:
     def __init__(self, seq: Sequence, handle: RequestHandle, tokenizer: Tokenizer):
         self.seq = seq
         self.handle = handle
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=seq.params.skip_special_tokens)
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=seq.params.skip_special_tokens,
+                                            prompt_ids=seq.prompt_token_ids)
         self.text = ""  # all text decoded so far (stop strings are searched here)
         self.emitted = 0  # characters of `text` already sent
         self.emitted_tokens = 0
@@ -138,8 +139,13 @@ class Engine:
                     self._states[seq.seq_id] = _SeqState(seq, handle, self.tokenizer)
                     self.scheduler.add(seq)
             elif cmd[0] == "abort":
-                for seq in self.scheduler.abort(cmd[1]):
+                aborted = self.scheduler.abort(cmd[1])
+                for seq in aborted:
                     self._finish(seq, "abort", None, already_freed=True)
+                if aborted:
+                    self.metrics.count("requests_aborted")
+                    # The loop may go idle next: the freed blocks must show in the gauges now.
+                    self._update_gauges()
 
     def step(self) -> None:
         output = self.scheduler.schedule()
@@ -187,8 +193,8 @@ class Engine:
             finish = "length"
         if finish is None and seq.is_finished:  # the scheduler ended it (context full)
             finish = seq.finish_reason or "length"
-        if finish is not None and finish != "stop":
-            state.text += state.detok.flush()
+        if finish is not None and not isinstance(stop_reason, str):
+            state.text += state.detok.flush()  # bytes held back for a UTF-8 sequence still open
         logprobs = self._logprobs(seq, token, result, row) if params.logprobs is not None else None
         if finish is None:
             # Hold back text that could still become a stop string.

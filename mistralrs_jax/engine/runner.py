@@ -10,6 +10,7 @@ request asks) come back to the host (rule 6).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +25,9 @@ from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUN
 
 from ..config import ModelConfig
 from ..models.llama import AttentionMetadata
-from .sampler import SamplerModes, build_sampling_arrays, sample
+from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
+from .sampler import (HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW, SamplerModes, SamplingArrays, build_sampling_arrays,
+                      sample)
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,50 @@ DEFAULT_SEQ_BUCKETS = [1, 8, 32, 128]
 # ~0.3 ms with 2 tokens. Batch-1 decode therefore pads to 2 tokens (the pad writes to
 # the trash block); the extra matmul row is free in a memory-bound step.
 MIN_TOKEN_BUCKET = 2
+# build_sampling_arrays gives penalized rows their last PENALTY_WINDOW tokens, in this width.
+FULL_VARIANT_HISTORY_WIDTH = HISTORY_WIDTH_BUCKETS[bisect.bisect_left(HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW)]
+# One request per compiled sampler variant (see compiled_sampler_variant).
+SAMPLER_WARMUP_PARAMS = (
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.0, top_k=5),
+    SamplingParams(temperature=1.0, repetition_penalty=1.1, logit_bias={0: 1.0}, logprobs=1),
+)
+
+
+def compiled_sampler_variant(arrays: SamplingArrays, modes: SamplerModes) -> tuple[SamplingArrays, SamplerModes]:
+    """Map a step's sampler modes onto one of three compiled variants.
+
+    `SamplerModes` alone spans ~100 static combinations per seqs bucket (filters,
+    penalties, four logit-bias widths, four logprob widths): far too many to compile at
+    start-up, and compiling one lazily stalls every request in flight for seconds. So
+    only three are ever used: all-greedy; sampled (filters on); and "full" (filters,
+    penalties, logit bias and top logprobs at their widest) for any step where some row
+    asks for penalties, a bias or top logprobs. Turning a feature on for rows that do
+    not use it changes nothing they get (neutral penalties multiply by 1 and subtract
+    0, padding bias ids are dropped, unset filters keep every token, greedy rows take
+    the argmax whatever the others do), and the extra work is a few scatters and a
+    top-20 over [S, V], small next to the model step.
+    """
+    full = modes.use_penalties or modes.use_bias or modes.num_logprobs > 0
+    if not full:
+        return arrays, SamplerModes(all_greedy=modes.all_greedy, use_filters=not modes.all_greedy,
+                                    use_penalties=False, use_bias=False, num_logprobs=0)
+    num_rows = arrays.temperature.shape[0]
+
+    def widen(values, width, fill):
+        padded = np.full((num_rows, width), fill, values.dtype)
+        padded[:, :values.shape[1]] = values
+        return padded
+
+    arrays = dataclasses.replace(
+        arrays,
+        history_tokens=widen(arrays.history_tokens, FULL_VARIANT_HISTORY_WIDTH, -1),
+        history_is_output=widen(arrays.history_is_output, FULL_VARIANT_HISTORY_WIDTH, False),
+        bias_token_ids=widen(arrays.bias_token_ids, MAX_LOGIT_BIAS_ENTRIES, -1),
+        bias_values=widen(arrays.bias_values, MAX_LOGIT_BIAS_ENTRIES, 0.0),
+    )
+    return arrays, SamplerModes(all_greedy=False, use_filters=True, use_penalties=True, use_bias=True,
+                                num_logprobs=MAX_TOP_LOGPROBS)
 
 
 def _bucket(buckets: list[int], n: int) -> int:
@@ -179,6 +226,7 @@ class ModelRunner:
             num_rows=shape_key[1],
             seeds=[seq.seed for seq in seqs],
         )
+        arrays, modes = compiled_sampler_variant(arrays, modes)
         self._note_shape(("step", shape_key))
         self._note_shape(("sample", shape_key[1], modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
         inputs = jax.device_put((input_ids, meta, logits_indices, arrays))
@@ -207,25 +255,32 @@ class ModelRunner:
         return [(t, self.seq_bucket_for(t)) for t in self.token_buckets]
 
     def warmup(self, progress=None) -> None:
-        """Compile every (tokens, seqs) bucket pair now so no request waits on a compile."""
+        """Compile every (tokens, seqs) bucket pair, and every sampler variant for each
+        seqs bucket, now so no request waits on a compile."""
         pairs = self.shape_pairs()
         start = time.perf_counter()
+        warmed_samplers: set[int] = set()
         for i, (t, s) in enumerate(pairs):
-            self._run_dummy(t, s)
+            self._run_dummy(t, s, warm_sampler=s not in warmed_samplers)
+            warmed_samplers.add(s)
             if progress is not None:
                 progress(i + 1, len(pairs), (t, s))
-        log.info("compiled %d step shapes in %.1fs", len(pairs), time.perf_counter() - start)
+        log.info("compiled %d step shapes and %d sampler variants in %.1fs", len(pairs),
+                 len(warmed_samplers) * len(SAMPLER_WARMUP_PARAMS), time.perf_counter() - start)
 
-    def _run_dummy(self, num_tokens: int, num_seqs: int) -> None:
-        """One step on padding only (everything writes to and reads the trash block)."""
-        from ..sampling_params import SamplingParams
-
+    def _run_dummy(self, num_tokens: int, num_seqs: int, warm_sampler: bool = True) -> None:
+        """One step on padding only (everything writes to and reads the trash block),
+        then, with ``warm_sampler``, one run of each compiled sampler variant."""
         input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
         self._note_shape(("step", (num_tokens, num_seqs)))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches,
                                                *jax.device_put((input_ids, meta, logits_indices)))
-        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
-            arrays, modes = build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0])
+        if not warm_sampler:
+            jax.block_until_ready(logits)
+            return
+        for params in SAMPLER_WARMUP_PARAMS:
+            arrays, modes = compiled_sampler_variant(
+                *build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0]))
             self._note_shape(("sample", num_seqs, modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
             jax.block_until_ready(self._sample_fn(logits, jax.device_put(arrays), modes=modes))
 

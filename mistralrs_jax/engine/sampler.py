@@ -277,7 +277,8 @@ def _top_k(values, k, block):
     """lax.top_k over the last axis, exact, reading only the k blocks with the largest maxima.
 
     The k largest values all lie in the k blocks whose maxima are largest, so two small
-    top-k's replace one over the whole row: 3-10x faster on XLA:CPU at S >= 8.
+    top-k's replace one over the whole row (XLA:CPU, S=32, V=49152: k=20 ~0.5 ms instead
+    of ~2.6 ms; k=128 ~2.3 ms instead of ~3.6 ms).
     """
     num_rows, width = values.shape
     if width < 4 * k * block:
@@ -339,7 +340,7 @@ def _pad_to_blocks(values, fill, block=_BLOCK):
 
 
 def _blocked_argmax(logits):
-    """First index of the row maximum. XLA:CPU's variadic argmax reduce is ~40x slower."""
+    """First index of the row maximum (XLA:CPU's variadic argmax reduce is 10-20x slower)."""
     blocks = _pad_to_blocks(logits, -jnp.inf)
     best_block = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
     block = jnp.take_along_axis(blocks, best_block[:, None, None], axis=1)[:, 0]

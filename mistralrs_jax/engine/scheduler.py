@@ -24,6 +24,10 @@ blocks than the whole pool can never run again and is finished with ``"length"``
 (reported in ``SchedulerOutput.finished_aborted``). A sequence whose length reaches
 ``max_model_len`` is finished with ``"length"`` when the token is appended.
 
+The block manager is either the paged `BlockManager` or, for ``--no-paged-attn``, the
+`ContiguousBlockManager` (one fixed slot per sequence); ``max_blocks_per_seq`` is the
+whole pool for the first and one slot for the second.
+
 Not thread-safe: call every method from the engine loop thread.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidRequestError, PromptTooLongError
 from .block_manager import BlockManager
+from .contiguous_cache import ContiguousBlockManager
 from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -75,7 +80,7 @@ def _arrival_key(seq: Sequence) -> tuple[float, int]:
 class Scheduler:
     def __init__(
         self,
-        block_manager: BlockManager,
+        block_manager: BlockManager | ContiguousBlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
@@ -132,11 +137,11 @@ class Scheduler:
                 f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len} "
                 f"tokens, which leaves no room to generate: shorten the prompt"
             )
-        slots = self.block_manager.num_token_slots
+        slots = self.block_manager.max_blocks_per_seq * self.block_manager.block_size
         if num_prompt_tokens >= slots:
             raise PromptTooLongError(
-                f"the prompt has {num_prompt_tokens} tokens but the KV cache holds only {slots - 1}: shorten the "
-                f"prompt or give the KV cache more memory"
+                f"the prompt has {num_prompt_tokens} tokens but the KV cache holds only {slots - 1} tokens of one "
+                f"sequence: shorten the prompt or give the KV cache more memory"
             )
 
     def add(self, seq: Sequence) -> None:
@@ -185,13 +190,14 @@ class Scheduler:
         return min(num_new, budget)
 
     def _exceeds_pool(self, seq: Sequence) -> bool:
-        """``seq`` cannot run to its next token even with the whole pool to itself."""
-        return self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_total_blocks
+        """``seq`` cannot run to its next token even with the whole pool (or, without
+        paged attention, its whole slot) to itself."""
+        return self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.max_blocks_per_seq
 
     def _finish_over_capacity(self, seq: Sequence, output: SchedulerOutput) -> None:
         logger.warning(
-            "finishing %r with 'length': its %d tokens need more than the whole KV cache (%d tokens)",
-            seq, seq.num_tokens, self.block_manager.num_token_slots,
+            "finishing %r with 'length': its %d tokens need more than the KV cache holds for one sequence "
+            "(%d tokens)", seq, seq.num_tokens, self.block_manager.max_blocks_per_seq * self.block_manager.block_size,
         )
         self.finish(seq, LENGTH)
         output.finished_aborted.append(seq)

@@ -76,7 +76,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own `tojson` escapes HTML characters and cannot indent; templates are written for this one.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -95,13 +97,12 @@ class _StrictSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
 
 
 def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    env = _StrictSandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -154,15 +155,19 @@ class ChatTemplate:
         `special_tokens` adds other names the template may read (`unk_token`, `pad_token`, ...).
         `named_templates` are alternatives such as "tool_use", chosen by `render` when tools are given."""
         if template is None:
-            logger.warning("the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
-                           "Pass --chat-template if the model expects another format.")
+            logger.warning(
+                "the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
+                "Pass --chat-template if the model expects another format."
+            )
             template = DEFAULT_CHATML_TEMPLATE
         self.source = template
         self.context: dict[str, Any] = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self.context.update({key: value or "" for key, value in (special_tokens or {}).items()})
         env = _environment()
         self._compiled = self._compile(env, template, "chat template")
-        self._named = {name: self._compile(env, text, f"chat template {name!r}") for name, text in (named_templates or {}).items()}
+        self._named = {
+            name: self._compile(env, text, f"chat template {name!r}") for name, text in (named_templates or {}).items()
+        }
         self._named_sources = dict(named_templates or {})
 
     @staticmethod
@@ -170,8 +175,10 @@ class ChatTemplate:
         try:
             return env.from_string(template)
         except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(f"the model's {what} is not valid Jinja (line {exc.lineno}: {exc.message}); "
-                                "pass a working one with --chat-template") from exc
+            raise TemplateError(
+                f"the model's {what} is not valid Jinja (line {exc.lineno}: {exc.message}); "
+                "pass a working one with --chat-template"
+            ) from exc
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, override: str | None = None) -> "ChatTemplate":
@@ -188,12 +195,18 @@ class ChatTemplate:
         if template is None:
             template = getattr(tokenizer, "chat_template", None)
         if template is None:
-            logger.warning("%s has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
-                           "Pass --chat-template if the model expects another format.",
-                           getattr(tokenizer, "source", "the model"))
+            logger.warning(
+                "%s has no chat template; using ChatML (<|im_start|>role ... <|im_end|>). "
+                "Pass --chat-template if the model expects another format.",
+                getattr(tokenizer, "source", "the model"),
+            )
             template = DEFAULT_CHATML_TEMPLATE
-        return cls(template, bos_token=getattr(tokenizer, "bos_token", None),
-                   eos_token=getattr(tokenizer, "eos_token", None), named_templates=None if override else named)
+        return cls(
+            template,
+            bos_token=getattr(tokenizer, "bos_token", None),
+            eos_token=getattr(tokenizer, "eos_token", None),
+            named_templates=None if override else named,
+        )
 
     def _prepare_messages(self, messages: Sequence[Any], source: str) -> list[dict[str, Any]]:
         keeps_parts = bool(_HANDLES_CONTENT_PARTS.search(source))
@@ -207,7 +220,8 @@ class ChatTemplate:
                 if text is None:
                     raise InvalidRequestError(
                         f"messages[{index}] has non-text content, but this model's chat template takes text only",
-                        param="messages")
+                        param="messages",
+                    )
                 message["content"] = text
             elif content is None and not message.get("tool_calls"):
                 message["content"] = ""
@@ -224,7 +238,13 @@ class ChatTemplate:
             prepared.append(message)
         return prepared
 
-    def render(self, messages: Sequence[Any], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None, **extra: Any) -> str:
+    def render(
+        self,
+        messages: Sequence[Any],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Any] | None = None,
+        **extra: Any,
+    ) -> str:
         """The prompt text for `messages` (OpenAI-style dicts). Extra keywords reach the template as variables."""
         compiled, source = self._compiled, self.source
         if tools and "tool_use" in self._named:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
+from mistralrs_jax.loading.gguf import read_gguf_metadata
 from mistralrs_jax.errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,26 @@ SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 # pad / repo / file-separator tokens, after which a code model has nothing more to say.
 END_OF_GENERATION_TEXTS = frozenset(
     {
-        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-        "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-        "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
         "<\uff5cend\u2581of\u2581sentence\uff5c>",
     }
 )
@@ -170,22 +188,18 @@ def _presets() -> dict[str, _BpePreset]:
             )
         ),
     }
-    for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"):
-        table[name] = llama3
-    for name in ("dbrx", "smaug-bpe"):
-        table[name] = _BpePreset((_LLAMA3,))
-    for name in ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"):
-        table[name] = digits_then_gpt2
-    for name in ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "mpt", "olmo",
-                 "jais", "trillion", "granite-docling", "jina-v1-en", "jina-v2-code", "roberta-bpe", "exaone4",
-                 "a.x-4.0", "mellum"):
-        table[name] = gpt2
-    for name in ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan", "grok-2", "kormo"):
-        table[name] = qwen2
-    for name in ("gpt-4o", "llama4", "minimax-m2", "kanana2"):
-        table[name] = gpt4o
-    for name in ("poro-chat", "bloom", "gpt3-finnish"):
-        table[name] = bloom
+    aliases = {  # several `tokenizer.ggml.pre` names share one preset in llama.cpp
+        llama3: "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2",
+        _BpePreset((_LLAMA3,)): "dbrx smaug-bpe",
+        digits_then_gpt2: "starcoder refact command-r smollm codeshell exaone minerva-7b",
+        gpt2: "gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de mpt olmo jais trillion granite-docling "
+        "jina-v1-en jina-v2-code roberta-bpe exaone4 a.x-4.0 mellum",
+        qwen2: "qwen2 deepseek-r1-qwen stablelm2 megrez hunyuan grok-2 kormo",
+        gpt4o: "gpt-4o llama4 minimax-m2 kanana2",
+        bloom: "poro-chat bloom gpt3-finnish",
+    }
+    for preset, names in aliases.items():
+        table.update(dict.fromkeys(names.split(), preset))
     return table
 
 
@@ -194,7 +208,9 @@ BPE_PRESETS: dict[str, _BpePreset] = _presets()
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters, in which byte-level vocabularies are spelled."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping = {byte: chr(byte) for byte in printable}
     extra = 0
     for byte in range(256):
@@ -222,7 +238,9 @@ def _vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
     return vocab
 
 
-def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int]) -> list[tuple[str, str]]:
+def _merges_from_scores(
+    tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int]
+) -> list[tuple[str, str]]:
     """SentencePiece BPE merges two pieces when the joined piece is in the vocabulary, best score first.
 
     A BPE model with ranked merges does the same if the merges are every split of every normal token into
@@ -232,14 +250,20 @@ def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float], token_ty
     ranked = sorted(normal.items(), key=lambda item: (-scores[item[1]], item[1]))
     merges: list[tuple[str, str]] = []
     for token, _ in ranked:
-        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
-        splits = [pair for pair in splits if pair[0] in normal and pair[1] in normal]
-        splits.sort(key=lambda pair: (normal[pair[0]], normal[pair[1]]))
+        splits = [
+            (token[:cut], token[cut:])
+            for cut in range(1, len(token))
+            if token[:cut] in normal and token[cut:] in normal
+        ]
+        if len(splits) > 1:
+            splits.sort(key=lambda pair: (normal[pair[0]], normal[pair[1]]))
         merges.extend(splits)
     return merges
 
 
-def _byte_level_model(fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int], preset: _BpePreset) -> tokenizers.Tokenizer:
+def _byte_level_model(
+    fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int], preset: _BpePreset
+) -> tokenizers.Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     # Normal tokens are stored in the byte alphabet; a few converters wrote plain UTF-8 instead, so
@@ -271,7 +295,9 @@ def _byte_level_model(fields: dict[str, Any], tokens: Sequence[str], token_types
     return hf
 
 
-def _sentencepiece_model(fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int], add_space_prefix: bool) -> tokenizers.Tokenizer:
+def _sentencepiece_model(
+    fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int], add_space_prefix: bool
+) -> tokenizers.Tokenizer:
     scores = fields.get("tokenizer.ggml.scores")
     if scores is None:
         raise CorruptModelFileError("GGUF SentencePiece tokenizer has no `tokenizer.ggml.scores`")
@@ -324,7 +350,9 @@ def _wordpiece_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizer
     model = models.WordPiece(vocab=vocab, unk_token=original(tokens[unk_id]), max_input_chars_per_word=100)
     hf = tokenizers.Tokenizer(model)
     lowercase = bool(fields.get("tokenizer.ggml.normalizer.lowercase", True))
-    hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     hf.decoder = decoders.WordPiece()
     return hf
@@ -338,7 +366,10 @@ def _whitespace_stripping(fields: dict[str, Any]) -> tuple[set[str], set[str] | 
     name = str(fields.get("general.name", "")).lower()
     pre = str(fields.get("tokenizer.ggml.pre", ""))
     arch = str(fields.get("general.architecture", ""))
-    if any(key in pre for key in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or arch in ("nomic-bert-moe", "jina-bert-v3"):
+    if any(key in pre for key in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or arch in (
+        "nomic-bert-moe",
+        "jina-bert-v3",
+    ):
         return {"<mask>"}, set()
     if "phi-3" in name or "phi3" in name:
         return set(), None
@@ -347,7 +378,9 @@ def _whitespace_stripping(fields: dict[str, Any]) -> tuple[set[str], set[str] | 
     return set(), set()
 
 
-def _register_special_tokens(hf: tokenizers.Tokenizer, fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int]) -> None:
+def _register_special_tokens(
+    hf: tokenizers.Tokenizer, fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int]
+) -> None:
     """Tokens llama.cpp matches whole in text become added tokens. Control and unknown ones are special
     (dropped by skip_special_tokens); user-defined ones are plain, so they always show, as in llama.cpp."""
     lstrip, rstrip = _whitespace_stripping(fields)
@@ -358,8 +391,13 @@ def _register_special_tokens(hf: tokenizers.Tokenizer, fields: dict[str, Any], t
             continue
         text = tokens[index]
         strip_right = text not in never_rstrip if rstrip is None else text in rstrip
-        added = AddedToken(text, special=token_type != TOKEN_TYPE_USER_DEFINED, normalized=False,
-                           lstrip=text in lstrip, rstrip=strip_right)
+        added = AddedToken(
+            text,
+            special=token_type != TOKEN_TYPE_USER_DEFINED,
+            normalized=False,
+            lstrip=text in lstrip,
+            rstrip=strip_right,
+        )
         (plain if token_type == TOKEN_TYPE_USER_DEFINED else special).append(added)
     if special:
         hf.add_special_tokens(special)
@@ -373,87 +411,6 @@ def _id_field(fields: dict[str, Any], key: str, n_tokens: int) -> int | None:
         return None
     value = int(value)
     return value if 0 <= value < n_tokens else None
-
-
-# Numeric GGUF value types (gguf.GGUFValueType codes) and their struct/numpy codes.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str) -> dict[str, Any]:
-    """Every metadata key of a GGUF file as plain Python values (lists for arrays); tensors are not read.
-
-    A small reader of its own rather than `gguf.GGUFReader`: that one makes numpy views for every element
-    of every array, which takes seconds to minutes on a 150k-262k token vocabulary; this takes ~0.2 s.
-    """
-    import mmap
-    import struct
-
-    import numpy as np
-
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError as exc:
-        raise ModelNotFoundError(f"GGUF file not found: {path}") from exc
-    except OSError as exc:
-        raise ModelLoadError(f"cannot open {path}: {exc}") from exc
-    with handle:
-        try:
-            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as exc:  # empty file
-            raise CorruptModelFileError(f"{path} is empty, not a GGUF file") from exc
-        with data:
-            try:
-                return _parse_gguf_metadata(data, struct, np)
-            except (struct.error, IndexError, ValueError, OverflowError) as exc:
-                raise CorruptModelFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
-
-
-def _parse_gguf_metadata(data: Any, struct: Any, np: Any) -> dict[str, Any]:
-    if data[:4] != b"GGUF":
-        raise ValueError("no GGUF magic at the start of the file")
-    order = "<"
-    version = struct.unpack_from("<I", data, 4)[0]
-    if version & 0xFFFF == 0:  # a big-endian file reads as a huge little-endian number
-        order, version = ">", struct.unpack_from(">I", data, 4)[0]
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is too old (need 2 or later)")
-    _, kv_count = struct.unpack_from(order + "QQ", data, 8)
-    offset = 24
-    u32, u64 = struct.Struct(order + "I"), struct.Struct(order + "Q")
-
-    def read_string(at: int) -> tuple[str, int]:
-        length = u64.unpack_from(data, at)[0]
-        at += 8
-        return data[at : at + length].decode("utf-8", errors="replace"), at + length
-
-    def read_value(kind: int, at: int) -> tuple[Any, int]:
-        if kind == _GGUF_STRING:
-            return read_string(at)
-        if kind in _GGUF_SCALARS:
-            code = order + _GGUF_SCALARS[kind]
-            return struct.unpack_from(code, data, at)[0], at + struct.calcsize(code)
-        if kind != _GGUF_ARRAY:
-            raise ValueError(f"unknown GGUF value type {kind}")
-        item_kind = u32.unpack_from(data, at)[0]
-        count = u64.unpack_from(data, at + 4)[0]
-        at += 12
-        if item_kind in _GGUF_SCALARS:
-            dtype = np.dtype(order + _GGUF_SCALARS[item_kind])
-            values = np.frombuffer(data, dtype=dtype, count=count, offset=at)
-            return values.tolist(), at + count * dtype.itemsize
-        items = []
-        for _ in range(count):
-            item, at = read_value(item_kind, at)
-            items.append(item)
-        return items, at
-
-    fields: dict[str, Any] = {}
-    for _ in range(kv_count):
-        key, offset = read_string(offset)
-        kind = u32.unpack_from(data, offset)[0]
-        fields[key], offset = read_value(kind, offset + 4)
-    return fields
 
 
 # --- The tokenizer ------------------------------------------------------------------------------
@@ -506,16 +463,27 @@ class Tokenizer:
         model_type = fields.get("tokenizer.ggml.model")
         tokens = fields.get("tokenizer.ggml.tokens")
         if not model_type or not tokens:
-            raise ModelLoadError(f"{source} has no tokenizer metadata (`tokenizer.ggml.model`/`tokenizer.ggml.tokens`); "
-                                 "pass a tokenizer with --tokenizer or use a GGUF converted with a vocabulary")
+            raise ModelLoadError(
+                f"{source} has no tokenizer metadata (`tokenizer.ggml.model`/`tokenizer.ggml.tokens`); "
+                "pass a tokenizer with --tokenizer or use a GGUF converted with a vocabulary"
+            )
         tokens = [str(t) for t in tokens]
         n_tokens = len(tokens)
         token_types = list(fields.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * n_tokens)
         if len(token_types) < n_tokens:
             raise CorruptModelFileError(f"{source}: fewer token types ({len(token_types)}) than tokens ({n_tokens})")
-        ids = {key: _id_field(fields, key, n_tokens) for key in (
-            "bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "padding_token_id",
-            "cls_token_id", "seperator_token_id")}
+        ids = {
+            key: _id_field(fields, key, n_tokens)
+            for key in (
+                "bos_token_id",
+                "eos_token_id",
+                "eot_token_id",
+                "eom_token_id",
+                "padding_token_id",
+                "cls_token_id",
+                "seperator_token_id",
+            )
+        }
         bos, eos = ids["bos_token_id"], ids["eos_token_id"]
         add_eos = False
         suffix: list[int] | None = None
@@ -523,12 +491,15 @@ class Tokenizer:
             pre = fields.get("tokenizer.ggml.pre") or "default"
             if pre not in BPE_PRESETS:
                 raise UnsupportedArchitectureError(
-                    f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; known: {sorted(BPE_PRESETS)}")
+                    f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; known: {sorted(BPE_PRESETS)}"
+                )
             preset = BPE_PRESETS[pre]
             backend = _byte_level_model(fields, tokens, token_types, preset)
             add_bos = preset.add_bos
         elif model_type == "llama":
-            backend = _sentencepiece_model(fields, tokens, token_types, bool(fields.get("tokenizer.ggml.add_space_prefix", True)))
+            backend = _sentencepiece_model(
+                fields, tokens, token_types, bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+            )
             add_bos = True
         elif model_type == "gemma4":
             backend = _gemma4_model(fields, tokens)
@@ -542,12 +513,16 @@ class Tokenizer:
                 suffix = [ids["seperator_token_id"]]
         else:
             raise UnsupportedArchitectureError(
-                f"{source}: GGUF tokenizer model {model_type!r} is not supported (supported: gpt2, llama, gemma4, bert)")
+                f"{source}: GGUF tokenizer model {model_type!r} is not supported (supported: gpt2, llama, gemma4, bert)"
+            )
         _register_special_tokens(backend, fields, tokens, token_types)
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", add_bos))
         add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", add_eos))
-        templates = {key[len("tokenizer.chat_template."):]: value for key, value in fields.items()
-                     if key.startswith("tokenizer.chat_template.") and isinstance(value, str)}
+        templates = {
+            key[len("tokenizer.chat_template.") :]: value
+            for key, value in fields.items()
+            if key.startswith("tokenizer.chat_template.") and isinstance(value, str)
+        }
         return cls(
             backend,
             bos_token_id=bos,
@@ -567,8 +542,10 @@ class Tokenizer:
         """A Hugging Face model directory: tokenizer.json plus the configs that name special tokens and the template."""
         tokenizer_json = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_json):
-            raise ModelNotFoundError(f"no tokenizer.json in {path}; this engine needs the fast-tokenizer file "
-                                     "(save it with transformers' `tokenizer.save_pretrained`)")
+            raise ModelNotFoundError(
+                f"no tokenizer.json in {path}; this engine needs the fast-tokenizer file "
+                "(save it with transformers' `tokenizer.save_pretrained`)"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(tokenizer_json)
         except Exception as exc:  # the library raises plain Exception for malformed files
@@ -587,7 +564,11 @@ class Tokenizer:
         if bos is None and isinstance(generation.get("bos_token_id"), int):
             bos = generation["bos_token_id"]
         generation_eos = generation.get("eos_token_id")
-        eos_list = generation_eos if isinstance(generation_eos, list) else [generation_eos] if isinstance(generation_eos, int) else []
+        eos_list = (
+            generation_eos
+            if isinstance(generation_eos, list)
+            else [generation_eos] if isinstance(generation_eos, int) else []
+        )
         if eos is None and eos_list:
             eos = eos_list[0]
         if pad is None and isinstance(generation.get("pad_token_id"), int):
@@ -597,7 +578,7 @@ class Tokenizer:
         plain = backend.encode("a", add_special_tokens=False).ids
         framed = backend.encode("a", add_special_tokens=True).ids
         start = next((i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain), 0)
-        prefix, suffix = framed[:start], framed[start + len(plain):]
+        prefix, suffix = framed[:start], framed[start + len(plain) :]
         add_bos = bool(config.get("add_bos_token", bos is not None and prefix == [bos]))
         add_eos = bool(config.get("add_eos_token", eos is not None and suffix == [eos]))
         prefix_ids = None if "add_bos_token" in config or prefix in ([], [bos]) else prefix
@@ -605,9 +586,20 @@ class Tokenizer:
         backend.post_processor = None  # `encode` adds them itself, the same way for every source
 
         chat_template, templates = _hf_chat_templates(path, config)
-        return cls(backend, bos_token_id=bos, eos_token_id=eos, eos_token_ids=eos_list, pad_token_id=pad,
-                   add_bos=add_bos, add_eos=add_eos, prefix_ids=prefix_ids, suffix_ids=suffix_ids,
-                   chat_template=chat_template, chat_templates=templates, source=path)
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            eos_token_ids=eos_list,
+            pad_token_id=pad,
+            add_bos=add_bos,
+            add_eos=add_eos,
+            prefix_ids=prefix_ids,
+            suffix_ids=suffix_ids,
+            chat_template=chat_template,
+            chat_templates=templates,
+            source=path,
+        )
 
     # encoding and decoding
 
@@ -647,7 +639,8 @@ class Tokenizer:
     def byte_token_ids(self) -> frozenset[int]:
         """Ids of SentencePiece byte-fallback tokens `<0xNN>` (none in a byte-level vocabulary)."""
         return frozenset(
-            index for token, index in self.backend.get_vocab(with_added_tokens=False).items()
+            index
+            for token, index in self.backend.get_vocab(with_added_tokens=False).items()
             if len(token) == 6 and token.startswith("<0x") and token.endswith(">")
         )
 
@@ -688,7 +681,9 @@ def _hf_chat_templates(path: str, config: dict[str, Any]) -> tuple[str | None, d
     if isinstance(value, str):
         templates["default"] = value
     elif isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-        templates.update({item["name"]: item["template"] for item in value if isinstance(item, dict) and "name" in item})
+        templates.update(
+            {item["name"]: item["template"] for item in value if isinstance(item, dict) and "name" in item}
+        )
     jinja_file = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja_file):
         with open(jinja_file, encoding="utf-8") as handle:
@@ -764,7 +759,7 @@ class IncrementalDetokenizer:
         full_text = self._decode(self.prefix_offset)
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""
-        new_text = full_text[len(prefix_text):]
+        new_text = full_text[len(prefix_text) :]
         if self._decode(self.read_offset):
             self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
@@ -777,4 +772,4 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         full_text = self._decode(self.prefix_offset)
         self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]

@@ -90,13 +90,87 @@ class Embedding(nnx.Module):
         return jax.lax.dot_general(x, self.table[...].astype(x.dtype), (((1,), (1,)), ((), ())))
 
 
+class LayerNorm(nnx.Module):
+    """Mean-centred LayerNorm with weight and bias (Phi-2, Starcoder2)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, eps: float):
+        self.weight = nnx.Param(jnp.asarray(np.asarray(weight, np.float32)))
+        self.bias = nnx.Param(jnp.asarray(np.asarray(bias, np.float32))) if bias is not None else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(variance + self.eps) * self.weight[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+# HF `hidden_act` names -> functions. "gelu_new", "gelu_pytorch_tanh" and "gelu_fast" are all
+# the tanh approximation; plain "gelu" is the exact erf form (Gemma's configs say "gelu" but
+# mean the tanh form: its config loader rewrites the name before it gets here).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        from ..errors import NotSupportedError
+
+        raise NotSupportedError(f"activation {name!r} is not supported (supported: {', '.join(sorted(ACTIVATIONS))})")
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (llama) or GeGLU (gemma). A fused `gate_up` weight
+    (Phi-3) holds the gate rows first, then the up rows."""
+
+    def __init__(self, down: Linear, act: str, *, gate: Linear | None = None, up: Linear | None = None,
+                 gate_up: Linear | None = None):
+        self.gate_proj, self.up_proj, self.gate_up_proj, self.down_proj = gate, up, gate_up, down
+        self.act = act
+
+    def __call__(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(activation(self.act)(gate) * up)
+
+
+class PlainMLP(nnx.Module):
+    """down(act(up(x))) with biases (Phi-2's fc1/fc2, Starcoder2's c_fc/c_proj)."""
+
+    def __init__(self, up: Linear, down: Linear, act: str):
+        self.up_proj, self.down_proj = up, down
+        self.act = act
+
+    def __call__(self, x):
+        return self.down_proj(activation(self.act)(self.up_proj(x)))
+
+
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """Inverse frequencies, with HF's `rope_scaling` variants applied on the host once."""
+    """Inverse frequencies with HF's `rope_scaling` variants (linear, llama3, yarn), on the host once.
+
+    longrope is not a fixed set of frequencies (it switches with the position): see
+    `RotaryEmbedding.from_config`.
+    """
     inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
     if not scaling:
         return inv_freq.astype(np.float32)
     kind = scaling.get("rope_type") or scaling.get("type")
-    factor = float(scaling.get("factor", 1.0))
+    factor = float(scaling.get("factor", 1.0) or 1.0)
     if kind == "linear":
         inv_freq = inv_freq / factor
     elif kind == "llama3":
@@ -111,23 +185,74 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> np.nda
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(is_mid, mid, scaled)
+    elif kind == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, rotary_dim, theta, factor, scaling)
     elif kind in (None, "default", "none"):
         pass
     else:
         from ..errors import NotSupportedError
 
-        raise NotSupportedError(f"rope scaling type {kind!r} is not supported yet")
+        raise NotSupportedError(f"rope scaling type {kind!r} is not supported yet (supported: linear, llama3, yarn, "
+                                "longrope)")
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, rotary_dim: int) -> jax.Array:
+def _yarn_inv_freq(inv_freq: np.ndarray, dim: int, theta: float, factor: float, scaling: dict) -> np.ndarray:
+    """YaRN (arXiv:2309.00071): interpolate the low frequencies, keep the high ones, ramp between."""
+    original = float(scaling.get("original_max_position_embeddings") or 4096)
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1 -> the original (extrapolated) frequency, 0 -> interpolated by `factor`
+    return inv_freq / factor * (1.0 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(scaling: dict | None, max_position_embeddings: int) -> float:
+    """The factor HF multiplies cos/sin with (YaRN's and LongRoPE's attention temperature)."""
+    if not scaling:
+        return 1.0
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    if kind == "yarn":
+        factor = float(scaling.get("factor") or 1.0)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            return mscale(factor, float(scaling["mscale"])) / mscale(factor, float(scaling["mscale_all_dim"]))
+        return mscale(factor)
+    if kind in ("longrope", "su"):
+        original = float(scaling["original_max_position_embeddings"])
+        factor = scaling.get("factor") or max_position_embeddings / original
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, rotary_dim: int,
+               attention_factor: float = 1.0) -> jax.Array:
     """NEOX/HF-style rotary embedding (rotate halves) on the first `rotary_dim` dims.
 
-    x: [T, heads, head_dim]; positions: [T].
+    x: [T, heads, head_dim]; positions: [T]; inv_freq: [rot/2] or per token [T, rot/2].
     """
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, rot/2]
+    if inv_freq.ndim == 1:
+        inv_freq = inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, rot/2]
     cos = jnp.cos(freqs)[:, None, :]
     sin = jnp.sin(freqs)[:, None, :]
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
     x1, x2 = rot[..., :half], rot[..., half:]
@@ -135,3 +260,49 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, rotary_d
     if rest.shape[-1] == 0:
         return rotated
     return jnp.concatenate([rotated, rest], axis=-1)
+
+
+class RotaryEmbedding(nnx.Module):
+    """Rotary position embedding of one attention kind (models with local and global layers hold two).
+
+    LongRoPE (Phi-3) holds two frequency sets: HF switches to the long set once the sequence
+    grows past `original_max_position_embeddings`. Here the switch is per token position
+    (a token at or past that position uses the long set), which equals HF for every decode
+    step and for any sequence shorter than the original context.
+    """
+
+    def __init__(self, inv_freq: np.ndarray, rotary_dim: int, *, attention_factor: float = 1.0,
+                 long_inv_freq: np.ndarray | None = None, long_from_position: int | None = None):
+        self.inv_freq = nnx.Variable(jnp.asarray(inv_freq, jnp.float32))
+        self.long_inv_freq = nnx.Variable(jnp.asarray(long_inv_freq, jnp.float32)) if long_inv_freq is not None else None
+        self.long_from_position = long_from_position
+        self.rotary_dim = rotary_dim
+        self.attention_factor = float(attention_factor)
+
+    @classmethod
+    def from_config(cls, rotary_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int,
+                    freq_factors: dict[str, np.ndarray] | None = None) -> "RotaryEmbedding":
+        """`freq_factors` are GGUF's precomputed divisors of the base frequencies: "freqs" (llama3
+        `rope_freqs`), or "short"/"long" (LongRoPE `rope_factors_short/long`)."""
+        freq_factors = freq_factors or {}
+        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        factor_kw = {"attention_factor": rope_attention_factor(scaling, max_position_embeddings)}
+        if kind in ("longrope", "su") or "short" in freq_factors:
+            base = rope_inv_freq(rotary_dim, theta, None).astype(np.float64)
+            short = np.asarray(freq_factors.get("short", (scaling or {}).get("short_factor")), np.float64)
+            long = np.asarray(freq_factors.get("long", (scaling or {}).get("long_factor")), np.float64)
+            original = int((scaling or {}).get("original_max_position_embeddings") or max_position_embeddings)
+            return cls((base / short).astype(np.float32), rotary_dim, long_inv_freq=(base / long).astype(np.float32),
+                       long_from_position=original, **factor_kw)
+        if "freqs" in freq_factors:  # llama3-style scaling baked into per-frequency divisors
+            base = rope_inv_freq(rotary_dim, theta, None).astype(np.float64)
+            return cls((base / np.asarray(freq_factors["freqs"], np.float64)).astype(np.float32), rotary_dim,
+                       **factor_kw)
+        return cls(rope_inv_freq(rotary_dim, theta, scaling), rotary_dim, **factor_kw)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        inv_freq = self.inv_freq[...]
+        if self.long_inv_freq is not None:
+            use_long = (positions >= self.long_from_position)[:, None]
+            inv_freq = jnp.where(use_long, self.long_inv_freq[...][None, :], inv_freq[None, :])
+        return apply_rope(x, positions, inv_freq, self.rotary_dim, self.attention_factor)
