@@ -55,6 +55,7 @@ class Row:
     prefill_runs: list[float] = dataclasses.field(default_factory=list)
     decode_runs: list[float] = dataclasses.field(default_factory=list)
     notes: str = ""
+    details: dict = dataclasses.field(default_factory=dict)  # JSON only: settings, engine metrics
 
     def finish(self) -> "Row":
         if self.prefill_runs:
@@ -72,6 +73,7 @@ class Workload:
     tg: int
     reps: int
     vocab_size: int
+    cpu_weights: str = "f32"
     seed: int = 0
 
     def prompts(self, count: int) -> list[list[int]]:
@@ -145,7 +147,7 @@ def bench_ours(work: Workload) -> Row:
     from mistralrs_jax import LLM, SamplingParams
 
     row = Row("mistralrs-jax")
-    llm = LLM(model=work.model_path)
+    llm = LLM(model=work.model_path, cpu_weights=work.cpu_weights)
     try:
         prompts = iter(work.prompts(2 * work.reps + 2))
 
@@ -164,7 +166,11 @@ def bench_ours(work: Workload) -> Row:
             t_all = timed(work.tg)
             row.prefill_runs.append(work.pp / t_first)
             row.decode_runs.append((work.tg - 1) / (t_all - t_first))
-        row.notes = f"cpu_weights={getattr(llm, 'cpu_weights', 'default')}"
+        row.notes = f"cpu_weights={work.cpu_weights}"
+        engine_config = getattr(llm, "engine_config", None)
+        if dataclasses.is_dataclass(engine_config):
+            row.details["engine_config"] = dataclasses.asdict(engine_config)
+        row.details["metrics"] = llm.metrics()
     finally:
         llm.shutdown()
     return row.finish()
@@ -194,11 +200,15 @@ def bench_llamacpp_python(work: Workload) -> Row:
             decode_tokens = [prompt[i % len(prompt)] for i in range(work.tg)]
             model.reset()
             llama_cpp.llama_perf_context_reset(model.ctx)
+            # llama.cpp books a decode into its counters only at a synchronize, and eval() without
+            # logits_all never reads the logits, so synchronize after every call (as llama-bench does).
             start = time.perf_counter()
             model.eval(prompt)
+            llama_cpp.llama_synchronize(model.ctx)
             prefilled = time.perf_counter()
             for token in decode_tokens:
                 model.eval([token])
+                llama_cpp.llama_synchronize(model.ctx)
             decoded = time.perf_counter()
             perf = llama_cpp.llama_perf_context(model.ctx)
             if rep == 0:
@@ -349,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tg", type=int, default=128, help="generated tokens for the decode measurement")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="results/", help="folder for the JSON result")
+    parser.add_argument(
+        "--cpu-weights", choices=("f32", "quantized"), default="f32", help="our engine's CPU weight format"
+    )
     parser.add_argument("--llama-bench", help="path of a llama-bench binary (default: search PATH)")
     parser.add_argument(
         "--engines",
@@ -364,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     model_path = os.path.abspath(args.model) if args.model else default_model()
     if not os.path.isfile(model_path):
         parser.error(f"--model {model_path} is not a file")
-    work = Workload(model_path, args.threads, args.pp, args.tg, args.reps, read_vocab_size(model_path))
+    work = Workload(
+        model_path, args.threads, args.pp, args.tg, args.reps, read_vocab_size(model_path), args.cpu_weights
+    )
 
     engines = {
         "ours": lambda: bench_ours(work),
@@ -392,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_engine",
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_path,
-        "workload": {"pp": args.pp, "tg": args.tg, "reps": args.reps, "threads": args.threads},
+        "workload": {
+            "pp": args.pp, "tg": args.tg, "reps": args.reps, "threads": args.threads, "cpu_weights": args.cpu_weights,
+        },
         "machine": machine_description(args.threads),
         "baseline": baseline.engine if baseline else None,
         "rows": [dataclasses.asdict(row) for row in rows],
@@ -400,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"bench_engine-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out_file.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {out_file}")
     ours = next((row for row in rows if row.engine == "mistralrs-jax"), None)
     return 1 if ours is not None and ours.status != "ok" else 0

@@ -111,18 +111,26 @@ class LLM:
         )
         resolved = resolve_model_files(model, gguf_file=gguf_file, token_source=token_source, revision=revision,
                                        kind="gguf" if gguf_file or model is None or str(model).endswith(".gguf") else "auto")
-        if getattr(resolved, "gguf_path", None) is None:
-            raise NotSupportedError(
-                f"{model}: loading safetensors / Hugging Face checkpoints is not supported yet; use a GGUF file")
-        self.model_path = resolved.gguf_path
         self.model_name = resolved.display_name
-        gguf = GGUFFile(self.model_path)
-        self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
-        self.tokenizer: Tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
+        if resolved.kind == "plain":  # a Hugging Face directory: config.json + *.safetensors
+            from .loading.safetensors import load_hf_config
+            from .models.registry import build_model_from_hf
+
+            self.model_path = resolved.model_dir
+            self.model_config = load_hf_config(self.model_path)
+            self.tokenizer: Tokenizer = load_tokenizer(tokenizer or self.model_path)
+        else:
+            self.model_path = resolved.gguf_path
+            gguf = GGUFFile(self.model_path)
+            self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
+            self.tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
         self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer, override=chat_template)
-        log.info("loading %s (%s, %d layers) weights as %s", self.model_name, self.model_config.arch,
-                 self.model_config.num_layers, cpu_weights)
-        self.model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights)
+        log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", self.model_name, self.model_config.arch,
+                 self.model_config.num_layers, cpu_weights if resolved.kind == "gguf" else "dense", dtype)
+        if resolved.kind == "plain":
+            self.model = build_model_from_hf(self.model_path, self.model_config, dtype=dtype)
+        else:
+            self.model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype)
 
         ec = self.engine_config
         num_blocks = kv_cache_num_blocks(self.model_config, ec)

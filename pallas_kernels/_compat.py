@@ -6,6 +6,7 @@ is one file to read:
   spelled it `pallas.TritonCompilerParams` or took a plain dict);
 - whether the Triton lowering is importable at all (0.11 deprecates it in favour of
   Mosaic GPU; a later release may drop it, and then `dispatch()` must fall back);
+- the marker for a squeezed block dimension (`pl.squeezed`; `None` in older releases);
 - lowering a function for CUDA on a machine without a GPU, which the tests use to prove a
   kernel passes Pallas' Triton lowering (shape rules, supported primitives) here.
 
@@ -20,6 +21,10 @@ from typing import Any, Callable
 
 import jax
 from jax.experimental import pallas as pl
+
+
+SQUEEZED = getattr(pl, "squeezed", None)
+"""Block-shape entry for a dimension of size 1 that the kernel does not see."""
 
 
 @functools.cache

@@ -36,6 +36,10 @@ that many programs, each writing an unnormalised partial (acc, running max, runn
 the wrapper merges them with a log-sum-exp. The default turns it on only when the grid
 would otherwise be too small to fill a GPU and contexts are long.
 
+Precision: scores and P@V are `lax.dot_general` with f32 accumulation. With bf16/f16
+caches the matmul inputs are bf16/f16 (tensor cores); with f32 caches Triton's default
+is TF32 on the GPU, like XLA's own GPU dots. Interpret mode computes in full f32.
+
 Masking uses a large finite negative instead of -inf: Triton has no -inf-safe max/exp
 idiom, and a row that sees nothing in one step (its window starts later) accumulates
 garbage weighted by exp(MASK - MASK) = 1 that the first real key wipes out with a
@@ -51,7 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._compat import triton_compiler_params
+from ._compat import SQUEEZED, triton_compiler_params
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Programs needed to keep a large GPU busy (e.g. 132 SMs x 2); below it split-K kicks in.
@@ -91,8 +95,9 @@ def _build_tiles(token_seq, positions, num_seqs: int, num_tiles: int, block_q: i
                  sliding_window: int | None) -> _Tiles:
     """Cut the flat token axis into per-sequence query tiles (jnp ops, inside the jit).
 
-    Tokens of one sequence row are contiguous and rows are in order (the runner's layout);
-    padding tokens sit in the last row at position 0, which at worst adds one page of work.
+    Tokens of one sequence row are contiguous and rows are in order (the runner's layout).
+    Padding tokens sit in the last row at position 0: they only add work (a page for a
+    padding-only row; with a sliding window, a real last row's final tile starts at page 0).
     """
     num_tokens = token_seq.shape[0]
     token_index = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -174,9 +179,10 @@ def _attention_kernel(
     l_ref[...] = l
 
 
-def choose_block_q(num_tokens: int, num_seqs: int, group: int) -> int:
-    """Tokens per query tile: 16-row tiles for decode-like batches, 64 rows for prefill."""
-    rows = 16 if num_tokens <= 2 * num_seqs else 64
+def choose_block_q(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> int:
+    """Tokens per query tile: 16-row tiles for decode-like batches, 64 rows for prefill
+    (32 for head_dim >= 256, so the f32 accumulator still fits in registers)."""
+    rows = 16 if num_tokens <= 2 * num_seqs else (64 if head_dim < 256 else 32)
     return max(1, rows // _next_power_of_2(group))
 
 
@@ -218,7 +224,7 @@ def paged_attention_pallas(
     group = num_heads // kv_heads
     group_pad = _next_power_of_2(group)  # Triton tiles are powers of two
     num_seqs, max_blocks = meta.block_tables.shape
-    block_q = block_q or choose_block_q(num_tokens, num_seqs, group)
+    block_q = block_q or choose_block_q(num_tokens, num_seqs, group, head_dim)
     block_m = block_q * group_pad
     pages_per_step = pages_per_step or max(1, KEYS_PER_STEP // block_size)
     num_tiles = num_tokens // block_q + min(num_seqs, num_tokens)
@@ -244,7 +250,7 @@ def paged_attention_pallas(
         _attention_kernel, block_m=block_m, group=group_pad, block_size=block_size, pages_per_step=pages_per_step,
         kv_splits=kv_splits, sliding_window=sliding_window, soft_cap=soft_cap)
     whole = lambda shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
-    page_spec = pl.BlockSpec((num_blocks, block_size, None, head_dim), lambda i, h, s: (0, 0, h, 0))
+    page_spec = pl.BlockSpec((num_blocks, block_size, SQUEEZED, head_dim), lambda i, h, s: (0, 0, h, 0))
     partial_shape = (kv_splits, num_tiles, kv_heads, block_m)
     acc, m, l = pl.pallas_call(
         kernel,
@@ -252,13 +258,13 @@ def paged_attention_pallas(
         in_specs=[
             whole((num_tiles,)), whole((num_tiles,)), whole((num_tiles,)), whole((num_tiles,)),
             whole(block_tables.shape), whole(row_positions.shape),
-            pl.BlockSpec((None, q_rows.shape[1], head_dim), lambda i, h, s: (h, 0, 0)),
+            pl.BlockSpec((SQUEEZED, q_rows.shape[1], head_dim), lambda i, h, s: (h, 0, 0)),
             page_spec, page_spec,
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, block_m, head_dim), lambda i, h, s: (s, i, h, 0, 0)),
-            pl.BlockSpec((None, None, None, block_m), lambda i, h, s: (s, i, h, 0)),
-            pl.BlockSpec((None, None, None, block_m), lambda i, h, s: (s, i, h, 0)),
+            pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, block_m, head_dim), lambda i, h, s: (s, i, h, 0, 0)),
+            pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, block_m), lambda i, h, s: (s, i, h, 0)),
+            pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, block_m), lambda i, h, s: (s, i, h, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),

@@ -21,6 +21,8 @@ runs of consecutive elements (16 or 32) whose values it can produce from the blo
 with elementwise integer ops (a Q4_0 block is two pieces: low nibbles = elements 0..15,
 high nibbles = 16..31). For each piece the kernel loads the matching x columns, so no
 register shuffles are needed, and accumulates one [block_t, block_n] matmul in f32.
+Matmul inputs are bf16/f16 when the activations are (tensor cores), else f32, which
+Triton runs as TF32 on the GPU by default (as XLA does); accumulation is always f32.
 The same piece functions, applied to whole arrays, give a pure-JAX dequantization
 (`dequantize_gguf_jnp`), which serves CPUs and readers.
 """

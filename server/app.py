@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import logging
 from typing import Any
 
@@ -37,7 +38,7 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
                truncate_sequence: bool = False, default_seed: int | None = None) -> Quart:
     """A Quart app serving `llm` (a `mistralrs_jax.LLM`). `model_name` defaults to `llm.model_name`."""
     app = Quart("mistralrs_jax_server")
-    app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None)
     state = ServerState(llm=llm, model_name=model_name or llm.model_name, api_key=api_key or None,
                         request_log=RequestLog(request_log) if request_log else None,
                         truncate_sequence=truncate_sequence, default_seed=default_seed)
@@ -88,8 +89,6 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
 
 
 def _error_message(body: str) -> str:
-    import json
-
     try:
         return json.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):

@@ -5,10 +5,11 @@ Every failure a client can cause ends here as a 4xx with that body; anything els
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-from quart import Quart, Response
+from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from mistralrs_jax.errors import InvalidRequestError, MistralRsError
@@ -30,13 +31,16 @@ class APIError(Exception):
         self.headers = headers or {}
 
     @classmethod
-    def from_engine(cls, exc: MistralRsError, param: str | None = None) -> "APIError":
-        """The typed engine errors carry their own status, type, param and code."""
+    def from_engine(cls, exc: MistralRsError, prompt_param: str | None = None) -> "APIError":
+        """The typed engine errors carry their own status, type, param and code. The engine
+        names the prompt "prompt" or "messages"; `prompt_param` says which this route calls it."""
+        param, code = None, None
         if isinstance(exc, InvalidRequestError):
-            param = param or exc.param
-            code = exc.code
-        else:
-            code = "not_supported" if exc.http_status == 400 else None
+            param, code = exc.param, exc.code
+            if prompt_param is not None and param in ("prompt", "messages"):
+                param = prompt_param
+        elif exc.http_status == 400:
+            code = "not_supported"
         return cls(exc.http_status, str(exc), error_type=exc.error_type, param=param, code=code)
 
     def body(self) -> dict[str, Any]:
@@ -49,16 +53,11 @@ def error_body(message: str, error_type: str = "invalid_request_error", param: s
 
 
 def error_response(error: APIError) -> Response:
-    response = Response(_json(error.body()), status=error.status, content_type="application/json")
+    response = Response(json.dumps(error.body(), ensure_ascii=False), status=error.status,
+                        content_type="application/json")
     for name, value in error.headers.items():
         response.headers[name] = value
     return response
-
-
-def _json(body: Any) -> str:
-    import json
-
-    return json.dumps(body, ensure_ascii=False)
 
 
 # HTTP-level failures (routing, method, size) with the message a client can act on.
@@ -73,8 +72,6 @@ _HTTP_MESSAGES = {
 
 
 def register_error_handlers(app: Quart) -> None:
-    from quart import request
-
     @app.errorhandler(APIError)
     async def _api_error(error: APIError) -> Response:
         return error_response(error)

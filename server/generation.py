@@ -29,10 +29,15 @@ class Prompt:
     text: str | None  # the prompt as text, when the client sent text (echo uses it)
 
 
-def _truncated(ids: list[int], params: SamplingParams, limit: int) -> list[int]:
-    """`--truncate-sequence`: keep the end of a too-long prompt, leaving room for max_tokens."""
-    room = min(params.max_tokens or 1, limit // 2)
-    keep = max(1, limit - room + 1)
+# As mistral.rs: a truncated prompt leaves room for max_tokens, or for this many when unset.
+TRUNCATE_DEFAULT_ROOM = 10
+
+
+def _truncated(ids: list[int], params: SamplingParams, context_len: int) -> list[int]:
+    """`--truncate-sequence` (mistral.rs' rule): keep the end of a too-long prompt, leaving
+    room for max_tokens (or TRUNCATE_DEFAULT_ROOM) new tokens in the context."""
+    room = min(params.max_tokens or TRUNCATE_DEFAULT_ROOM, context_len - 1)
+    keep = context_len - room
     log.info("prompt of %d tokens truncated to its last %d (--truncate-sequence)", len(ids), keep)
     return ids[-keep:]
 
@@ -44,10 +49,10 @@ def abort_unfinished(handles: Sequence[RequestHandle]) -> None:
 
 
 async def submit(state: ServerState, make_prompts: Callable[[], list[Prompt]], params: SamplingParams,
-                 request_id: str, param: str | None = None) -> tuple[list[Prompt], list[RequestHandle]]:
+                 request_id: str, prompt_param: str) -> tuple[list[Prompt], list[RequestHandle]]:
     """Build the prompts and add one engine request per prompt, off the event loop.
 
-    An engine validation error becomes a 4xx naming `param` (or the engine's own param).
+    An engine validation error becomes a 4xx; one about the prompt names `prompt_param`.
     """
 
     def work() -> tuple[list[Prompt], list[RequestHandle]]:
@@ -56,8 +61,8 @@ async def submit(state: ServerState, make_prompts: Callable[[], list[Prompt]], p
         try:
             for index, prompt in enumerate(prompts):
                 ids = prompt.token_ids
-                if state.truncate_sequence and len(ids) > state.max_prompt_tokens:
-                    ids = prompt.token_ids = _truncated(ids, params, state.max_prompt_tokens)
+                if state.truncate_sequence and len(ids) >= state.context_len:
+                    ids = prompt.token_ids = _truncated(ids, params, state.context_len)
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{index}"
                 handles.append(state.engine.add_request(ids, params, request_id=rid, prompt=prompt.text))
         except BaseException:
@@ -74,7 +79,7 @@ async def submit(state: ServerState, make_prompts: Callable[[], list[Prompt]], p
             lambda f: abort_unfinished(f.result()[1]) if not f.cancelled() and f.exception() is None else None)
         raise
     except MistralRsError as exc:
-        raise APIError.from_engine(exc, param=param) from None
+        raise APIError.from_engine(exc, prompt_param=prompt_param) from None
 
 
 def _engine_failure(exc: BaseException) -> APIError:

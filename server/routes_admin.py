@@ -64,14 +64,11 @@ async def status() -> Response:
     """One JSON document for dashboards: model, engine settings, the metrics snapshot, server counters."""
     state = server_state()
     llm = state.llm
-    runner = getattr(llm, "runner", None)
     return json_response({
-        "model": {"id": state.model_name, "path": getattr(llm, "model_path", None),
-                  "max_model_len": getattr(llm, "max_model_len", None),
-                  "config": _plain(getattr(llm, "model_config", None))},
-        "engine": {"config": _plain(getattr(llm, "engine_config", None)),
-                   "token_buckets": _plain(getattr(runner, "token_buckets", None)),
-                   "seq_buckets": _plain(getattr(runner, "seq_buckets", None))},
+        "model": {"id": state.model_name, "path": llm.model_path, "max_model_len": llm.max_model_len,
+                  "config": _plain(llm.model_config)},
+        "engine": {"config": _plain(llm.engine_config), "token_buckets": _plain(llm.runner.token_buckets),
+                   "seq_buckets": _plain(llm.runner.seq_buckets)},
         "metrics": _plain(llm.metrics()),
         "server": {"api_key_required": state.api_key is not None,
                    "request_logging": state.request_log is not None,

@@ -44,7 +44,7 @@ async def chat_completions() -> Response:
         # The template writes any BOS itself (as LLM.chat does): add no special tokens.
         return [Prompt(llm.tokenizer.encode(text, add_special_tokens=False), text)]
 
-    prompts, handles = await submit(state, make_prompts, params, request_id)
+    prompts, handles = await submit(state, make_prompts, params, request_id, prompt_param="messages")
     prompt_tokens = len(prompts[0].token_ids)
     exchange.prompt_tokens = prompt_tokens
     if req.streaming:

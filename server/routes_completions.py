@@ -49,7 +49,7 @@ async def completions() -> Response:
                                       if echo else None))
         return prompts
 
-    prompts, handles = await submit(state, make_prompts, params, request_id, param="prompt")
+    prompts, handles = await submit(state, make_prompts, params, request_id, prompt_param="prompt")
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     exchange.prompt_tokens = prompt_tokens
     echoes = [(p.text or "") if echo else "" for p in prompts]

@@ -51,6 +51,9 @@ def _config(sock: socket.socket) -> Config:
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn takes the already-listening socket over
     config.graceful_timeout = GRACEFUL_SHUTDOWN_S
     config.accesslog = None
+    # A Logger (not hypercorn's default "-") leaves output to the app's logging setup, so
+    # lines are not printed twice (hypercorn's own handler plus propagation to the root).
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 

@@ -47,10 +47,9 @@ class ServerState:
             self.http_responses[(route, status)] += 1
 
     @property
-    def max_prompt_tokens(self) -> int:
-        """The longest prompt the engine accepts (one slot must stay free to generate into)."""
-        slots = self.llm.block_manager.num_token_slots
-        return min(self.llm.max_model_len, slots) - 1
+    def context_len(self) -> int:
+        """Tokens a sequence may hold (prompt + output): the model length, or the KV pool if smaller."""
+        return min(self.llm.max_model_len, self.llm.block_manager.num_token_slots)
 
 
 def server_state() -> ServerState:

@@ -111,3 +111,14 @@ def small_body_server(server_llm):
         yield LiveServer(background.url, server_llm, max_body_bytes=SMALL_BODY_LIMIT)
     finally:
         background.stop()
+
+
+@pytest.fixture(scope="session")
+def lenient_server(server_llm, tmp_path_factory):
+    """The same engine behind an app started with -t/--truncate-sequence and -s/--seed 1234."""
+    log_path = tmp_path_factory.mktemp("lenient") / "requests.jsonl"
+    background = _start(server_llm, truncate_sequence=True, default_seed=1234, request_log=str(log_path))
+    try:
+        yield LiveServer(background.url, server_llm, request_log=log_path)
+    finally:
+        background.stop()

@@ -139,25 +139,28 @@ def test_sixteen_concurrent_requests_match_their_solo_runs(paged, short_prompts,
 
 @pytest.fixture(scope="module")
 def long_prompts(text_ids) -> list[list[int]]:
-    """10 prompts of 150-330 tokens (10-21 blocks each, the pool has 96)."""
-    return [text_ids[(31 * i) % 50:(31 * i) % 50 + 150 + 20 * i] for i in range(10)]
+    """10 prompts of 150-330 tokens (11-23 blocks each with their output; the pool has 96)."""
+    return [text_ids[(23 * i) % 50:(23 * i) % 50 + 150 + 20 * i] for i in range(10)]
 
 
 def test_aborts_and_preemptions_lose_nothing_and_free_every_block(paged, long_prompts):
     rng = random.Random(3)
-    max_tokens = [rng.randrange(4, 13) for _ in long_prompts]
+    # Long enough that sequences hold their blocks while the later prompts prefill.
+    max_tokens = [rng.randrange(16, 25) for _ in long_prompts]
     solo = [paged.generate([prompt], greedy(n))[0].outputs[0].token_ids for prompt, n in zip(long_prompts, max_tokens)]
     forget_prefix_cache(paged)
     before = paged.metrics()
 
     handles = [paged.engine.add_request(prompt, greedy(n)) for prompt, n in zip(long_prompts, max_tokens)]
-    doomed = {handles[i].request_id for i in rng.sample(range(len(handles)), 3)}
-    delays = sorted(rng.uniform(0.0, 3.0) for _ in doomed)
+    doomed = [handles[i].request_id for i in rng.sample(range(len(handles)), 3)]
+    # Random moments counted in engine steps (the whole run takes ~50), so they fall in
+    # the same phases whatever the speed of the machine: waiting, prefill, decode, preempted.
+    abort_steps = sorted(before["steps_total"] + rng.randrange(2, 45) for _ in doomed)
 
     def abort_later():
-        start = time.monotonic()
-        for request_id, delay in zip(sorted(doomed), delays):
-            time.sleep(max(0.0, start + delay - time.monotonic()))
+        for request_id, at_step in zip(doomed, abort_steps):
+            while paged.metrics()["steps_total"] < at_step and not all(h.finished for h in handles):
+                time.sleep(0.01)
             paged.engine.abort(request_id)
 
     aborter = threading.Thread(target=abort_later)

@@ -7,6 +7,7 @@ of statuses to exception classes checks that the answers read as OpenAI's do.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -152,6 +153,33 @@ def test_prompt_too_long_is_a_400_with_context_length_code(live_server):
     with pytest.raises(openai.BadRequestError):
         live_server.client().completions.create(model="default", prompt=too_long, max_tokens=2)
     assert live_server.client().completions.create(model="default", prompt="Hi", max_tokens=2).choices
+
+
+def test_truncate_sequence_serves_a_too_long_prompt_and_seed_sets_the_default(lenient_server):
+    llm = lenient_server.llm
+    client = lenient_server.client()
+    context = min(llm.max_model_len, llm.block_manager.num_token_slots)
+    too_long = "word " * (context + 100)
+    # mistral.rs' rule: keep the prompt's end, leaving max_tokens of room in the context.
+    stream = client.completions.create(model="default", prompt=too_long, max_tokens=context - 24, temperature=0,
+                                       stream=True)
+    first = next(iter(stream))
+    assert first.choices and first.choices[0].text is not None
+    stream.close()  # no need to wait for thousands of tokens: the prompt length is in the request log
+    records = []
+    for _ in range(100):
+        records = [json.loads(line) for line in lenient_server.request_log.read_text().splitlines()]
+        if records:
+            break
+        time.sleep(0.05)
+    assert records[-1]["prompt_tokens"] == 24 and records[-1]["status"] == 499  # 499: the client left
+
+    from mistralrs_jax import SamplingParams
+
+    unseeded = [client.chat.completions.create(model="default", messages=OK_MESSAGES, temperature=1.0,
+                                               max_tokens=8).choices[0].message.content for _ in range(2)]
+    expected = llm.chat(OK_MESSAGES, SamplingParams(temperature=1.0, max_tokens=8, seed=1234))[0].outputs[0].text
+    assert unseeded == [expected, expected]
 
 
 def test_body_too_large_is_a_413(small_body_server):

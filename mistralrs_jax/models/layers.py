@@ -265,10 +265,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, rotary_d
 class RotaryEmbedding(nnx.Module):
     """Rotary position embedding of one attention kind (models with local and global layers hold two).
 
-    LongRoPE (Phi-3) holds two frequency sets: HF switches to the long set once the sequence
-    grows past `original_max_position_embeddings`. Here the switch is per token position
-    (a token at or past that position uses the long set), which equals HF for every decode
-    step and for any sequence shorter than the original context.
+    LongRoPE (Phi-3) holds two frequency sets: HF uses the long set for a forward pass whose
+    sequence reaches past `original_max_position_embeddings`, and keeps the keys it cached
+    before. Here each step's tokens use the set their sequence's furthest position in the
+    step calls for: the same as HF for a whole prompt and for every decode step; only a
+    prompt split into chunks across that boundary differs (its early chunks use the short set).
     """
 
     def __init__(self, inv_freq: np.ndarray, rotary_dim: int, *, attention_factor: float = 1.0,
@@ -300,9 +301,14 @@ class RotaryEmbedding(nnx.Module):
                        **factor_kw)
         return cls(rope_inv_freq(rotary_dim, theta, scaling), rotary_dim, **factor_kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, meta) -> jax.Array:
+        """x [T, heads, head_dim]; `meta` is the step's AttentionMetadata (positions, token rows)."""
         inv_freq = self.inv_freq[...]
         if self.long_inv_freq is not None:
-            use_long = (positions >= self.long_from_position)[:, None]
+            # HF picks the set from the sequence length the forward pass reaches, so every
+            # token of a sequence uses its sequence's largest position in this step.
+            rows = meta.block_tables.shape[0]
+            reach = jax.ops.segment_max(meta.positions, meta.token_seq, num_segments=rows)[meta.token_seq]
+            use_long = (reach >= self.long_from_position)[:, None]
             inv_freq = jnp.where(use_long, self.long_inv_freq[...][None, :], inv_freq[None, :])
-        return apply_rope(x, positions, inv_freq, self.rotary_dim, self.attention_factor)
+        return apply_rope(x, meta.positions, inv_freq, self.rotary_dim, self.attention_factor)

@@ -1,41 +1,104 @@
 """Architecture name -> model builder, and how weights are turned into `Linear`s.
 
-GGUF `general.architecture` and HF `architectures` / `model_type` names map to one model
-file per family; a family that differs from llama by a detail is a variant, not a copy.
+A family key is llama.cpp's `general.architecture` name (llama, qwen2, phi2, phi3, gemma,
+gemma2, gemma3, starcoder2). HF `architectures` / `model_type` names map onto the same keys
+(Mistral and Mixtral are the llama architecture in both worlds), and one builder per family
+reads either format through a `WeightSource` (models/weights.py).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import NotSupportedError, UnsupportedArchitectureError
-from . import llama
+from . import gemma, llama, phi2, starcoder2
 from .layers import Linear
+from .weights import GGUFWeights
 
 log = logging.getLogger(__name__)
 
-# GGUF general.architecture -> builder(gguf, config, make_linear, progress)
-GGUF_BUILDERS: dict[str, Callable] = {
-    "llama": llama.build_from_gguf,
+# family key -> builder(config, source, progress, dtype)
+FAMILY_BUILDERS: dict[str, Callable] = {
+    "llama": llama.build,
+    "qwen2": llama.build,
+    "phi3": llama.build,
+    "starcoder2": starcoder2.build,
+    "phi2": phi2.build,
+    "gemma": gemma.build,
+    "gemma2": gemma.build,
+    "gemma3": gemma.build,
 }
 
+# HF config.json `architectures` entries -> family key.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "PhiForCausalLM": "phi2",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # the text decoder only
+    "Starcoder2ForCausalLM": "starcoder2",
+}
+# HF `model_type` -> family key, for configs without `architectures`.
+HF_MODEL_TYPES = {
+    "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "phi": "phi2", "phi3": "phi3",
+    "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3", "starcoder2": "starcoder2",
+}
+
+
+def family_of_hf_config(cfg: dict[str, Any], source: str) -> str:
+    names = [a for a in (cfg.get("architectures") or []) if isinstance(a, str)]
+    for name in names:
+        if name in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[name]
+    model_type = cfg.get("model_type")
+    if not names and model_type in HF_MODEL_TYPES:
+        return HF_MODEL_TYPES[model_type]
+    what = ", ".join(names) or f"model_type {model_type!r}"
+    raise UnsupportedArchitectureError(
+        f"{source}: architecture {what} is not supported (supported: {', '.join(sorted(HF_ARCHITECTURES))})")
+
+
+# GGUF general.architecture names are the family keys themselves.
+GGUF_BUILDERS: dict[str, Callable] = FAMILY_BUILDERS
+
 FLOAT_TYPES = {"F32", "F16", "BF16"}
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
-def make_linear_factory(cpu_weights: str) -> Callable:
+def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32"):
+    """--dtype auto|f32|bf16|f16 -> a jnp dtype for weights. auto: f32 on CPU (XLA:CPU's only fast
+    dot), the checkpoint's own dtype elsewhere."""
+    import jax
+
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype != "auto":
+        raise NotSupportedError(f"--dtype must be auto, f32, bf16 or f16, got {dtype!r}")
+    if jax.default_backend() == "cpu":
+        return jnp.float32
+    return {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(checkpoint_dtype, jnp.float32)
+
+
+def make_linear_factory(cpu_weights: str, dtype=jnp.float32) -> Callable:
     """How a GGUF weight becomes a `Linear` (design rule 7).
 
-    "f32": dequantize once at load (XLA:CPU's fast path). "quantized": keep block formats
-    as affine int8 (~1 byte/weight), dequantized inside the jitted matmul.
+    "f32": dequantize once at load (XLA:CPU's fast path; `dtype` may narrow it). "quantized":
+    keep block formats as affine int8 (~1 byte/weight), dequantized inside the jitted matmul.
     """
     if cpu_weights not in ("f32", "quantized"):
         raise NotSupportedError(f"cpu_weights must be 'f32' or 'quantized', got {cpu_weights!r}")
 
-    def make_linear(gguf, name: str, row_transform=None) -> Linear:
+    def make_linear(gguf, name: str, row_transform=None, bias: np.ndarray | None = None) -> Linear:
         tensor = gguf.tensor(name)
         transform = row_transform or (lambda a: a)
         if cpu_weights == "quantized" and tensor.qtype not in FLOAT_TYPES:
@@ -47,19 +110,42 @@ def make_linear_factory(cpu_weights: str) -> Callable:
                 log.info("%s (%s) has no exact int8 form; holding it as f32", name, tensor.qtype)
             else:
                 return Linear(q=transform(q), scale=transform(scale), offset=None if offset is None else transform(offset),
-                              group=group)
+                              group=group, bias=bias)
         weight = transform(gguf.dequantize(name))  # [out, in]
-        return Linear(np.ascontiguousarray(weight.T))
+        return Linear(np.ascontiguousarray(weight.T), bias=bias, dtype=dtype)
 
     return make_linear
 
 
-def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32"):
-    builder = GGUF_BUILDERS.get(config.arch)
+def build_model(config: ModelConfig, source, dtype=jnp.float32):
+    """The model of `config.arch` from any WeightSource, with a per-layer progress bar."""
+    builder = FAMILY_BUILDERS.get(config.arch)
     if builder is None:
+        raise UnsupportedArchitectureError(
+            f"{source.path}: architecture {config.arch!r} is not supported "
+            f"(supported: {', '.join(sorted(FAMILY_BUILDERS))})")
+    if config.num_experts and config.arch != "llama":
+        raise NotSupportedError(f"{source.path}: mixture-of-experts layers are supported for the llama "
+                                f"architecture (Mixtral) only, not {config.arch}")
+    with tqdm(total=config.num_layers, desc=f"loading {config.name or config.arch}", unit="layer",
+              disable=None, leave=False) as bar:
+        return builder(config, source, progress=bar.update, dtype=dtype)
+
+
+def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto"):
+    if config.arch not in GGUF_BUILDERS:
         raise UnsupportedArchitectureError(
             f"{gguf.path}: architecture {config.arch!r} is not supported (supported: {', '.join(sorted(GGUF_BUILDERS))})"
         )
-    with tqdm(total=config.num_layers, desc=f"loading {config.name or config.arch}", unit="layer",
-              disable=None, leave=False) as bar:
-        return builder(gguf, config, make_linear_factory(cpu_weights), progress=bar.update)
+    weight_dtype = resolve_dtype(dtype)
+    source = GGUFWeights(gguf, config, make_linear_factory(cpu_weights, weight_dtype), weight_dtype)
+    return build_model(config, source, weight_dtype)
+
+
+def build_model_from_hf(model_dir: str, config: ModelConfig, dtype: str = "auto"):
+    """A Hugging Face checkpoint directory (config already parsed) -> model."""
+    from ..loading.safetensors import SafetensorsWeights
+
+    weight_dtype = resolve_dtype(dtype, config.dtype)
+    with SafetensorsWeights(model_dir, weight_dtype) as source:
+        return build_model(config, source, weight_dtype)

@@ -1,0 +1,168 @@
+"""Hugging Face checkpoints: `config.json` plus one or several `*.safetensors` shards.
+
+Tensors are read one at a time, when a builder asks for one (`safe_open` memory-maps the
+shards), converted to the weight dtype and laid out for `Linear` right away, so loading never
+holds a second full copy of the model: the peak is the model plus the tensor in flight.
+The "flax" framework of `safe_open` is used because numpy has no bfloat16.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError
+from ..models.layers import Embedding, Linear
+from ..models.weights import WeightSource
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# HF per-expert names of Mixtral's MoE weights: w1 = gate, w3 = up, w2 = down.
+HF_EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise CorruptModelFileError(f"{path} is not valid JSON ({exc}); download it again") from exc
+    if not isinstance(value, dict):
+        raise CorruptModelFileError(f"{path} should hold a JSON object, found {type(value).__name__}")
+    return value
+
+
+def load_hf_config(model_dir: str) -> ModelConfig:
+    """`config.json` of a checkpoint directory as a ModelConfig; `generation_config.json`, when
+    present, adds its end-of-sequence ids."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"{model_dir} has no {CONFIG_FILE}; a Hugging Face model directory needs one")
+    config = ModelConfig.from_hf_config(_read_json(path), source=path)
+    generation_path = os.path.join(model_dir, GENERATION_CONFIG_FILE)
+    if os.path.isfile(generation_path):
+        eos = _read_json(generation_path).get("eos_token_id")
+        extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+        config.eos_token_ids = list(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
+    return config
+
+
+class SafetensorsWeights(WeightSource):
+    """The tensors of an HF checkpoint directory by name; a context manager that closes the shards."""
+
+    def __init__(self, model_dir: str, dtype=jnp.float32):
+        self.path = os.fspath(model_dir)
+        self.dtype = dtype
+        self._shard_of = self._index_shards()
+        self._handles: dict[str, Any] = {}
+        # Multimodal checkpoints nest the text decoder ("language_model.model.", "model.language_model.").
+        embed = next((n for n in self._shard_of if n.endswith("embed_tokens.weight")), "model.embed_tokens.weight")
+        self._model_prefix = embed[: -len("embed_tokens.weight")]
+
+    def _index_shards(self) -> dict[str, str]:
+        index_path = os.path.join(self.path, INDEX_FILE)
+        if os.path.isfile(index_path):
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CorruptModelFileError(f"{index_path} has no \"weight_map\"; download it again")
+            for shard in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(self.path, shard)):
+                    raise ModelNotFoundError(
+                        f"{index_path} names the shard {shard!r}, which is not in {self.path}: the download is "
+                        "incomplete; fetch the missing file again")
+            return {name: os.path.join(self.path, shard) for name, shard in weight_map.items()}
+        single = os.path.join(self.path, SINGLE_FILE)
+        files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
+        if not files:
+            raise ModelNotFoundError(f"{self.path} holds no *.safetensors weights")
+        from safetensors import safe_open
+
+        shard_of = {}
+        for path in files:
+            try:
+                with safe_open(path, framework="flax") as handle:
+                    shard_of.update({name: path for name in handle.keys()})
+            except Exception as exc:  # safetensors raises SafetensorError (not exported) for bad headers
+                raise CorruptModelFileError(f"{path} is not a readable safetensors file ({exc}); download it again") from exc
+        return shard_of
+
+    def __enter__(self) -> "SafetensorsWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    # -- names -----------------------------------------------------------------------------
+
+    def _stored_name(self, name: str) -> str | None:
+        if name in self._shard_of:
+            return name
+        if name.startswith("model.") and self._model_prefix != "model.":
+            nested = self._model_prefix + name[len("model."):]
+            if nested in self._shard_of:
+                return nested
+        if name.startswith("lm_head.") and "language_model." + name in self._shard_of:
+            return "language_model." + name
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._stored_name(name) is not None
+
+    def _tensor(self, name: str):
+        """One tensor as a jax array in its stored dtype."""
+        stored = self._stored_name(name)
+        if stored is None:
+            raise CorruptModelFileError(
+                f"{self.path}: the checkpoint has no tensor {name!r}, which its config.json calls for; the weights "
+                "do not match the config (or a shard is missing)")
+        path = self._shard_of[stored]
+        handle = self._handles.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[path] = safe_open(path, framework="flax").__enter__()
+        try:
+            return handle.get_tensor(stored)
+        except Exception as exc:
+            raise CorruptModelFileError(f"{path}: tensor {stored!r} is unreadable ({exc}); download it again") from exc
+
+    # -- WeightSource ------------------------------------------------------------------------
+
+    def array(self, name: str) -> np.ndarray:
+        return np.asarray(self._tensor(name), dtype=np.float32)
+
+    def linear(self, module: str) -> Linear:
+        weight = self._tensor(module + ".weight")
+        if weight.ndim != 2:
+            raise CorruptModelFileError(f"{self.path}: {module}.weight has shape {tuple(weight.shape)}, expected 2-D")
+        bias = self.array(module + ".bias") if self.has(module + ".bias") else None
+        # [out, in] -> [in, out], converted on the device one tensor at a time.
+        return Linear(jnp.asarray(weight.T, dtype=self.dtype), bias=bias, dtype=self.dtype)
+
+    def embedding(self, module: str) -> Embedding:
+        return Embedding(self._tensor(module + ".weight"), dtype=self.dtype)
+
+    def experts(self, layer: int, which: str) -> np.ndarray:
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+        stacked = []
+        while self.has(f"{prefix}{len(stacked)}.{HF_EXPERT_NAMES[which]}.weight"):
+            stacked.append(self.array(f"{prefix}{len(stacked)}.{HF_EXPERT_NAMES[which]}.weight"))
+        if not stacked:
+            raise ModelLoadError(f"{self.path}: no MoE expert weights {prefix}N.{HF_EXPERT_NAMES[which]}.weight "
+                                 f"for layer {layer} (only Mixtral's per-expert layout is supported)")
+        return np.stack(stacked)
