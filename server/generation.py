@@ -72,7 +72,7 @@ async def submit(state: ServerState, make_prompts: Callable[[], list[Prompt]], p
 
     future = asyncio.get_running_loop().run_in_executor(None, work)
     try:
-        return await asyncio.shield(future)
+        prompts, handles = await asyncio.shield(future)
     except asyncio.CancelledError:
         # The client left while we tokenized: whatever was submitted must not run on.
         future.add_done_callback(
@@ -80,6 +80,12 @@ async def submit(state: ServerState, make_prompts: Callable[[], list[Prompt]], p
         raise
     except MistralRsError as exc:
         raise APIError.from_engine(exc, prompt_param=prompt_param) from None
+    # Safety net: if this request's task is cancelled (the client left) at a moment when no
+    # generator of ours is running to notice, e.g. before a stream's first chunk, abort anyway.
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(lambda t: abort_unfinished(handles) if t.cancelled() else None)
+    return prompts, handles
 
 
 def _engine_failure(exc: BaseException) -> APIError:

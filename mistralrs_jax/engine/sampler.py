@@ -116,12 +116,15 @@ def sample(logits: jax.Array, arrays: SamplingArrays, modes: SamplerModes) -> Sa
     with the row's own key. `logprobs` and `top_logprobs` are log_softmax(raw logits).
     """
     num_rows, vocab = logits.shape
-    rows_per_chunk = _rows_per_chunk(num_rows, vocab)
+    # On CPU a big batch is sampled a chunk of rows at a time (rows are independent): the
+    # sampler's [rows, V] temporaries then stay small enough for malloc to reuse instead
+    # of mapping fresh pages on every call (S=128, V=49152 in one piece: ~100 MB of
+    # temporaries, up to ~18k page faults a call). Accelerators have pooled allocators,
+    # and there a loop would only serialize kernels.
+    on_cpu = jax.default_backend() == "cpu"
+    rows_per_chunk = _rows_per_chunk(num_rows, vocab) if on_cpu else num_rows
     if rows_per_chunk == num_rows:
         return _sample_rows(logits, arrays, modes)
-    # Rows are independent, so a big batch is sampled a chunk at a time: the sampler's
-    # [rows, V] temporaries then stay small enough for malloc to reuse them instead of
-    # mapping fresh pages on every call (S=128, V=49152: ~100 MB of page faults, ~50 ms).
     num_chunks = num_rows // rows_per_chunk
     chunked = jax.tree.map(lambda x: x.reshape(num_chunks, rows_per_chunk, *x.shape[1:]), (logits, arrays))
     output = lax.map(lambda chunk: _sample_rows(*chunk, modes), chunked)
