@@ -16,7 +16,8 @@ import uuid
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..loading.detokenizer import IncrementalDetokenizer
+from ..loading.tokenizer import Tokenizer
 from ..outputs import Logprob
 from ..sampling_params import SamplingParams
 from .metrics import EngineMetrics
