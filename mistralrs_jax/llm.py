@@ -191,7 +191,8 @@ class LLM:
             return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
         return [int(t) for t in prompt], None
 
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
+        """(token ids, rendered text) of a conversation's prompt, as `chat` and the server feed it."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode_prompt(text), text
 
@@ -206,7 +207,7 @@ class LLM:
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prepared = [self._chat_ids(m, add_generation_prompt) for m in conversations]
+        prepared = [self.chat_prompt_ids(m, add_generation_prompt) for m in conversations]
         return self._run(prepared, params)
 
     def _run(self, prepared, params) -> list[RequestOutput]:
@@ -222,7 +223,7 @@ class LLM:
         yield from self._stream(ids, text, params)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        ids, text = self._chat_ids(messages)
+        ids, text = self.chat_prompt_ids(messages)
         yield from self._stream(ids, text, params)
 
     def _stream(self, ids, text, params) -> Iterator[str]:

@@ -38,7 +38,11 @@ async def retrieve_model(model_id: str) -> Response:
 
 @blueprint.get("/health")
 async def health() -> Response:
-    return json_response({"status": "ok", "model": server_state().model_name})
+    state = server_state()
+    if not state.llm.engine.is_alive():
+        return json_response({"status": "error", "model": state.model_name, "detail": "engine loop is not running"},
+                             status=503)
+    return json_response({"status": "ok", "model": state.model_name})
 
 
 @blueprint.get("/metrics")

@@ -40,9 +40,8 @@ async def chat_completions() -> Response:
     llm = state.llm
 
     def make_prompts() -> list[Prompt]:
-        text = llm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        # The template writes any BOS itself (as LLM.chat does): add no special tokens.
-        return [Prompt(llm.tokenizer.encode(text, add_special_tokens=False), text)]
+        ids, text = llm.chat_prompt_ids(messages, add_generation_prompt=add_generation_prompt)
+        return [Prompt(ids, text)]
 
     prompts, handles = await submit(state, make_prompts, params, request_id, prompt_param="messages")
     prompt_tokens = len(prompts[0].token_ids)

@@ -77,18 +77,33 @@ def test_family_matches_transformers(family, fmt, checkpoints, gguf_files):
     assert tokens == expected_tokens
 
 
+def _llama_cpp_tensor_names(constants, arch: str) -> set[str]:
+    arch_id = next(a for a, name in constants.MODEL_ARCH_NAMES.items() if name == arch)
+    return {constants.TENSOR_NAMES[t].replace("blk.{bid}.", "") for t in constants.MODEL_TENSORS[arch_id]}
+
+
 def test_gguf_bindings_name_llama_cpp_tensors():
-    """Every llama.cpp tensor name the GGUF bindings use exists for that architecture in gguf-py."""
+    """Every llama.cpp tensor name the GGUF bindings use exists for that architecture, in the installed
+    gguf package or in the gguf-py of the llama.cpp release whose converter the tests use (newer:
+    it knows the fused attn_qkv its converter writes with --fuse-qkv)."""
+    import importlib.util
+
     import gguf
 
-    from mistralrs_jax.models.weights import (GGUF_EXPERT_NAMES, GGUF_FUSED_GATE_UP_EXPERTS, GGUF_GLOBAL_BINDINGS,
-                                              GGUF_LAYER_BINDINGS)
+    from family_fixtures import llama_cpp_converter_dir
+    from mistralrs_jax.models.weights import GGUF_EXPERT_NAMES, GGUF_GLOBAL_BINDINGS, GGUF_LAYER_BINDINGS
 
+    try:
+        path = llama_cpp_converter_dir() / "gguf-py" / "gguf" / "constants.py"
+    except ReferenceUnavailable as exc:
+        pytest.skip(f"the llama-cpp-python sdist could not be fetched: {exc}")
+    spec = importlib.util.spec_from_file_location("llama_cpp_gguf_constants", path)
+    converter_constants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter_constants)
     for arch, bindings in GGUF_LAYER_BINDINGS.items():
-        known = {gguf.TENSOR_NAMES[t].replace("blk.{bid}.", "")
-                 for t in gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)]}
+        known = _llama_cpp_tensor_names(gguf.constants, arch) | _llama_cpp_tensor_names(converter_constants, arch)
         used = set(bindings.values()) | {name for name in GGUF_GLOBAL_BINDINGS.values() if name != "output"}
         if arch == "llama":
             used |= set(GGUF_EXPERT_NAMES.values())
         assert used <= known, f"{arch}: {sorted(used - known)} are not llama.cpp tensor names for it"
-    assert GGUF_FUSED_GATE_UP_EXPERTS in {name.replace("blk.{bid}.", "") for name in gguf.TENSOR_NAMES.values()}
+        assert set(bindings.values()) & _llama_cpp_tensor_names(gguf.constants, arch)

@@ -221,3 +221,11 @@ def test_api_key_is_enforced(keyed_server):
         keyed_server.client(api_key="wrong").models.list()
     reply = keyed_server.client().chat.completions.create(model="default", messages=OK_MESSAGES, max_tokens=3)
     assert reply.choices[0].message.content
+
+
+def test_a_busy_port_is_a_clear_startup_error(live_server):
+    from server.serving import ServerStartError, bind_socket
+
+    port = int(live_server.url.rsplit(":", 1)[1])
+    with pytest.raises(ServerStartError, match=f"cannot listen on 127.0.0.1:{port}.*--port"):
+        bind_socket("127.0.0.1", port)

@@ -106,6 +106,10 @@ class Engine:
             self.start()
         return handle
 
+    def is_alive(self) -> bool:
+        """The loop thread is running (for /health)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wakeup.set()
@@ -114,7 +118,8 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._apply_commands()
+            if self._apply_commands():
+                self._update_gauges()  # aborts free blocks now; show it before the next step ends
             if not self.scheduler.has_unfinished():
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
@@ -126,12 +131,15 @@ class Engine:
                 self._fail_all(exc)
         self._fail_all(RuntimeError("the engine was shut down"))
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> bool:
+        """Apply queued adds/aborts; True if there were any."""
+        applied = False
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied = True
             if cmd[0] == "add":
                 _, handle, seqs = cmd
                 self._handles[handle.request_id] = handle

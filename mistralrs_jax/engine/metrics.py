@@ -123,5 +123,6 @@ class EngineMetrics:
                 itl_s=self.itl.snapshot(),
                 e2e_s=self.e2e.snapshot(),
                 compiles=compile_count(),
+                compiles_after_warmup=compile_count() - self.compiles_at_start,
             )
         return snap

@@ -108,7 +108,6 @@ GGUF_GLOBAL_BINDINGS = {"model.embed_tokens": "token_embd", "model.norm": "outpu
                         "model.final_layernorm": "output_norm", "lm_head": "output"}
 # Stacked MoE experts (llama.cpp merges the per-expert HF tensors into one 3-D tensor).
 GGUF_EXPERT_NAMES = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
-GGUF_FUSED_GATE_UP_EXPERTS = "ffn_gate_up_exps"
 # Architectures whose converter permutes Q/K rows for ggml's interleaved rotary.
 GGUF_PERMUTED_QK = {"llama"}
 # Architectures whose converter stores Gemma's RMSNorm weights as (1 + w).
@@ -194,14 +193,7 @@ class GGUFWeights(WeightSource):
         return Embedding(self.gguf.dequantize(self._name(module + ".weight")), dtype=self.dtype)
 
     def experts(self, layer: int, which: str) -> np.ndarray:
-        name = f"blk.{layer}.{GGUF_EXPERT_NAMES[which]}.weight"
-        if name in self.gguf:
-            return self.gguf.dequantize(name)
-        fused = f"blk.{layer}.{GGUF_FUSED_GATE_UP_EXPERTS}.weight"
-        if which in ("gate", "up") and fused in self.gguf:
-            gate, up = np.split(self.gguf.dequantize(fused), 2, axis=1)  # [E, 2*ff, hidden]: gate rows first
-            return gate if which == "gate" else up
-        raise ModelLoadError(f"{self.path}: tensor {name!r} (MoE experts of layer {layer}) is missing from the file")
+        return self.gguf.dequantize(f"blk.{layer}.{GGUF_EXPERT_NAMES[which]}.weight")  # [E, out, in]
 
     def rope_freq_factors(self) -> dict[str, np.ndarray]:
         factors = {}
