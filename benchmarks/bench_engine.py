@@ -125,6 +125,7 @@ def machine_description(threads: int) -> dict:
 
     return {
         "cpu_model": cpu_model(),
+        "load_average_1m": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "cpus_used": sorted(os.sched_getaffinity(0)),
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in selected if name not in engines]
     if unknown:
         parser.error(f"unknown --engines {unknown}; choose from {list(engines)}")
+    load_before = os.getloadavg()[0]
     rows = [run_row(name, engines[name]) for name in selected]
 
     baseline = next(
@@ -400,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, baseline)
     print(f"\n{Path(model_path).name}: pp{args.pp} / tg{args.tg}, {args.threads} threads, median of {args.reps}")
     print(table)
+    if load_before > 1.0:
+        # llama.cpp's spin-waiting threads lose 10x and more when they share cores with other work.
+        print(f"warning: the load average was {load_before:.1f} when the run started; numbers from a busy machine "
+              "are not comparable (llama.cpp suffers most)")
     if any(row.status == NOT_INSTALLED for row in rows):
         print(f"(peers not installed: {PEERS_HINT})")
 
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {
             "pp": args.pp, "tg": args.tg, "reps": args.reps, "threads": args.threads, "cpu_weights": args.cpu_weights,
         },
-        "machine": machine_description(args.threads),
+        "machine": machine_description(args.threads) | {"load_average_1m_at_start": load_before},
         "baseline": baseline.engine if baseline else None,
         "rows": [dataclasses.asdict(row) for row in rows],
     }

@@ -43,6 +43,7 @@ class Family:
     # describes the checkpoint with these changes, so that is the reference it must match.
     gguf_reference_overrides: dict = field(default_factory=dict)
     norm_weights_are_offsets: bool = False  # Gemma stores w for a (1 + w) RMSNorm
+    prompt_len: int = 40  # prompt of the greedy comparison (32 new tokens follow)
 
 
 FAMILIES: dict[str, Family] = {
@@ -59,10 +60,13 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("MixtralConfig", dict(COMMON, num_local_experts=8, num_experts_per_tok=2)),
     "phi2": Family("PhiConfig", dict(COMMON, num_key_value_heads=HEADS, intermediate_size=4 * HIDDEN,
                                      partial_rotary_factor=0.5)),
-    # LongRoPE switches factor sets at 64 tokens; the tests run past it.
+    # LongRoPE switches factor sets at 64 tokens. When a sequence grows across that point while
+    # decoding, transformers' generate() throws its cache away and recomputes the whole
+    # sequence with the long factors; the engine keeps the cached keys (see
+    # models/layers.py RotaryEmbedding), so the greedy prompt starts past the switch.
     "phi3": Family("Phi3Config", dict(COMMON, original_max_position_embeddings=64, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(8)],
-        "long_factor": [1.5 + 0.25 * i for i in range(8)]})),
+        "long_factor": [1.5 + 0.25 * i for i in range(8)]}), prompt_len=70),
     "gemma": Family("GemmaConfig", dict(COMMON, head_dim=HEAD_DIM), norm_weights_are_offsets=True),
     # llama.cpp scales Gemma 2/3 attention by head_dim**-0.5 (hidden/heads for the 27B models),
     # not by query_pre_attn_scalar, which its GGUF does not store.
@@ -135,18 +139,22 @@ def _randomize(model, family: Family, seed: int) -> None:
                 param.copy_(normal(param.shape) * gain / math.sqrt(param.shape[-1]))
 
 
-def build_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
-    """`save_pretrained` of the family's tiny model (f32 safetensors) plus the tokenizer files."""
+def build_checkpoint(name: str, directory: Path, seed: int = 0, *, dtype: str = "float32",
+                     max_shard_size: str | None = None, **config_changes) -> Path:
+    """`save_pretrained` of the family's tiny model (safetensors in `dtype`, sharded when
+    `max_shard_size` is given) plus the tokenizer files."""
     import torch
     import transformers
 
     family = FAMILIES[name]
-    config = getattr(transformers, family.config_class)(**family.kwargs)
+    config = getattr(transformers, family.config_class)(**{**family.kwargs, **config_changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model, family, seed)
+    model = model.to(getattr(torch, dtype))
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **extra)
     write_tokenizer(directory)
     return directory
 

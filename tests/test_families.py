@@ -5,8 +5,8 @@ the engine loads the directory (safetensors) and the GGUF that llama.cpp's own c
 of it, and both must give transformers' teacher-forced logits and its greedy continuation.
 
 The sequences run past every switch the tiny configs have: sliding windows of 8 tokens,
-Phi-3's LongRoPE boundary at 64 (the 40-token prompt crosses it while decoding, the 80-token
-scoring pass starts beyond it), and Gemma 3's local/global layers.
+Phi-3's LongRoPE boundary at 64 (the 80-token scoring pass and the greedy run use the long
+factors, `test_phi3_short_factors` the short ones), and Gemma 3's local/global layers.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from peers import require_peer
 # logits by whole units.
 MAX_ABS_DIFF = 1e-3
 SCORE_LEN = 80
-PROMPT_LEN = 40
 NEW_TOKENS = 32
 FORMATS = ("safetensors", "gguf")
 
@@ -59,11 +58,11 @@ def test_family_matches_transformers(family, fmt, checkpoints, gguf_files):
     spec = FAMILIES[family]
     path = checkpoints[family] if fmt == "safetensors" else gguf_files[family]
     reference = load_reference(checkpoints[family], spec.gguf_reference_overrides if fmt == "gguf" else None)
-    score_ids, prompt = _token_ids(SCORE_LEN, seed=1), _token_ids(PROMPT_LEN, seed=2)
+    score_ids, prompt = _token_ids(SCORE_LEN, seed=1), _token_ids(spec.prompt_len, seed=2)
     expected_logits = reference_logits(reference, score_ids)
     expected_tokens = reference_greedy(reference, prompt, NEW_TOKENS)
 
-    with LLM(model=str(path), warmup=False, max_seqs=1, max_num_batched_tokens=64, token_buckets=[2, 64],
+    with LLM(model=str(path), warmup=False, max_seqs=1, max_num_batched_tokens=128, token_buckets=[2, 128],
              pa_ctxt_len=256, prefix_cache_n=0) as llm:
         logits = llm.score(score_ids)
         [out] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
@@ -75,6 +74,21 @@ def test_family_matches_transformers(family, fmt, checkpoints, gguf_files):
     assert logits.shape == expected_logits.shape
     assert diff.max() <= MAX_ABS_DIFF
     assert tokens == expected_tokens
+
+
+def test_phi3_short_factors(checkpoints):
+    """Below LongRoPE's switch point the short factors apply, on both sides."""
+    from mistralrs_jax import LLM
+
+    score_ids = _token_ids(48, seed=3)
+    expected = reference_logits(load_reference(checkpoints["phi3"]), score_ids)
+    with LLM(model=str(checkpoints["phi3"]), warmup=False, max_seqs=1, max_num_batched_tokens=128,
+             token_buckets=[2, 128], pa_ctxt_len=256, prefix_cache_n=0) as llm:
+        logits = llm.score(score_ids)
+    assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
+    # And the two factor sets really differ here: the first 48 of an 80-token pass (long factors) do not match.
+    long_pass = reference_logits(load_reference(checkpoints["phi3"]), score_ids + _token_ids(32, seed=4))[:48]
+    assert np.abs(long_pass - expected).max() > 100 * MAX_ABS_DIFF
 
 
 def _llama_cpp_tensor_names(constants, arch: str) -> set[str]:

@@ -19,7 +19,6 @@ How many of 32 tokens agree is printed for every prompt.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mistralrs_jax import SamplingParams

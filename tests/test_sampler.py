@@ -190,7 +190,9 @@ def test_top_k_never_samples_outside_the_top_k():
 
 
 @pytest.mark.parametrize(
-    "vocab, one_row_at_a_time", [(VOCAB, True), (49152, True), (VOCAB, False)], ids=["cpu-path", "wide", "accelerator-path"]
+    "vocab, one_row_at_a_time",
+    [(VOCAB, True), (49152, True), (VOCAB, False)],
+    ids=["cpu-path", "wide", "accelerator-path"],
 )
 def test_truncation_mask_matches_sort_reference(vocab, one_row_at_a_time):
     """Exact top-k/top-p/min-p sets, including rows whose cut lies past the candidates
@@ -209,6 +211,16 @@ def test_truncation_mask_matches_sort_reference(vocab, one_row_at_a_time):
             f"row {i} (k={top_k[i]}, p={top_p[i]}, min_p={min_p[i]}): {mask[i].sum()} kept, expected {expected.sum()}"
         )
     assert (mask.sum(axis=1) > CANDIDATES).any()  # some cuts needed the full-row path
+
+
+def test_truncation_mask_of_a_single_row_past_the_candidates():
+    """A batch of one takes its own full-row path (see _exact_threshold_for_rows)."""
+    flat = np.random.default_rng(14).uniform(0, 0.2, (1, VOCAB)).astype(np.float32)
+    for top_k, top_p in [(0, 0.9), (CANDIDATES + 50, 1.0), (600, 0.7), (40, 0.9)]:
+        args = (np.int32([top_k]), np.float32([top_p]), np.float32([0.0]))
+        mask = np.asarray(truncation_mask_jit(jnp.asarray(flat), *args))
+        expected = reference_keep_mask(flat[0], top_k, top_p, 0.0)
+        assert np.array_equal(mask[0], expected), f"k={top_k}, p={top_p}: {mask.sum()} kept, expected {expected.sum()}"
 
 
 def test_filtered_frequencies_match_the_renormalized_distribution():

@@ -153,8 +153,6 @@ class Engine:
                     self._finish(seq, "abort", None, already_freed=True)
                 if aborted:
                     self.metrics.count("requests_aborted")
-                    # The loop may go idle next: the freed blocks must show in the gauges now.
-                    self._update_gauges()
 
     def step(self) -> None:
         output = self.scheduler.schedule()

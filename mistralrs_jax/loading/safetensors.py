@@ -1,9 +1,11 @@
 """Hugging Face checkpoints: `config.json` plus one or several `*.safetensors` shards.
 
-Tensors are read one at a time, when a builder asks for one (`safe_open` memory-maps the
-shards), converted to the weight dtype and laid out for `Linear` right away, so loading never
-holds a second full copy of the model: the peak is the model plus the tensor in flight.
-The "flax" framework of `safe_open` is used because numpy has no bfloat16.
+Tensors are read one at a time, when a builder asks for one, converted to the weight dtype and
+laid out for `Linear` right away, so loading never holds a second full copy of the model: the
+peak is the model plus the tensor in flight. Each shard is memory-mapped and a tensor is a
+numpy view of its bytes (file-backed pages the OS can drop), copied once into a device array.
+The header is read here rather than with `safetensors.safe_open` because that copies every
+tensor twice on the way to JAX, and its numpy path has no bfloat16.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import glob
 import json
 import logging
 import os
+import struct
 from typing import Any
 
 import jax.numpy as jnp
@@ -29,6 +32,55 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # HF per-expert names of Mixtral's MoE weights: w1 = gate, w3 = up, w2 = down.
 HF_EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+# safetensors dtype names -> numpy dtypes (the bfloat16/float8 ones come from ml_dtypes, a JAX dependency).
+def _numpy_dtypes() -> dict[str, Any]:
+    import ml_dtypes
+
+    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+            "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """One .safetensors file: an 8-byte little-endian header length, a JSON header naming each
+    tensor's dtype, shape and byte range, then the bytes. Tensors are views of a memory map."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                if header_len > os.path.getsize(path) - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file")
+                header = json.loads(handle.read(header_len))
+        except (OSError, ValueError, struct.error) as exc:
+            raise CorruptModelFileError(f"{path} is not a readable safetensors file ({exc}); download it again") from exc
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self._data_start = 8 + header_len
+        self._map: np.memmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def tensor(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        dtype = _numpy_dtypes().get(entry["dtype"])
+        if dtype is None:
+            raise ModelLoadError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, which is not supported")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin, end = entry["data_offsets"]
+        raw = self._map[self._data_start + begin:self._data_start + end]
+        shape = tuple(entry["shape"])
+        if raw.size != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise CorruptModelFileError(f"{self.path}: tensor {name!r} does not fit its byte range; download it again")
+        return raw.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._map = None
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -85,15 +137,9 @@ class SafetensorsWeights(WeightSource):
         files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
         if not files:
             raise ModelNotFoundError(f"{self.path} holds no *.safetensors weights")
-        from safetensors import safe_open
-
         shard_of = {}
         for path in files:
-            try:
-                with safe_open(path, framework="flax") as handle:
-                    shard_of.update({name: path for name in handle.keys()})
-            except Exception as exc:  # safetensors raises SafetensorError (not exported) for bad headers
-                raise CorruptModelFileError(f"{path} is not a readable safetensors file ({exc}); download it again") from exc
+            shard_of.update({name: path for name in SafetensorsFile(path).keys()})
         return shard_of
 
     def __enter__(self) -> "SafetensorsWeights":
@@ -104,7 +150,7 @@ class SafetensorsWeights(WeightSource):
 
     def close(self) -> None:
         for handle in self._handles.values():
-            handle.__exit__(None, None, None)
+            handle.close()
         self._handles.clear()
 
     # -- names -----------------------------------------------------------------------------
@@ -123,8 +169,8 @@ class SafetensorsWeights(WeightSource):
     def has(self, name: str) -> bool:
         return self._stored_name(name) is not None
 
-    def _tensor(self, name: str):
-        """One tensor as a jax array in its stored dtype."""
+    def _tensor(self, name: str) -> np.ndarray:
+        """One tensor as a numpy view of the mapped file, in its stored dtype."""
         stored = self._stored_name(name)
         if stored is None:
             raise CorruptModelFileError(
@@ -133,13 +179,11 @@ class SafetensorsWeights(WeightSource):
         path = self._shard_of[stored]
         handle = self._handles.get(path)
         if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[path] = safe_open(path, framework="flax").__enter__()
-        try:
-            return handle.get_tensor(stored)
-        except Exception as exc:
-            raise CorruptModelFileError(f"{path}: tensor {stored!r} is unreadable ({exc}); download it again") from exc
+            handle = self._handles[path] = SafetensorsFile(path)
+        if stored not in handle.entries:
+            raise CorruptModelFileError(f"{path} has no tensor {stored!r} although the index says so; "
+                                        "download the checkpoint again")
+        return handle.tensor(stored)
 
     # -- WeightSource ------------------------------------------------------------------------
 
@@ -151,11 +195,11 @@ class SafetensorsWeights(WeightSource):
         if weight.ndim != 2:
             raise CorruptModelFileError(f"{self.path}: {module}.weight has shape {tuple(weight.shape)}, expected 2-D")
         bias = self.array(module + ".bias") if self.has(module + ".bias") else None
-        # [out, in] -> [in, out], converted on the device one tensor at a time.
-        return Linear(jnp.asarray(weight.T, dtype=self.dtype), bias=bias, dtype=self.dtype)
+        # One copy into a device array in the stored layout, then [out, in] -> [in, out] there.
+        return Linear(jnp.asarray(weight, dtype=self.dtype).T, bias=bias, dtype=self.dtype)
 
     def embedding(self, module: str) -> Embedding:
-        return Embedding(self._tensor(module + ".weight"), dtype=self.dtype)
+        return Embedding(jnp.asarray(self._tensor(module + ".weight"), dtype=self.dtype), dtype=self.dtype)
 
     def experts(self, layer: int, which: str) -> np.ndarray:
         prefix = f"model.layers.{layer}.block_sparse_moe.experts."
