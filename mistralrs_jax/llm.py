@@ -242,6 +242,10 @@ class LLM:
             raise ValueError("score() needs at least one token")
         return self.runner.score(list(token_ids))
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (e.g. between benchmark runs)."""
+        self.engine.reset_prefix_cache()
+
     def metrics(self) -> dict:
         return self.engine.metrics.snapshot()
 

@@ -452,3 +452,19 @@ def test_new_request_values_do_not_recompile():
         arrays, modes = build_sampling_arrays(params, history, steps, 4)
         jax.block_until_ready(step(logits, jax.device_put(arrays), modes))
     assert step._cache_size() == 1
+
+
+def test_min_p_one_keeps_the_most_likely_token_under_jit():
+    """min_p=1.0 leaves exactly the most likely token, also in the runner's jitted variant
+    (a regression: rounding once let the filter drop every token and return id 0)."""
+    from mistralrs_jax.engine.runner import compiled_sampler_variant
+
+    rng = np.random.default_rng(0)
+    jitted = jax.jit(sampler.sample, static_argnames=("modes",))
+    for _ in range(8):
+        logits = rng.standard_normal((8, 49152)).astype(np.float32) * 5
+        arrays, modes = build_sampling_arrays([SamplingParams(temperature=1.5, min_p=1.0)] * 8,
+                                              [([1, 2, 3], 3)] * 8, [0] * 8, num_rows=8, seeds=list(range(8)))
+        arrays, modes = compiled_sampler_variant(arrays, modes)
+        out = jitted(jnp.asarray(logits), arrays, modes=modes)
+        np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))

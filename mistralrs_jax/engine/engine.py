@@ -106,6 +106,11 @@ class Engine:
             self.start()
         return handle
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (applied by the loop thread before its next step)."""
+        self._commands.put(("reset_prefix_cache",))
+        self._wakeup.set()
+
     def is_alive(self) -> bool:
         """The loop thread is running (for /health)."""
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
@@ -147,6 +152,8 @@ class Engine:
                 for seq in seqs:
                     self._states[seq.seq_id] = _SeqState(seq, handle, self.tokenizer)
                     self.scheduler.add(seq)
+            elif cmd[0] == "reset_prefix_cache":
+                self.block_manager.reset_prefix_cache()
             elif cmd[0] == "abort":
                 aborted = self.scheduler.abort(cmd[1])
                 for seq in aborted:

@@ -285,14 +285,17 @@ class ModelRunner:
             jax.block_until_ready(self._sample_fn(logits, jax.device_put(arrays), modes=modes))
 
     def score(self, token_ids: list[int]) -> np.ndarray:
-        """Teacher-forced logits [len, vocab] for one sequence, on a private scratch cache."""
+        """Teacher-forced logits [len, vocab] for one sequence, on a private scratch cache.
+
+        Lengths are padded to a power of two (at least 16) so scoring many texts compiles
+        a handful of shapes, not one per length."""
         n = len(token_ids)
         bs = self.block_size
-        num_blocks = math.ceil(n / bs) + 1
+        t_pad = max(16, 1 << (n - 1).bit_length())
+        num_blocks = math.ceil(t_pad / bs) + 1
         shape = (num_blocks * bs, self.config.num_kv_heads, self.config.head_dim)
         caches = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.config.num_layers)]
         table = list(range(1, num_blocks))
-        t_pad = n
         input_ids, meta, _ = self.build_metadata([(list(token_ids), 0, table)], t_pad, 1)
         logits = self._score_fn(self.state_leaves, caches, input_ids, meta)
-        return np.asarray(logits, dtype=np.float32)
+        return np.asarray(logits[:n], dtype=np.float32)

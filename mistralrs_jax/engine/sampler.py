@@ -156,6 +156,10 @@ def _sample_rows(logits, arrays, modes):
             top_k = jnp.where(greedy_row, 0, arrays.top_k)
             top_p = jnp.where(greedy_row, 1.0, arrays.top_p)
             keep = _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, arrays.min_p)
+            # The most likely token always stays in play. Without this, min_p=1.0 could
+            # leave nothing (XLA may round p/p_max of the max token just below 1 when it
+            # fuses the two computations differently) and the draw would return id 0.
+            keep = keep | (jnp.arange(keep.shape[1])[None, :] == greedy_ids[:, None])
             relative_probs = jnp.where(keep, relative_probs, 0.0)
         uniforms = jax.vmap(_row_uniform)(arrays.seeds, arrays.steps)
         sampled_ids = _inverse_cdf(relative_probs, uniforms)
