@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from mistralrs_jax import SamplingParams, cli
+from mistralrs_jax.interactive import InteractiveChat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,7 @@ def test_help_does_not_import_jax():
 
 
 def test_interactive_commands_and_history(llm):
-    chat = cli.InteractiveChat(llm, parse("-i --seed 3"))
+    chat = InteractiveChat(llm, parse("-i --seed 3"))
     assert chat.params.seed == 3 and chat.params.temperature == pytest.approx(0.1)
     out = io.StringIO()
     script = "\\temperature 0\n\\topk 5\n\\system Answer in one short sentence.\nHi!\n\\bogus\n\\topp x\n"
@@ -199,7 +200,7 @@ def test_interactive_request_log(llm, tmp_path):
     log_file = tmp_path / "requests.jsonl"
     args = parse(f"-i --log {log_file}")
     args.request_log_file = cli.log_level_and_request_log(args)[1]
-    chat = cli.InteractiveChat(llm, args)
+    chat = InteractiveChat(llm, args)
     chat.params = SamplingParams(temperature=0.0, max_tokens=8)
     chat.run(io.StringIO("Say hello.\n"), io.StringIO())
 
