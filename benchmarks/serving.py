@@ -167,14 +167,16 @@ def _chunk_text(chunk: dict[str, Any], endpoint: str) -> str:
     return text
 
 
-async def send_request(client: Any, config: ServingConfig, model: str, prompt: str, level_start: float) -> RequestRecord:
+async def send_request(client: Any, config: ServingConfig, model: str, prompt: str,
+                       level_start: float) -> RequestRecord:
     """Stream one completion; never raises for a failed request (it is recorded as failed)."""
     record = RequestRecord()
     sent = time.monotonic()
     record.start = sent - level_start
     last_text_at: float | None = None
     try:
-        async with client.stream("POST", ENDPOINTS[config.endpoint], json=request_body(config, model, prompt)) as response:
+        body = request_body(config, model, prompt)
+        async with client.stream("POST", ENDPOINTS[config.endpoint], json=body) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode("utf-8", "replace")
                 record.error = f"HTTP {response.status_code}: {body[:300]}"
@@ -456,10 +458,10 @@ def write_results(result: dict[str, Any], out: str, plot: bool = True) -> Path:
 def _number_list(cast: type) -> Any:
     def parse(text: str) -> list:
         try:
-            values = [cast(float(part)) if cast is int else cast(part) for part in text.split(",") if part.strip()]
+            values = [cast(part) for part in text.split(",") if part.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if not values or any(v <= 0 for v in values):
+        if not values or any(not v > 0 for v in values):  # `not >` also refuses nan
             raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
         return values
 

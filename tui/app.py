@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 from typing import Any
 
 from rich.text import Text
@@ -27,39 +26,49 @@ from .view import DashboardView, RequestRow, ThroughputHistory
 
 REQUEST_COLUMNS = ("request", "source", "status", "prompt", "output", "tok/s", "age s")
 
-HELP_TEXT = """\
-[b]mistralrs-jax dashboard[/b]
+HELP_KEYS = (
+    ("F1", "this help (Esc or F1 closes it)"),
+    ("Ctrl+Q", "quit"),
+    ("Tab / Shift+Tab", "next / previous field"),
+    ("F2", "type a message"),
+    ("F3", "sampling settings (temperature, top_p, max_tokens)"),
+    ("Enter", "send the message (in a settings field: back to the message)"),
+    ("Esc", "stop the reply being streamed"),
+    ("Ctrl+L", "clear the conversation"),
+    ("Ctrl+R", "refresh the dashboard now"),
+)
+HELP_NOTES = (
+    "Panels: the scheduler (waiting / running / preempted) and its requests; KV cache blocks and the "
+    "prefix-cache hit rate; memory (JAX device memory on GPU, process RSS on CPU, or what a remote server "
+    "reports); prompt and generation tokens/s per poll; XLA compiles (after warm-up there should be none).",
+    "The request table lists the server's requests when its /v1/status reports them, and always the chat "
+    "reply streaming from this dashboard (source \"chat\").",
+)
 
-  [b]F1[/b]          this help (Esc or F1 closes it)
-  [b]Ctrl+Q[/b]      quit
-  [b]Tab[/b]         next field (Shift+Tab: previous)
-  [b]F2[/b]          type a message          [b]F3[/b]  sampling settings
-  [b]Enter[/b]       send the message (in a settings field: back to the message)
-  [b]Esc[/b]         stop the reply being streamed
-  [b]Ctrl+L[/b]      clear the conversation
-  [b]Ctrl+R[/b]      refresh the dashboard now
 
-Panels: the scheduler (waiting / running / preempted) and its requests; KV cache blocks
-and the prefix-cache hit rate; memory (JAX device memory on GPU, process RSS on CPU, or
-what a remote server reports); prompt and generation tokens/s per poll; XLA compiles
-(after warm-up there should be none).
-
-The request table lists the server's requests when its /v1/status reports them, and
-always the chat reply streaming from this dashboard (source "chat").
-"""
+def help_text() -> Text:
+    text = Text()
+    text.append("mistralrs-jax dashboard\n\n", style="bold")
+    width = max(len(key) for key, _ in HELP_KEYS) + 2
+    for key, description in HELP_KEYS:
+        text.append(f"  {key:<{width}}", style="bold")
+        text.append(f"{description}\n")
+    for note in HELP_NOTES:
+        text.append(f"\n{note}\n")
+    return text
 
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,f1", "dismiss", "close help")]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll { width: auto; max-width: 90%; height: auto; max-height: 90%;
-                                  border: thick $primary; background: $surface; padding: 1 2; }
+    HelpScreen > Vertical { width: 90; max-width: 95%; height: auto; max-height: 95%;
+                            border: thick $primary; background: $surface; padding: 1 2; }
     """
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll():
-            yield Static(HELP_TEXT, id="help-text")
+        with Vertical():
+            yield Static(help_text(), id="help-text")
 
 
 class LogBuffer(logging.Handler):
@@ -68,15 +77,13 @@ class LogBuffer(logging.Handler):
 
     def __init__(self, capacity: int = 200):
         super().__init__(level=logging.WARNING)
-        self._lock2 = threading.Lock()
         self._records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._lock2:
-            self._records.append(record)
+    def emit(self, record: logging.LogRecord) -> None:  # called under the handler's own lock
+        self._records.append(record)
 
     def drain(self) -> list[logging.LogRecord]:
-        with self._lock2:
+        with self.lock:
             records = list(self._records)
             self._records.clear()
         return records
@@ -191,10 +198,12 @@ class DashboardApp(App[None]):
         self.query_one("#memory", Static).update(memory_text(view.memory))
         self.query_one("#compiles", Static).update(compile_text(view))
         prompt, generation = list(self.history.prompt), list(self.history.generation)
-        self.query_one("#prompt-rate", Static).update(rate_label("prompt    ", prompt))
+        self.query_one("#prompt-rate", Static).update(rate_label("prompt", prompt))
         self.query_one("#generation-rate", Static).update(rate_label("generation", generation))
-        self.query_one("#prompt-sparkline", Sparkline).data = prompt or [0.0]
-        self.query_one("#generation-sparkline", Sparkline).data = generation or [0.0]
+        # Left-padded to the full history: the newest poll sits at the right edge, one column per poll.
+        padding = [0.0] * (self.history.length - len(prompt))
+        self.query_one("#prompt-sparkline", Sparkline).data = padding + prompt
+        self.query_one("#generation-sparkline", Sparkline).data = padding + generation
         self._render_requests(view)
 
     def request_rows(self, view: DashboardView | None = None) -> list[RequestRow]:

@@ -41,7 +41,9 @@ def scheduler_text(view: DashboardView) -> Text:
 def kv_cache_text(view: DashboardView) -> Text:
     text = Text()
     if view.kv_blocks_total:
-        used = view.kv_blocks_used if view.kv_blocks_used is not None else view.kv_blocks_total - (view.kv_blocks_free or 0)
+        used = view.kv_blocks_used
+        if used is None:
+            used = view.kv_blocks_total - (view.kv_blocks_free or 0)
         fraction = used / view.kv_blocks_total
         text.append(bar(fraction), style="magenta")
         text.append(f" {fraction:.0%}\n")
@@ -102,4 +104,4 @@ def compile_text(view: DashboardView) -> Text:
 def rate_label(name: str, series: list[float]) -> str:
     current = series[-1] if series else 0.0
     peak = max(series) if series else 0.0
-    return f"{name}: {current:8.1f} tok/s   (peak {peak:.1f})"
+    return f"{name + ':':<12}{current:8.1f} tok/s   (peak {peak:.1f} over the last {len(series)} polls)"
