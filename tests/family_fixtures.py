@@ -54,8 +54,9 @@ FAMILIES: dict[str, Family] = {
     # Llama 2 shape with linear rope scaling and a tied head.
     "llama2": Family("LlamaConfig", dict(COMMON, num_key_value_heads=HEADS, tie_word_embeddings=True,
                                          rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    # llama.cpp's llama architecture has no sliding-window key: its GGUF attends to everything.
-    "mistral": Family("MistralConfig", dict(COMMON, sliding_window=8),
+    # A window spanning two KV blocks of 16. llama.cpp's llama architecture has no
+    # sliding-window key: its GGUF attends to everything.
+    "mistral": Family("MistralConfig", dict(COMMON, sliding_window=20),
                       gguf_reference_overrides={"sliding_window": None}),
     "mixtral": Family("MixtralConfig", dict(COMMON, num_local_experts=8, num_experts_per_tok=2)),
     "phi2": Family("PhiConfig", dict(COMMON, num_key_value_heads=HEADS, intermediate_size=4 * HIDDEN,
@@ -80,7 +81,9 @@ FAMILIES: dict[str, Family] = {
                                                   "sliding_attention": {"rope_type": "default",
                                                                         "rope_theta": 10_000.0}}),
                      gguf_reference_overrides={"query_pre_attn_scalar": HEAD_DIM}, norm_weights_are_offsets=True),
-    "qwen2": Family("Qwen2Config", dict(COMMON)),
+    # YaRN, as Qwen2.5 enables it for long contexts.
+    "qwen2": Family("Qwen2Config", dict(COMMON, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                              "original_max_position_embeddings": 64})),
     # llama.cpp's starcoder2 architecture has no sliding-window key either.
     "starcoder2": Family("Starcoder2Config", dict(COMMON, sliding_window=8),
                          gguf_reference_overrides={"sliding_window": None}),
@@ -206,8 +209,8 @@ CONVERT_SCRIPT = textwrap.dedent("""
     from conversion.starcoder import StarCoder2Model
     for cls in (Phi2Model, StarCoder2Model):
         cls.set_vocab = lambda self: self._set_vocab_sentencepiece()
-    for source, target in jobs:
-        sys.argv = ["convert_hf_to_gguf.py", source, "--outtype", "f32", "--outfile", target]
+    for source, target, *options in jobs:
+        sys.argv = ["convert_hf_to_gguf.py", source, "--outtype", "f32", "--outfile", target, *options]
         converter["main"]()
 """)
 
@@ -233,15 +236,16 @@ def llama_cpp_converter_dir() -> Path:
     return target
 
 
-def convert_to_gguf(jobs: list[tuple[Path, Path]]) -> None:
-    """Convert each (checkpoint dir, .gguf path) with llama.cpp's converter, f32, in one process."""
+def convert_to_gguf(jobs: list[tuple]) -> None:
+    """Convert each (checkpoint dir, .gguf path, *extra converter flags) with llama.cpp's converter,
+    f32, all in one process."""
     root = llama_cpp_converter_dir()
     result = subprocess.run(
-        [sys.executable, "-c", CONVERT_SCRIPT, str(root), json.dumps([[str(s), str(t)] for s, t in jobs])],
+        [sys.executable, "-c", CONVERT_SCRIPT, str(root), json.dumps([[str(part) for part in job] for job in jobs])],
         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ""})
     if result.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed:\n{result.stderr[-4000:]}")
-    missing = [str(t) for _, t in jobs if not t.is_file()]
+    missing = [str(job[1]) for job in jobs if not Path(job[1]).is_file()]
     if missing:
         raise RuntimeError(f"llama.cpp's converter wrote no {missing}:\n{result.stderr[-4000:]}")
 

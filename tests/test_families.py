@@ -4,7 +4,7 @@ For each family (tests/family_fixtures.py) transformers builds and saves a tiny 
 the engine loads the directory (safetensors) and the GGUF that llama.cpp's own converter makes
 of it, and both must give transformers' teacher-forced logits and its greedy continuation.
 
-The sequences run past every switch the tiny configs have: sliding windows of 8 tokens,
+The sequences run past every switch the tiny configs have: sliding windows of 8 and 20 tokens,
 Phi-3's LongRoPE boundary at 64 (the 80-token scoring pass and the greedy run use the long
 factors, `test_phi3_short_factors` the short ones), and Gemma 3's local/global layers.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from family_fixtures import (FAMILIES, VOCAB_SIZE, ReferenceUnavailable, build_checkpoint, convert_to_gguf, load_reference,
-                             reference_greedy, reference_logits)
+from family_fixtures import (FAMILIES, VOCAB_SIZE, ReferenceUnavailable, build_checkpoint, convert_to_gguf,
+                             load_reference, reference_greedy, reference_logits)
 from peers import require_peer
 
 # Measured (JAX 0.10.2 XLA:CPU vs torch 2.13 CPU, f32, 80 tokens, logits up to ~75 in size):
@@ -25,6 +25,11 @@ MAX_ABS_DIFF = 1e-3
 SCORE_LEN = 80
 NEW_TOKENS = 32
 FORMATS = ("safetensors", "gguf")
+# One sequence, prompts up to 128 tokens in one prefill chunk, compiled on demand (two step shapes).
+LLM_KWARGS = dict(warmup=False, max_seqs=1, max_num_batched_tokens=128, token_buckets=[2, 128], pa_ctxt_len=256,
+                  prefix_cache_n=0)
+# One fused attn_qkv tensor instead of three; in the llama architecture its Q and K rows are permuted.
+FUSED_QKV = ("llama3", "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +43,22 @@ def checkpoints(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def gguf_files(checkpoints) -> dict:
-    jobs = [(directory, directory.parent / f"{name}.gguf") for name, directory in checkpoints.items()]
+    """{family: .gguf} and {family + "-fused-qkv": .gguf} (the converter's --fuse-qkv, for FUSED_QKV)."""
+    jobs = {name: (directory, directory.parent / f"{name}.gguf") for name, directory in checkpoints.items()}
+    jobs.update({f"{name}-fused-qkv": (checkpoints[name], checkpoints[name].parent / f"{name}-fused-qkv.gguf",
+                                       "--fuse-qkv") for name in FUSED_QKV})
     try:
-        convert_to_gguf(jobs)
+        convert_to_gguf(list(jobs.values()))
     except ReferenceUnavailable as exc:
         pytest.skip(f"llama.cpp's converter is unavailable (the llama-cpp-python sdist could not be fetched): {exc}")
-    return {name: target for (_, target), name in zip(jobs, checkpoints)}
+    return {name: job[1] for name, job in jobs.items()}
 
 
 def _token_ids(count: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(3, VOCAB_SIZE, size=count).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_matches_transformers(family, fmt, checkpoints, gguf_files):
@@ -62,8 +71,7 @@ def test_family_matches_transformers(family, fmt, checkpoints, gguf_files):
     expected_logits = reference_logits(reference, score_ids)
     expected_tokens = reference_greedy(reference, prompt, NEW_TOKENS)
 
-    with LLM(model=str(path), warmup=False, max_seqs=1, max_num_batched_tokens=128, token_buckets=[2, 128],
-             pa_ctxt_len=256, prefix_cache_n=0) as llm:
+    with LLM(model=str(path), **LLM_KWARGS) as llm:
         logits = llm.score(score_ids)
         [out] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
     tokens = out.outputs[0].token_ids
@@ -76,14 +84,27 @@ def test_family_matches_transformers(family, fmt, checkpoints, gguf_files):
     assert tokens == expected_tokens
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FUSED_QKV)
+def test_fused_qkv_gguf_matches_transformers(family, checkpoints, gguf_files):
+    from mistralrs_jax import LLM
+
+    score_ids = _token_ids(SCORE_LEN, seed=1)
+    expected = reference_logits(load_reference(checkpoints[family]), score_ids)
+    with LLM(model=str(gguf_files[f"{family}-fused-qkv"]), **LLM_KWARGS) as llm:
+        assert llm.model.layers[0].self_attn.qkv_proj is not None
+        logits = llm.score(score_ids)
+    assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
+
+
+@pytest.mark.slow
 def test_phi3_short_factors(checkpoints):
     """Below LongRoPE's switch point the short factors apply, on both sides."""
     from mistralrs_jax import LLM
 
     score_ids = _token_ids(48, seed=3)
     expected = reference_logits(load_reference(checkpoints["phi3"]), score_ids)
-    with LLM(model=str(checkpoints["phi3"]), warmup=False, max_seqs=1, max_num_batched_tokens=128,
-             token_buckets=[2, 128], pa_ctxt_len=256, prefix_cache_n=0) as llm:
+    with LLM(model=str(checkpoints["phi3"]), **LLM_KWARGS) as llm:
         logits = llm.score(score_ids)
     assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
     # And the two factor sets really differ here: the first 48 of an 80-token pass (long factors) do not match.

@@ -60,6 +60,21 @@ def test_directory_loads_with_its_tokenizer_and_generation_config(llama_dir):
     assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
 
 
+def test_generation_config_defaults(tmp_path):
+    """generation_config.json's sampling, in the names SamplingParams takes (and accepts)."""
+    from mistralrs_jax import SamplingParams
+    from mistralrs_jax.loading.safetensors import generation_defaults
+
+    assert generation_defaults(str(tmp_path)) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 99, "eos_token_id": 2}))
+    defaults = generation_defaults(str(tmp_path))
+    assert defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 99}
+    assert SamplingParams(**defaults).top_k == 20
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert generation_defaults(str(tmp_path))["temperature"] == 0.0
+
+
 def test_sharded_checkpoint_matches_transformers(peers, tmp_path):
     directory = build_checkpoint("qwen2", tmp_path / "sharded", max_shard_size="40KB")
     index = json.loads((directory / "model.safetensors.index.json").read_text())
@@ -97,9 +112,10 @@ def test_narrow_weight_dtypes(llama_dir, dtype):
             if param.ndim >= 2:
                 param.copy_(param.to(torch_dtype).float())
     expected = reference_logits(reference, SCORE_IDS)
-    assert np.abs(_score(llama_dir, dtype=dtype) - expected).max() <= MAX_ABS_DIFF
-    # ...and the rounding is real: the f32 model differs from it by far more.
-    assert np.abs(reference_logits(load_reference(llama_dir), SCORE_IDS) - expected).max() > 10 * MAX_ABS_DIFF
+    diff = np.abs(_score(llama_dir, dtype=dtype) - expected).max()
+    assert diff <= MAX_ABS_DIFF
+    # ...and the rounding is real: the unrounded f32 model is much further from the reference.
+    assert np.abs(reference_logits(load_reference(llama_dir), SCORE_IDS) - expected).max() > 10 * diff
 
 
 def test_unknown_dtype_is_refused(llama_dir):

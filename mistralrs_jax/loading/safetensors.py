@@ -56,7 +56,8 @@ class SafetensorsFile:
                     raise ValueError(f"header length {header_len} exceeds the file")
                 header = json.loads(handle.read(header_len))
         except (OSError, ValueError, struct.error) as exc:
-            raise CorruptModelFileError(f"{path} is not a readable safetensors file ({exc}); download it again") from exc
+            raise CorruptModelFileError(
+                f"{path} is not a readable safetensors file ({exc}); download it again") from exc
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self._data_start = 8 + header_len
@@ -107,6 +108,25 @@ def load_hf_config(model_dir: str) -> ModelConfig:
         extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
         config.eos_token_ids = list(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
     return config
+
+
+# generation_config.json keys -> SamplingParams fields.
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_dir: str) -> dict[str, Any]:
+    """The default sampling a checkpoint's `generation_config.json` asks for, as SamplingParams
+    keyword arguments (`do_sample: false` means greedy); {} when there is no such file."""
+    path = os.path.join(model_dir, GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    generation = _read_json(path)
+    defaults = {field: generation[key] for key, field in GENERATION_DEFAULT_KEYS.items()
+                if isinstance(generation.get(key), (int, float)) and not isinstance(generation.get(key), bool)}
+    if generation.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 class SafetensorsWeights(WeightSource):

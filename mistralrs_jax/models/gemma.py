@@ -58,7 +58,8 @@ def build(config: ModelConfig, source, progress=None, dtype=None) -> CausalLM:
         prefix = f"model.layers.{i}."
         weights = attention_weights(source, prefix)
         weights["mlp"] = GatedMLP(source.linear(prefix + "mlp.down_proj"), config.hidden_act,
-                                  gate=source.linear(prefix + "mlp.gate_proj"), up=source.linear(prefix + "mlp.up_proj"))
+                                  gate=source.linear(prefix + "mlp.gate_proj"),
+                                  up=source.linear(prefix + "mlp.up_proj"))
         norms = ["input_layernorm", "post_attention_layernorm"]
         if sandwich:
             norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: Linear, norms, embeddings, rotary embeddings.
+"""Building blocks shared by the model families: Linear, norms, embeddings, MLPs, rotary embeddings.
 
 `Linear` is the one place that decides how a weight is held (design rule 7):
 - dense: an f32 (or bf16/f16) matrix [in, out], multiplied directly. XLA:CPU's only fast
@@ -7,6 +7,9 @@
   input columns (w = q * scale + offset). Every GGUF block format with a per-(sub)block
   scale/min is exactly representable so. Dequantized inside the jitted matmul: ~4x less
   weight memory, slower on XLA:CPU; on GPU the Pallas kernel reads these blocks directly.
+
+Norms and activations compute in f32 whatever the weight dtype. Rotary embeddings follow HF's
+"rotate halves" layout and its `rope_scaling` variants (linear, llama3, yarn, longrope).
 """
 from __future__ import annotations
 
@@ -275,7 +278,8 @@ class RotaryEmbedding(nnx.Module):
     def __init__(self, inv_freq: np.ndarray, rotary_dim: int, *, attention_factor: float = 1.0,
                  long_inv_freq: np.ndarray | None = None, long_from_position: int | None = None):
         self.inv_freq = nnx.Variable(jnp.asarray(inv_freq, jnp.float32))
-        self.long_inv_freq = nnx.Variable(jnp.asarray(long_inv_freq, jnp.float32)) if long_inv_freq is not None else None
+        self.long_inv_freq = (nnx.Variable(jnp.asarray(long_inv_freq, jnp.float32)) if long_inv_freq is not None
+                              else None)
         self.long_from_position = long_from_position
         self.rotary_dim = rotary_dim
         self.attention_factor = float(attention_factor)
@@ -286,20 +290,24 @@ class RotaryEmbedding(nnx.Module):
         """`freq_factors` are GGUF's precomputed divisors of the base frequencies: "freqs" (llama3
         `rope_freqs`), or "short"/"long" (LongRoPE `rope_factors_short/long`)."""
         freq_factors = freq_factors or {}
-        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        scaling = scaling or {}
+        kind = scaling.get("rope_type") or scaling.get("type")
         factor_kw = {"attention_factor": rope_attention_factor(scaling, max_position_embeddings)}
-        if kind in ("longrope", "su") or "short" in freq_factors:
+        short = freq_factors.get("short", scaling.get("short_factor"))
+        long = freq_factors.get("long", scaling.get("long_factor"))
+        if kind in ("longrope", "su") or short is not None:
             base = rope_inv_freq(rotary_dim, theta, None).astype(np.float64)
-            short = np.asarray(freq_factors.get("short", (scaling or {}).get("short_factor")), np.float64)
-            long = np.asarray(freq_factors.get("long", (scaling or {}).get("long_factor")), np.float64)
-            original = int((scaling or {}).get("original_max_position_embeddings") or max_position_embeddings)
-            return cls((base / short).astype(np.float32), rotary_dim, long_inv_freq=(base / long).astype(np.float32),
+            if short is None or long is None:  # a LongRoPE config without factors: plain frequencies
+                return cls(base.astype(np.float32), rotary_dim, **factor_kw)
+            original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+            return cls((base / np.asarray(short, np.float64)).astype(np.float32), rotary_dim,
+                       long_inv_freq=(base / np.asarray(long, np.float64)).astype(np.float32),
                        long_from_position=original, **factor_kw)
         if "freqs" in freq_factors:  # llama3-style scaling baked into per-frequency divisors
             base = rope_inv_freq(rotary_dim, theta, None).astype(np.float64)
             return cls((base / np.asarray(freq_factors["freqs"], np.float64)).astype(np.float32), rotary_dim,
                        **factor_kw)
-        return cls(rope_inv_freq(rotary_dim, theta, scaling), rotary_dim, **factor_kw)
+        return cls(rope_inv_freq(rotary_dim, theta, scaling or None), rotary_dim, **factor_kw)
 
     def __call__(self, x: jax.Array, meta) -> jax.Array:
         """x [T, heads, head_dim]; `meta` is the step's AttentionMetadata (positions, token rows)."""

@@ -135,7 +135,8 @@ def build_model(config: ModelConfig, source, dtype=jnp.float32):
 def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto"):
     if config.arch not in GGUF_BUILDERS:
         raise UnsupportedArchitectureError(
-            f"{gguf.path}: architecture {config.arch!r} is not supported (supported: {', '.join(sorted(GGUF_BUILDERS))})"
+            f"{gguf.path}: architecture {config.arch!r} is not supported "
+            f"(supported: {', '.join(sorted(GGUF_BUILDERS))})"
         )
     weight_dtype = resolve_dtype(dtype)
     source = GGUFWeights(gguf, config, make_linear_factory(cpu_weights, weight_dtype), weight_dtype)

@@ -12,7 +12,6 @@ the shape [num_blocks * block_size, config.num_kv_heads, config.head_dim].
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

