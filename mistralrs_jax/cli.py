@@ -430,7 +430,7 @@ def configure_logging(level: int) -> None:
         logging.getLogger("jax").setLevel(max(level, logging.WARNING))
 
 
-def _apply_environment(args: argparse.Namespace) -> None:
+def apply_environment(args: argparse.Namespace) -> None:
     """Settings that act through the environment, applied before JAX / the Hub client start."""
     cache_path = getattr(args, "hf_cache_path", None)
     if cache_path:
@@ -466,7 +466,7 @@ def run_model(args: argparse.Namespace) -> int:
     """Load the selected model, then chat in the terminal (-i) or serve HTTP."""
     kwargs = build_llm_kwargs(args)
     serve = None if args.interactive_mode else _load_server()  # fail before a long load
-    _apply_environment(args)
+    apply_environment(args)
     from . import LLM
 
     llm = LLM(**kwargs)

@@ -8,6 +8,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from mistralrs_jax.errors import NotSupportedError
+from mistralrs_jax.memory import read_local_memory
 
 from .bodies import json_response
 from .errors import APIError
@@ -74,6 +75,8 @@ async def status() -> Response:
         "engine": {"config": _plain(llm.engine_config), "token_buckets": _plain(llm.runner.token_buckets),
                    "seq_buckets": _plain(llm.runner.seq_buckets)},
         "metrics": _plain(llm.metrics()),
+        "runtime": _runtime(),
+        "memory": read_local_memory().as_dict(),
         "server": {"api_key_required": state.api_key is not None,
                    "request_logging": state.request_log is not None,
                    "http_responses": [{"route": route, "status": code, "count": count}
@@ -81,10 +84,36 @@ async def status() -> Response:
     })
 
 
+def _runtime() -> dict:
+    import jax
+
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]}
+
+
 @blueprint.post("/v1/re_isq")
 async def re_isq() -> Response:
-    raise NotSupportedError("re-quantizing the loaded model (/v1/re_isq) is not available yet: in-situ "
-                            "quantization (ISQ) is not supported by this build")
+    """Re-quantize the served model: {"isq_type": "Q8_0"} (mistral.rs names it "ggml_type").
+
+    Synchronous: the answer comes once the new weights serve. `LLM.re_isq` lets the requests
+    in flight finish first; it runs in a worker thread so the event loop keeps streaming them.
+    """
+    import asyncio
+
+    from .bodies import read_json_body
+
+    state = server_state()
+    llm = state.llm
+    if not hasattr(llm, "re_isq"):
+        raise NotSupportedError("re-quantizing the loaded model (/v1/re_isq) is not available yet: in-situ "
+                                "quantization (ISQ) is not supported by this build")
+    body = await read_json_body()
+    requested = body.get("isq_type", body.get("ggml_type")) if isinstance(body, dict) else None
+    if isinstance(requested, bool) or not isinstance(requested, (str, int)):
+        raise APIError(400, 'send the ISQ type to apply as a JSON object such as {"isq_type": "Q4K"} '
+                            "(a mistral.rs ISQ name like Q4K, Q8_0 or HQQ4, or a bit count)", param="isq_type")
+    new_type = await asyncio.to_thread(llm.re_isq, requested)
+    return json_response({"object": "re_isq", "model": state.model_name, "isq_type": new_type})
 
 
 @blueprint.post("/v1/images/generations")

@@ -51,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_in_process(args: argparse.Namespace, settings) -> int:
     from mistralrs_jax import LLM
-    from mistralrs_jax.cli import _apply_environment, build_llm_kwargs
+    from mistralrs_jax.cli import apply_environment, build_llm_kwargs
     from server.app import create_app
     from server.serving import BackgroundServer
 
     kwargs = build_llm_kwargs(args)
-    _apply_environment(args)
+    apply_environment(args)
     print("mistralrs-jax tui: loading the model and compiling (the dashboard opens when it is ready)...",
           file=sys.stderr, flush=True)
     llm = LLM(**kwargs)

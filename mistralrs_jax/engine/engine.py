@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 
-import numpy as np
 
 from ..errors import InvalidRequestError
 from ..loading.detokenizer import IncrementalDetokenizer
@@ -282,4 +281,21 @@ class Engine:
             block_size=self.runner.block_size,
             prefix_cache_hits=stats.prefix_cache_hits,
             prefix_cache_queries=stats.prefix_cache_queries,
+            requests=self._request_rows(),
         )
+
+    def _request_rows(self) -> list[dict]:
+        """One row per live sequence, for dashboards (/v1/status, the TUI)."""
+        now = time.monotonic()
+        rows = []
+        for state in list(self._states.values()):
+            seq = state.seq
+            rate = None
+            if seq.first_token_time is not None and seq.num_output_tokens > 1:
+                rate = (seq.num_output_tokens - 1) / max(now - seq.first_token_time, 1e-6)
+            rows.append({"request_id": seq.request_id, "index": seq.index, "status": seq.status.value,
+                         "preemptions": seq.num_preemptions, "prompt_tokens": seq.num_prompt_tokens,
+                         "cached_prompt_tokens": seq.num_cached_prefix_tokens,
+                         "output_tokens": seq.num_output_tokens, "age_s": now - seq.arrival_time,
+                         "tokens_per_s": rate})
+        return rows

@@ -1,4 +1,5 @@
-"""Quantized weights: GGML block formats (pack/unpack) and their int8 affine form."""
+"""Quantized weights: GGML block formats (pack/unpack), their int8 affine form, HQQ, and
+in-situ quantization (ISQ) of a model while it loads, with its disk cache."""
 
 from .formats import (
     GGML_TYPES,
@@ -11,6 +12,9 @@ from .formats import (
     quantize,
     to_affine_int8,
 )
+from .hqq import HQQWeights, hqq_dequantize, hqq_quantize, hqq_to_affine_int8
+from .isq import ISQ_TYPES, ISQFactory, normalize_isq_type, quantize_weight, wrap_factory
+from .isq_cache import isq_cache_key, load_isq_cache, save_isq_cache
 
 __all__ = [
     "GGML_TYPES",
@@ -22,4 +26,16 @@ __all__ = [
     "qtype_name",
     "quantize",
     "to_affine_int8",
+    "HQQWeights",
+    "hqq_dequantize",
+    "hqq_quantize",
+    "hqq_to_affine_int8",
+    "ISQ_TYPES",
+    "ISQFactory",
+    "normalize_isq_type",
+    "quantize_weight",
+    "wrap_factory",
+    "isq_cache_key",
+    "load_isq_cache",
+    "save_isq_cache",
 ]

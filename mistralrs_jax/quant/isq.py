@@ -123,10 +123,12 @@ def effective_type(isq_type: str, in_features: int) -> tuple[str, int] | None:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def default_workers() -> int:
+    """CPUs this process may run on (its affinity), which is what the pool is sized from."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -134,10 +136,11 @@ def default_workers() -> int:
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
+    """One process-wide pool, grown when a caller asks for more workers (threads are cheap)."""
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:  # grows only; threads are cheap
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isq")
+        if _pool is None or _pool_size < workers:
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isq"), workers
         return _pool
 
 
@@ -202,7 +205,11 @@ def quantized_linear(quantized: dict[str, Any], bias: np.ndarray | None = None):
 
 
 class ISQFactory:
-    """A `make_linear(gguf, name, row_transform=None, bias=None)` that applies ISQ.
+    """A `make_linear(source, name, row_transform=None, bias=None)` that applies ISQ.
+
+    `source` is what the model's `GGUFWeights` passes (a `GGUFFile`); any object with
+    `tensor(name).shape` (numpy order, [out, in]) and `dequantize(name) -> f32 array` serves,
+    e.g. an adapter over safetensors shards.
 
     Wraps a model builder's factory (`registry.make_linear_factory`): the lm_head and any
     tensor whose rows fit no block of the type go through the wrapped factory unchanged;
@@ -245,16 +252,17 @@ class ISQFactory:
         if isq_type is None or name in SOURCE_PRECISION_TENSORS:
             return self.make_linear(gguf, name, row_transform, bias=bias), "source"
         shape = tuple(gguf.tensor(name).shape)
+        chosen = effective_type(isq_type, shape[1]) if len(shape) == 2 else None
+        if chosen is None:
+            log.info("ISQ %s: %s %s keeps source precision (its rows fill no %s block)", isq_type, name, shape,
+                     isq_type)
+            return self.make_linear(gguf, name, row_transform, bias=bias), "source"
         cached = self.cache.get(name)
         if cached is not None and tuple(cached["q"].shape) == shape:
             self.cache_hits += 1
             quantized = {"q": cached["q"], "scale": cached["scale"], "offset": cached.get("offset"),
                          "group": int(np.asarray(cached["group"]))}
-            return quantized_linear(quantized, bias), "cached"
-        if len(shape) != 2 or effective_type(isq_type, shape[1]) is None:
-            log.info("ISQ %s: %s %s keeps source precision (its rows fill no %s block)", isq_type, name, shape,
-                     isq_type)
-            return self.make_linear(gguf, name, row_transform, bias=bias), "source"
+            return quantized_linear(quantized, bias), chosen[0]
         weight = self.source_weight(name)
         quantized = quantize_weight(weight, isq_type, workers=self.workers, name=name)
         del weight  # the f32 copy goes before the builder asks for the next tensor
@@ -275,7 +283,8 @@ class ISQFactory:
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            total = sum(1 for n in gguf.tensor_names if len(gguf.tensor(n).shape) == 2 and n.startswith("blk."))
+            names = getattr(gguf, "tensor_names", [])  # every 2-D tensor of a GGUF block is a projection
+            total = sum(1 for n in names if n.startswith("blk.") and len(gguf.tensor(n).shape) == 2)
             self._bar = tqdm(total=total or None, desc=f"ISQ {self.isq_type}", unit="tensor", disable=None,
                              leave=False)
         self._bar.update(1)
