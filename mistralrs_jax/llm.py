@@ -20,7 +20,7 @@ from .loading.chat_template import ChatTemplate
 from .loading.gguf import GGUFFile
 from .loading.hub import resolve_model_files
 from .loading.tokenizer import Tokenizer, load_tokenizer
-from .models.registry import build_model_from_gguf
+from .models.registry import build_model_from_gguf, check_gguf_architecture
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -122,6 +122,7 @@ class LLM:
         else:
             self.model_path = resolved.gguf_path
             gguf = GGUFFile(self.model_path)
+            check_gguf_architecture(self.model_path, gguf.architecture)
             self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
             self.tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
         self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer, override=chat_template)

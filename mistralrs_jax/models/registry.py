@@ -132,12 +132,15 @@ def build_model(config: ModelConfig, source, dtype=jnp.float32):
         return builder(config, source, progress=bar.update, dtype=dtype)
 
 
-def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto"):
-    if config.arch not in GGUF_BUILDERS:
+def check_gguf_architecture(path: str, arch: str | None) -> None:
+    """Fail early, naming the file and the architecture, before any model key is read."""
+    if arch not in GGUF_BUILDERS:
         raise UnsupportedArchitectureError(
-            f"{gguf.path}: architecture {config.arch!r} is not supported "
-            f"(supported: {', '.join(sorted(GGUF_BUILDERS))})"
-        )
+            f"{path}: architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_BUILDERS))})")
+
+
+def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto"):
+    check_gguf_architecture(gguf.path, config.arch)
     weight_dtype = resolve_dtype(dtype)
     source = GGUFWeights(gguf, config, make_linear_factory(cpu_weights, weight_dtype), weight_dtype)
     return build_model(config, source, weight_dtype)
