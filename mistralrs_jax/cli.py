@@ -135,7 +135,11 @@ def _add_global_flags(parser: argparse.ArgumentParser) -> None:
                        help="chat template: a .json file with a `chat_template` field, or a .jinja file")
     model.add_argument("-j", "--jinja-explicit", metavar="FILE",
                        help="a .jinja chat template that overrides every other template")
-    model.add_argument("--isq", help="in-situ quantization to apply at load (e.g. Q4K, 8)")
+    model.add_argument("--isq", help="in-situ quantization to apply at load: an ISQ type (Q4_0, Q4_1, Q5_0, Q5_1, "
+                                     "Q8_0, Q8_1, Q2K..Q8K, HQQ4, HQQ8) or a bit count (2, 3, 4, 5, 6, 8)")
+    model.add_argument("--isq-cache", metavar="DIR",
+                       help="keep ISQ'd weights under DIR so the next start with the same model and --isq "
+                            "skips quantizing (mistralrs-jax)")
     model.add_argument("--cpu", action="store_true", help="run on the CPU even when an accelerator is present")
     model.add_argument("--cpu-weights", choices=("f32", "quantized"), default="f32",
                        help="on CPU: f32 dequantizes GGUF weights once at load (fast); quantized keeps "
@@ -399,6 +403,7 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         # mistral.rs: the explicit .jinja template overrides every other one.
         "chat_template": args.jinja_explicit or args.chat_template,
         "isq": args.isq,
+        "isq_cache": getattr(args, "isq_cache", None),
     }
     if command == "gguf":
         kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename, tokenizer=args.tok_model_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -90,7 +91,8 @@ class LLM:
         no_paged_attn: bool = False,
         cpu_weights: str = "f32",
         chat_template: str | None = None,
-        isq: str | None = None,
+        isq: str | int | None = None,
+        isq_cache: str | None = None,
         max_model_len: int | None = None,
         token_buckets: list[int] | None = None,
         seq_buckets: list[int] | None = None,
@@ -98,9 +100,13 @@ class LLM:
     ):
         import jax
 
+        from .quant.isq import normalize_isq_type
+
         _enable_compilation_cache()
-        if isq is not None:
-            raise NotSupportedError("in-situ quantization (--isq) is not supported yet in mistralrs-jax")
+        # Normalized before anything loads, so a bad --isq fails at once.
+        self.isq_type: str | None = normalize_isq_type(isq) if isq is not None else None
+        self._isq_factory = None  # the ISQFactory every GGUF projection was built through (re_isq uses it)
+        self._re_isq_lock = threading.Lock()
         if pa_blk_size not in (8, 16, 32):
             raise NotSupportedError(f"--pa-blk-size must be 8, 16 or 32, got {pa_blk_size}")
         self.engine_config = EngineConfig(
@@ -129,9 +135,13 @@ class LLM:
         log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", self.model_name, self.model_config.arch,
                  self.model_config.num_layers, cpu_weights if resolved.kind == "gguf" else "dense", dtype)
         if resolved.kind == "plain":
+            if self.isq_type is not None or isq_cache is not None:
+                raise NotSupportedError(
+                    "in-situ quantization (--isq) is only available for GGUF models in mistralrs-jax; "
+                    "load a .gguf file (the `gguf` subcommand) or drop --isq")
             self.model = build_model_from_hf(self.model_path, self.model_config, dtype=dtype)
         else:
-            self.model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype)
+            self.model = self._load_gguf_model(gguf, cpu_weights, dtype, isq_cache)
 
         ec = self.engine_config
         num_blocks = kv_cache_num_blocks(self.model_config, ec)
@@ -168,6 +178,77 @@ class LLM:
             self._warmup()
         self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
         self.engine.start()
+
+    def _load_gguf_model(self, gguf: GGUFFile, cpu_weights: str, dtype: str, isq_cache: str | None):
+        """Build the model with every projection going through an ISQFactory (even without
+        ISQ, so `re_isq` can re-quantize later), reading and filling the ISQ cache."""
+        from .quant.isq import wrap_factory
+        from .quant.isq_cache import isq_cache_key, load_isq_cache, save_isq_cache
+
+        key = cached = None
+        if isq_cache is not None and self.isq_type is not None:
+            key = isq_cache_key(self.model_path, self.isq_type)
+            cached = load_isq_cache(isq_cache, key)
+            log.info("ISQ cache %s: %s", isq_cache, "hit" if cached is not None else "miss")
+
+        def wrap(make_linear):
+            self._isq_factory = wrap_factory(make_linear, self.isq_type, cache=cached)
+            return self._isq_factory
+
+        model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype, wrap_linear=wrap)
+        factory = self._isq_factory
+        factory.close()
+        if self.isq_type is not None:
+            log.info("ISQ %s: %s (%d tensors from the cache)", self.isq_type, factory.summary(), factory.cache_hits)
+        if key is not None and cached is None:
+            save_isq_cache(isq_cache, key, factory.quantized_arrays())
+        return model
+
+    @property
+    def isq_factory(self):
+        """The ISQFactory the projections were built through (None for safetensors models)."""
+        return self._isq_factory
+
+    def re_isq(self, isq_type: str | int) -> str:
+        """Re-quantize the loaded model to `isq_type` while serving; returns the normalized type.
+
+        Requests in flight finish on the old weights, new ones wait until the new weights
+        are in place and every step shape is compiled again (mistral.rs' /re_isq). On a
+        failure the previous type is restored and the error re-raised.
+        """
+        from .quant.isq import normalize_isq_type
+
+        new_type = normalize_isq_type(isq_type)
+        if self._isq_factory is None:
+            raise NotSupportedError("re-quantizing (re_isq) is only available for GGUF models in mistralrs-jax")
+        with self._re_isq_lock:
+            self.engine.run_exclusive(lambda: self._requantize_now(new_type))
+        return new_type
+
+    def _requantize_now(self, new_type: str) -> None:
+        """On the engine loop thread, with no sequence in flight."""
+        import time
+
+        old_type = self._isq_factory.isq_type
+        start = time.perf_counter()
+        self.runner.state_leaves = None  # drop the runner's references so old arrays can go tensor by tensor
+        try:
+            self._isq_factory.requantize(new_type)
+        except BaseException:
+            log.exception("re-ISQ to %s failed; restoring %s", new_type, old_type)
+            self._isq_factory.requantize(old_type)
+            raise
+        else:
+            self.isq_type = new_type
+        finally:
+            self._isq_factory.close()
+            self.runner.rebind_model(self.model)
+            self.block_manager.reset_prefix_cache()  # cached KV was computed with the old weights
+            if self.engine_config.warmup:
+                self._warmup()
+            self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
+        log.info("re-ISQ %s -> %s in %.1fs: %s", old_type, new_type, time.perf_counter() - start,
+                 self._isq_factory.summary())
 
     def _warmup(self) -> None:
         from tqdm.auto import tqdm
@@ -241,7 +322,8 @@ class LLM:
         """Teacher-forced f32 logits [len, vocab]: row i is the distribution of token i+1."""
         if not token_ids:
             raise ValueError("score() needs at least one token")
-        return self.runner.score(list(token_ids))
+        with self._re_isq_lock:  # re_isq swaps the runner's weights; score runs on the caller's thread
+            return self.runner.score(list(token_ids))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""

@@ -20,7 +20,8 @@ blueprint = Blueprint("admin", __name__)
 
 def _model_card() -> dict[str, Any]:
     state = server_state()
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local"}
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local",
+            "isq_type": getattr(state.llm, "isq_type", None)}
 
 
 @blueprint.get("/v1/models")
@@ -71,7 +72,7 @@ async def status() -> Response:
     llm = state.llm
     return json_response({
         "model": {"id": state.model_name, "path": llm.model_path, "max_model_len": llm.max_model_len,
-                  "config": _plain(llm.model_config)},
+                  "isq_type": getattr(llm, "isq_type", None), "config": _plain(llm.model_config)},
         "engine": {"config": _plain(llm.engine_config), "token_buckets": _plain(llm.runner.token_buckets),
                    "seq_buckets": _plain(llm.runner.seq_buckets)},
         "metrics": _plain(llm.metrics()),

@@ -82,7 +82,8 @@ MALFORMED = [
     ("GET on a POST route", "GET", CHAT, None, 405, None),
     ("POST on a GET route", "POST", "/v1/models", {}, 405, None),
     ("unknown model id", "GET", "/v1/models/not-this-one", None, 404, "model"),
-    ("re_isq is not available yet", "POST", "/v1/re_isq", {"ggml_type": "Q4K"}, 400, None),
+    ("re_isq with an unknown ISQ type", "POST", "/v1/re_isq", {"ggml_type": "Q9K"}, 400, "isq_type"),
+    ("re_isq without an ISQ type", "POST", "/v1/re_isq", {"model": "default"}, 400, "isq_type"),
     ("image generation is not available", "POST", "/v1/images/generations", {"prompt": "a cat"}, 400, None),
 ]
 
@@ -126,8 +127,10 @@ def test_error_messages_say_what_to_fix(live_server):
         assert "list[int]" in error["message"]
         error = assert_error_body(http.put(CHAT, json=chat()), 405, None)
         assert "POST" in error["message"]
-        error = assert_error_body(http.post("/v1/re_isq", json={}), 400, None)
-        assert "not available" in error["message"] and error["code"] == "not_supported"
+        error = assert_error_body(http.post("/v1/re_isq", json={}), 400, "isq_type")
+        assert '{"isq_type": "Q4K"}' in error["message"]
+        error = assert_error_body(http.post("/v1/re_isq", json={"isq_type": "afq4"}), 400, None)
+        assert "Metal" in error["message"] and error["code"] == "not_supported"
 
 
 def test_the_default_model_name_and_a_missing_model_are_accepted(live_server):

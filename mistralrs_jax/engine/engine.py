@@ -2,7 +2,8 @@
 
 `add_request` and `abort` are thread-safe: they queue a command that the loop thread
 applies at the start of its next iteration, so the scheduler and block manager are only
-ever touched by the loop thread.
+ever touched by the loop thread. `run_exclusive(fn)` runs work (re-quantization) on the
+loop thread once every sequence in flight has finished, holding new requests back meanwhile.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import queue
 import threading
 import time
 import uuid
-
+from concurrent.futures import Future
+from typing import Any, Callable
 
 from ..errors import InvalidRequestError
 from ..loading.detokenizer import IncrementalDetokenizer
@@ -60,6 +62,9 @@ class Engine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # run_exclusive: the pending (fn, future), and the commands held back until it ran.
+        self._exclusive: tuple[Callable[[], Any], Future] | None = None
+        self._deferred: list[tuple] = []
         self._update_gauges()
 
     # -- public, any thread ----------------------------------------------------------
@@ -118,12 +123,32 @@ class Engine:
         self._commands.put(("abort", request_id))
         self._wakeup.set()
 
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` on the loop thread while no sequence is in flight; its result (or exception).
+
+        Requests already queued run to completion first; requests added after this call
+        wait until `fn` has returned (aborts still apply at once). For work that swaps
+        what the runner holds (runtime re-quantization). Blocks the caller; never call it
+        from the loop thread itself.
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("run_exclusive would deadlock when called from the engine loop thread")
+        future: Future = Future()
+        self._commands.put(("exclusive", fn, future))
+        self._wakeup.set()
+        if self._thread is None:
+            self.start()
+        return future.result()
+
     # -- loop thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             if self._apply_commands():
                 self._update_gauges()  # aborts free blocks now; show it before the next step ends
+            if self._exclusive is not None and not self.scheduler.has_unfinished():
+                self._run_exclusive_now()
+                continue
             if not self.scheduler.has_unfinished():
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
@@ -133,10 +158,34 @@ class Engine:
             except Exception as exc:  # never let one bad step kill the server silently
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(exc)
-        self._fail_all(RuntimeError("the engine was shut down"))
+        shutdown = RuntimeError("the engine was shut down")
+        pending = [self._exclusive] if self._exclusive is not None else []
+        pending += [(cmd[1], cmd[2]) for cmd in self._deferred if cmd[0] == "exclusive"]
+        for _, future in pending:
+            future.set_exception(shutdown)
+        for cmd in self._deferred:
+            if cmd[0] == "add":
+                cmd[1]._fail(shutdown)
+        self._exclusive, self._deferred = None, []
+        self._fail_all(shutdown)
+
+    def _run_exclusive_now(self) -> None:
+        """Run the pending exclusive function (nothing is in flight), then the commands it held back."""
+        fn, future = self._exclusive
+        try:
+            result = fn()
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        self._exclusive = None
+        deferred, self._deferred = self._deferred, []
+        for cmd in deferred:
+            self._apply_command(cmd)
+        self._update_gauges()
 
     def _apply_commands(self) -> bool:
-        """Apply queued adds/aborts; True if there were any."""
+        """Apply queued commands; True if there were any."""
         applied = False
         while True:
             try:
@@ -144,21 +193,38 @@ class Engine:
             except queue.Empty:
                 return applied
             applied = True
-            if cmd[0] == "add":
-                _, handle, seqs = cmd
-                self._handles[handle.request_id] = handle
-                self.metrics.count("requests_total")
-                for seq in seqs:
-                    self._states[seq.seq_id] = _SeqState(seq, handle, self.tokenizer)
-                    self.scheduler.add(seq)
-            elif cmd[0] == "reset_prefix_cache":
-                self.block_manager.reset_prefix_cache()
-            elif cmd[0] == "abort":
-                aborted = self.scheduler.abort(cmd[1])
-                for seq in aborted:
-                    self._finish(seq, "abort", None, already_freed=True)
-                if aborted:
-                    self.metrics.count("requests_aborted")
+            self._apply_command(cmd)
+
+    def _apply_command(self, cmd: tuple) -> None:
+        if self._exclusive is not None and cmd[0] in ("add", "exclusive"):
+            self._deferred.append(cmd)  # new work waits until the exclusive function has run
+            return
+        if cmd[0] == "exclusive":
+            self._exclusive = (cmd[1], cmd[2])
+        elif cmd[0] == "add":
+            _, handle, seqs = cmd
+            self._handles[handle.request_id] = handle
+            self.metrics.count("requests_total")
+            for seq in seqs:
+                self._states[seq.seq_id] = _SeqState(seq, handle, self.tokenizer)
+                self.scheduler.add(seq)
+        elif cmd[0] == "reset_prefix_cache":
+            self.block_manager.reset_prefix_cache()
+        elif cmd[0] == "abort":
+            self._drop_deferred(cmd[1])
+            aborted = self.scheduler.abort(cmd[1])
+            for seq in aborted:
+                self._finish(seq, "abort", None, already_freed=True)
+            if aborted:
+                self.metrics.count("requests_aborted")
+
+    def _drop_deferred(self, request_id: str) -> None:
+        """An abort for a request still held back by run_exclusive: it never starts."""
+        for cmd in [c for c in self._deferred if c[0] == "add" and c[1].request_id == request_id]:
+            self._deferred.remove(cmd)
+            self.metrics.count("requests_aborted")
+            for seq in cmd[2]:
+                cmd[1]._push(CompletionDelta(index=seq.index, text="", finish_reason="abort"))
 
     def step(self) -> None:
         output = self.scheduler.schedule()

@@ -121,16 +121,25 @@ class ModelRunner:
         self.token_buckets = sorted({max(MIN_TOKEN_BUCKET, t) for t in (token_buckets or DEFAULT_TOKEN_BUCKETS)
                                      if t < max_num_batched_tokens} | {max(MIN_TOKEN_BUCKET, max_num_batched_tokens)})
         self.seq_buckets = sorted({s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs} | {max_num_seqs})
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
+        self.num_compiles = 0
+        self._sample_fn = jax.jit(sample, static_argnames=("modes",))
+        self.rebind_model(model)
+
+    def rebind_model(self, model: nnx.Module) -> None:
+        """Take `model`'s current weights and structure, with fresh jitted step/score functions.
+
+        Used at start and after runtime re-quantization (LLM.re_isq), where array shapes and
+        static fields (a Linear's group size) change, so the old traces cannot be reused.
+        Call `warmup()` afterwards so no request waits on the recompile.
+        """
         self.graphdef, state = nnx.split(model)
         # Pass the weights as a flat list of arrays and close over the graph definition:
         # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
-        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
-        self.num_compiles = 0
-        self._seen_shapes: set = set()
+        self._seen_shapes: set = {key for key in getattr(self, "_seen_shapes", ()) if key[0] == "sample"}
         self._step_fn = jax.jit(self._step, donate_argnums=(1,))
-        self._sample_fn = jax.jit(sample, static_argnames=("modes",))
         self._score_fn = jax.jit(self._score)
 
     @property

@@ -139,10 +139,16 @@ def check_gguf_architecture(path: str, arch: str | None) -> None:
             f"{path}: architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_BUILDERS))})")
 
 
-def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto"):
+def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto",
+                          wrap_linear: Callable[[Callable], Callable] | None = None):
+    """`wrap_linear(make_linear) -> make_linear`, when given, decides how projections are built
+    from the default factory (LLM passes ISQ's `wrap_factory` here and keeps what it returns)."""
     check_gguf_architecture(gguf.path, config.arch)
     weight_dtype = resolve_dtype(dtype)
-    source = GGUFWeights(gguf, config, make_linear_factory(cpu_weights, weight_dtype), weight_dtype)
+    make_linear = make_linear_factory(cpu_weights, weight_dtype)
+    if wrap_linear is not None:
+        make_linear = wrap_linear(make_linear)
+    source = GGUFWeights(gguf, config, make_linear, weight_dtype)
     return build_model(config, source, weight_dtype)
 
 
