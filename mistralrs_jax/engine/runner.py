@@ -215,7 +215,7 @@ class ModelRunner:
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         num_tokens = sum(n for _, n in scheduled)
         t_pad = _bucket(self.token_buckets, num_tokens)
-        s_pad = self.seq_bucket_for(t_pad)
+        s_pad = self.seq_bucket_for(t_pad, len(scheduled))
         runs = [(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n], seq.num_computed_tokens,
                  seq.block_table) for seq, n in scheduled]
         return (*self.build_metadata(runs, t_pad, s_pad), (t_pad, s_pad))
@@ -252,16 +252,21 @@ class ModelRunner:
             self._seen_shapes.add(key)
             self.num_compiles += 1
 
-    def seq_bucket_for(self, num_tokens_padded: int) -> int:
-        """The sequence axis is tied to the token axis: a step with t padded tokens holds
-        at most min(t, max_seqs) sequences, so each token bucket compiles with one seq
-        bucket. Extra rows only cost lm_head/sampler rows, which are cheap next to the
-        weights a step streams anyway, and the warm-up compiles len(token_buckets)
-        shapes instead of a grid."""
+    def seq_bucket_for(self, num_tokens_padded: int, num_seqs: int | None = None) -> int:
+        """The sequence axis is tied to the token axis: a step with t padded tokens holds at
+        most min(t, max_seqs) sequences, so each token bucket compiles with that seq bucket.
+        Extra rows only cost lm_head and sampler rows, except in the smallest bucket, where
+        a batch-1 decode lives: there a 49152-wide lm_head on 8 rows took ~15 ms against
+        ~5 ms on one row (a third of the step), so that bucket also compiles a one-row
+        variant for single-sequence steps."""
+        if num_seqs == 1 and num_tokens_padded == self.token_buckets[0] and self.seq_buckets[0] == 1:
+            return 1
         return _bucket(self.seq_buckets, min(num_tokens_padded, self.seq_buckets[-1]))
 
     def shape_pairs(self) -> list[tuple[int, int]]:
-        return [(t, self.seq_bucket_for(t)) for t in self.token_buckets]
+        pairs = [(t, self.seq_bucket_for(t)) for t in self.token_buckets]
+        single = (self.token_buckets[0], self.seq_bucket_for(self.token_buckets[0], 1))
+        return sorted(set(pairs) | {single})
 
     def warmup(self, progress=None) -> None:
         """Compile every (tokens, seqs) bucket pair, and every sampler variant for each
