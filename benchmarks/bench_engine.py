@@ -29,7 +29,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from benchmarks.machine import describe_machine, package_version
 
 logger = logging.getLogger(__name__)
 
@@ -102,43 +103,12 @@ def pin_threads(threads: int) -> None:
         logger.warning("--threads %d is more than the %d CPUs available to this process", threads, len(available))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def package_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_description(threads: int) -> dict:
-    import jax
-
-    return {
-        "cpu_model": cpu_model(),
-        "load_average_1m": os.getloadavg()[0],
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "cpus_used": sorted(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(device) for device in jax.devices()],
-        "versions": {
-            name: package_version(name)
-            for name in ("mistralrs-jax", "jaxlib", "llama-cpp-python", "torch", "transformers")
-        },
-    }
+    """benchmarks.machine's description with the JAX backend (this process runs the engine)."""
+    description = describe_machine(with_jax_backend=True)
+    description.update(load_average_1m=os.getloadavg()[0], threads=threads,
+                       cpus_used=sorted(os.sched_getaffinity(0)))
+    return description
 
 
 # --------------------------------------------------------------------------- engines

@@ -121,3 +121,21 @@ def test_machine_description_leaves_jax_backend_alone():
     description = describe_machine()
     assert description["jax_backend"] is None  # a load generator must not grab the server's GPU
     assert description["threads"] >= 1 and description["cpu_model"]
+
+
+def test_bench_engine_runs_end_to_end_on_a_tiny_workload(tmp_path):
+    """pp/tg benchmark, our row only, tiny lengths: the JSON has the workload, the machine and a
+    row with positive rates (figures not asserted)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_engine", "--pp", "16", "--tg", "4", "--reps", "1",
+                           "--engines", "ours", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = out.glob("bench_engine-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["machine"]["cpu_model"] and result["machine"]["jax_backend"]
+    (row,) = [r for r in result["rows"] if r["engine"] == "mistralrs-jax"]
+    assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
+    assert "mistralrs-jax" in proc.stdout
