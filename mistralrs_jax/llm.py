@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from typing import Iterator
@@ -16,7 +15,7 @@ from .engine.contiguous_cache import ContiguousBlockManager, contiguous_pool_lay
 from .engine.engine import Engine
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
-from .errors import ModelLoadError, NotSupportedError
+from .errors import NotSupportedError
 from .loading.chat_template import ChatTemplate
 from .loading.gguf import GGUFFile
 from .loading.hub import resolve_model_files
@@ -135,13 +134,14 @@ class LLM:
         log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", self.model_name, self.model_config.arch,
                  self.model_config.num_layers, cpu_weights if resolved.kind == "gguf" else "dense", dtype)
         if resolved.kind == "plain":
-            if self.isq_type is not None or isq_cache is not None:
-                raise NotSupportedError(
-                    "in-situ quantization (--isq) is only available for GGUF models in mistralrs-jax; "
-                    "load a .gguf file (the `gguf` subcommand) or drop --isq")
-            self.model = build_model_from_hf(self.model_path, self.model_config, dtype=dtype)
+            self.model = self._load_model(
+                lambda wrap: build_model_from_hf(self.model_path, self.model_config, dtype=dtype, wrap_linear=wrap),
+                isq_cache)
         else:
-            self.model = self._load_gguf_model(gguf, cpu_weights, dtype, isq_cache)
+            self.model = self._load_model(
+                lambda wrap: build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype,
+                                                   wrap_linear=wrap),
+                isq_cache)
 
         ec = self.engine_config
         num_blocks = kv_cache_num_blocks(self.model_config, ec)
@@ -179,9 +179,10 @@ class LLM:
         self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
         self.engine.start()
 
-    def _load_gguf_model(self, gguf: GGUFFile, cpu_weights: str, dtype: str, isq_cache: str | None):
-        """Build the model with every projection going through an ISQFactory (even without
-        ISQ, so `re_isq` can re-quantize later), reading and filling the ISQ cache."""
+    def _load_model(self, build, isq_cache: str | None):
+        """`build(wrap_linear)` the model with every projection going through an ISQFactory
+        (even without ISQ, so `re_isq` can re-quantize later), reading and filling the ISQ
+        cache. GGUF files and safetensors directories alike."""
         from .quant.isq import wrap_factory
         from .quant.isq_cache import isq_cache_key, load_isq_cache, save_isq_cache
 
@@ -195,7 +196,7 @@ class LLM:
             self._isq_factory = wrap_factory(make_linear, self.isq_type, cache=cached)
             return self._isq_factory
 
-        model = build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype, wrap_linear=wrap)
+        model = build(wrap)
         factory = self._isq_factory
         factory.close()
         if self.isq_type is not None:
@@ -206,7 +207,7 @@ class LLM:
 
     @property
     def isq_factory(self):
-        """The ISQFactory the projections were built through (None for safetensors models)."""
+        """The ISQFactory the projections were built through."""
         return self._isq_factory
 
     def re_isq(self, isq_type: str | int) -> str:

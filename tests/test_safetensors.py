@@ -223,3 +223,33 @@ def test_loading_holds_no_second_copy(peers, tmp_path):
     peak = int(result.stdout.split()[-1])
     print(f"\npeak anonymous memory while loading: {peak / 1e6:.0f} MB for a {file_bytes / 1e6:.0f} MB checkpoint")
     assert peak < 1.3 * file_bytes
+
+
+def test_isq_of_a_safetensors_checkpoint_matches_transformers_on_the_quantized_weights(llama_dir):
+    """`LLM(isq="Q8_0")` on a safetensors directory quantizes every projection at load: its logits
+    equal transformers' on the same checkpoint with each projection replaced by gguf-py's Q8_0
+    round trip (lm_head and embeddings stay at source precision); re_isq(None) gives the
+    unquantized logits back."""
+    import gguf
+    import torch
+
+    from mistralrs_jax import LLM
+
+    with LLM(model=str(llama_dir), isq="Q8_0", **LLM_KWARGS) as llm:
+        assert llm.isq_type == "Q8_0" and llm.isq_factory.summary().get("Q8_0", 0) == 7 * 2  # 7 per layer
+        quantized = llm.score(SCORE_IDS)
+        assert llm.re_isq("Q8_0") == "Q8_0"
+        np.testing.assert_array_equal(llm.score(SCORE_IDS), quantized)  # in-place round trip is exact
+    reference = load_reference(llama_dir)
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                         layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                weight = proj.weight.numpy().astype(np.float32)
+                blocks = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+                roundtrip = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0).reshape(weight.shape)
+                proj.weight.copy_(torch.from_numpy(roundtrip))
+    expected = reference_logits(reference, SCORE_IDS)
+    assert np.abs(quantized - expected).max() <= MAX_ABS_DIFF
+    unquantized = reference_logits(load_reference(llama_dir), SCORE_IDS)
+    assert np.abs(quantized - unquantized).max() > 10 * np.abs(quantized - expected).max()  # ISQ really ran

@@ -210,13 +210,32 @@ class SafetensorsWeights(WeightSource):
     def array(self, name: str) -> np.ndarray:
         return np.asarray(self._tensor(name), dtype=np.float32)
 
+    # `make_linear(source, tensor_name, row_transform, bias=None) -> Linear`, the same hook
+    # GGUF models build projections through; ISQ wraps it (quant/isq.py). None: dense.
+    make_linear = None
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A tensor in its stored dtype and shape (what ISQ reads the shape from)."""
+        return self._tensor(name)
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """A tensor as f32 (the ISQ source; safetensors hold no block formats)."""
+        return self.array(name)
+
+    def dense_linear(self, source, name: str, row_transform=None, bias: np.ndarray | None = None) -> Linear:
+        weight = self._tensor(name)
+        if row_transform is not None:
+            weight = row_transform(np.asarray(weight, np.float32))
+        # One copy into a device array in the stored layout, then [out, in] -> [in, out] there.
+        return Linear(jnp.asarray(weight, dtype=self.dtype).T, bias=bias, dtype=self.dtype)
+
     def linear(self, module: str) -> Linear:
         weight = self._tensor(module + ".weight")
         if weight.ndim != 2:
             raise CorruptModelFileError(f"{self.path}: {module}.weight has shape {tuple(weight.shape)}, expected 2-D")
         bias = self.array(module + ".bias") if self.has(module + ".bias") else None
-        # One copy into a device array in the stored layout, then [out, in] -> [in, out] there.
-        return Linear(jnp.asarray(weight, dtype=self.dtype).T, bias=bias, dtype=self.dtype)
+        make_linear = self.make_linear or self.dense_linear
+        return make_linear(self, module + ".weight", None, bias=bias)
 
     def embedding(self, module: str) -> Embedding:
         return Embedding(jnp.asarray(self._tensor(module + ".weight"), dtype=self.dtype), dtype=self.dtype)

@@ -152,10 +152,14 @@ def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", d
     return build_model(config, source, weight_dtype)
 
 
-def build_model_from_hf(model_dir: str, config: ModelConfig, dtype: str = "auto"):
-    """A Hugging Face checkpoint directory (config already parsed) -> model."""
+def build_model_from_hf(model_dir: str, config: ModelConfig, dtype: str = "auto",
+                        wrap_linear: Callable[[Callable], Callable] | None = None):
+    """A Hugging Face checkpoint directory (config already parsed) -> model; `wrap_linear`
+    as in `build_model_from_gguf`."""
     from ..loading.safetensors import SafetensorsWeights
 
     weight_dtype = resolve_dtype(dtype, config.dtype)
     with SafetensorsWeights(model_dir, weight_dtype) as source:
+        if wrap_linear is not None:
+            source.make_linear = wrap_linear(source.dense_linear)
         return build_model(config, source, weight_dtype)
