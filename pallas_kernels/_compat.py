@@ -67,3 +67,25 @@ def lower_for_cuda(fn: Callable, *args, **kwargs) -> str:
     else:  # JAX releases before the trace/lower split
         lowered = jitted.lower(*args, _experimental_lowering_platform=("cuda",))  # pragma: no cover
     return lowered.as_text()
+
+
+def choose_implementation(env_var: str, pallas_available: bool) -> str:
+    """'pallas', 'pallas-interpret' or 'reference' for one op: `env_var`
+    (reference|pallas|interpret) forces a choice, else Pallas on GPU when its kernel is
+    available and the XLA reference elsewhere. Read at trace time."""
+    import os
+
+    import jax
+
+    from mistralrs_jax.errors import NotSupportedError
+
+    forced = os.environ.get(env_var, "").strip().lower()
+    if forced:
+        if forced not in ("reference", "pallas", "interpret"):
+            raise NotSupportedError(f"{env_var}={forced!r} is not a choice: set it to reference, "
+                                    "pallas or interpret, or unset it")
+        if forced == "pallas" and jax.default_backend() != "gpu":
+            raise NotSupportedError(f"{env_var}=pallas needs an NVIDIA GPU (the kernel is compiled "
+                                    "with Triton); on this backend use interpret (slow, for tests) or reference")
+        return "pallas-interpret" if forced == "interpret" else forced
+    return "pallas" if jax.default_backend() == "gpu" and pallas_available else "reference"

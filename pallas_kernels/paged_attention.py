@@ -25,7 +25,6 @@ is present (see the Pallas issue) and this reference otherwise.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -171,18 +170,9 @@ def dispatch() -> str:
     default (Pallas on GPU, the XLA reference elsewhere). Read on every call, i.e. at
     trace time: a jitted function keeps the choice it was traced with.
     """
-    from mistralrs_jax.errors import NotSupportedError
+    from ._compat import choose_implementation
 
-    forced = os.environ.get("MISTRALRS_JAX_ATTENTION", "").strip().lower()
-    if forced:
-        if forced not in ("reference", "pallas", "interpret"):
-            raise NotSupportedError(f"MISTRALRS_JAX_ATTENTION={forced!r} is not a choice: set it to reference, "
-                                    "pallas or interpret, or unset it")
-        if forced == "pallas" and jax.default_backend() != "gpu":
-            raise NotSupportedError("MISTRALRS_JAX_ATTENTION=pallas needs an NVIDIA GPU (the kernel is compiled "
-                                    "with Triton); on this backend use interpret (slow, for tests) or reference")
-        return "pallas-interpret" if forced == "interpret" else forced
-    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+    return choose_implementation("MISTRALRS_JAX_ATTENTION", jax.default_backend() == "gpu" and _pallas_available())
 
 
 def _pallas_available() -> bool:

@@ -27,20 +27,9 @@ def dispatch() -> str:
     overrides the default (Pallas on GPU, the XLA reference elsewhere). Read on every
     call, i.e. at trace time.
     """
-    import os
+    from ._compat import choose_implementation
 
-    from mistralrs_jax.errors import NotSupportedError
-
-    forced = os.environ.get("MISTRALRS_JAX_QMATMUL", "").strip().lower()
-    if forced:
-        if forced not in ("reference", "pallas", "interpret"):
-            raise NotSupportedError(f"MISTRALRS_JAX_QMATMUL={forced!r} is not a choice: set it to reference, "
-                                    "pallas or interpret, or unset it")
-        if forced == "pallas" and jax.default_backend() != "gpu":
-            raise NotSupportedError("MISTRALRS_JAX_QMATMUL=pallas needs an NVIDIA GPU (the kernel is compiled "
-                                    "with Triton); on this backend use interpret (slow, for tests) or reference")
-        return "pallas-interpret" if forced == "interpret" else forced
-    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+    return choose_implementation("MISTRALRS_JAX_QMATMUL", jax.default_backend() == "gpu" and _pallas_available())
 
 
 def _pallas_available() -> bool:

@@ -123,7 +123,6 @@ class ModelRunner:
         self.seq_buckets = sorted({s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs} | {max_num_seqs})
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
-        self.num_compiles = 0
         self._sample_fn = jax.jit(sample, static_argnames=("modes",))
         self.rebind_model(model)
 
@@ -138,7 +137,6 @@ class ModelRunner:
         # Pass the weights as a flat list of arrays and close over the graph definition:
         # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
-        self._seen_shapes: set = {key for key in getattr(self, "_seen_shapes", ()) if key[0] == "sample"}
         self._step_fn = jax.jit(self._step, donate_argnums=(1,))
         self._score_fn = jax.jit(self._score)
 
@@ -236,8 +234,6 @@ class ModelRunner:
             seeds=[seq.seed for seq in seqs],
         )
         arrays, modes = compiled_sampler_variant(arrays, modes)
-        self._note_shape(("step", shape_key))
-        self._note_shape(("sample", shape_key[1], modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
         inputs = jax.device_put((input_ids, meta, logits_indices, arrays))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs[:3])
         out = self._sample_fn(logits, inputs[3], modes=modes)
@@ -246,11 +242,6 @@ class ModelRunner:
             host = jax.device_get(out)
             return StepResult(host.token_ids[rows], host.logprobs[rows], host.top_ids[rows], host.top_logprobs[rows])
         return StepResult(np.asarray(jax.device_get(out.token_ids))[rows])
-
-    def _note_shape(self, key) -> None:
-        if key not in self._seen_shapes:
-            self._seen_shapes.add(key)
-            self.num_compiles += 1
 
     def seq_bucket_for(self, num_tokens_padded: int, num_seqs: int | None = None) -> int:
         """The sequence axis is tied to the token axis: a step with t padded tokens holds at
@@ -286,7 +277,6 @@ class ModelRunner:
         """One step on padding only (everything writes to and reads the trash block),
         then, with ``warm_sampler``, one run of each compiled sampler variant."""
         input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
-        self._note_shape(("step", (num_tokens, num_seqs)))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches,
                                                *jax.device_put((input_ids, meta, logits_indices)))
         if not warm_sampler:
@@ -295,7 +285,6 @@ class ModelRunner:
         for params in SAMPLER_WARMUP_PARAMS:
             arrays, modes = compiled_sampler_variant(
                 *build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0]))
-            self._note_shape(("sample", num_seqs, modes, tuple(np.shape(x) for x in jax.tree.leaves(arrays))))
             jax.block_until_ready(self._sample_fn(logits, jax.device_put(arrays), modes=modes))
 
     def score(self, token_ids: list[int]) -> np.ndarray:
