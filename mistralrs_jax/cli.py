@@ -34,7 +34,7 @@ LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.IN
 DTYPES = ("auto", "bf16", "f16", "f32")
 
 # Subcommands that select a model this engine can load, and how their flags name it.
-MODEL_SUBCOMMANDS = ("plain", "gguf", "run", "vision-plain")
+MODEL_SUBCOMMANDS = ("plain", "gguf", "ggml", "run", "vision-plain")
 
 # Subcommands mistral.rs has whose feature this engine lacks: name -> why / what to do instead.
 UNSUPPORTED_SUBCOMMANDS = {
@@ -43,8 +43,6 @@ UNSUPPORTED_SUBCOMMANDS = {
     "lora": "LoRA adapters are not supported yet in mistralrs-jax; run the base model with `plain -m BASE`",
     "x-lora-gguf": "X-LoRA adapters are not supported yet in mistralrs-jax; run the base model with `gguf -m ... -f ...`",
     "lora-gguf": "LoRA adapters are not supported yet in mistralrs-jax; run the base model with `gguf -m ... -f ...`",
-    "ggml": "GGML (pre-GGUF) files are not supported by mistralrs-jax; convert the model to GGUF "
-            "(llama.cpp's convert scripts) and use the `gguf` subcommand",
     "x-lora-ggml": "GGML (pre-GGUF) files and X-LoRA adapters are not supported by mistralrs-jax; convert to GGUF",
     "lora-ggml": "GGML (pre-GGUF) files and LoRA adapters are not supported by mistralrs-jax; convert to GGUF",
     "diffusion": "diffusion (image generation) models are not supported by mistralrs-jax",
@@ -268,8 +266,10 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
         _add_device_map_hints(adapter)
 
     for name in ("x-lora-gguf", "lora-gguf", "ggml", "x-lora-ggml", "lora-ggml"):
-        quantized = sub(name, f"{name} models (not supported)")
-        quantized.add_argument("-t", "--tok-model-id", required=(name == "ggml"))
+        quantized = sub(name, "a legacy GGML (ggml/ggmf/ggjt v1-3) LLaMA file" if name == "ggml"
+                        else f"{name} models (not supported)")
+        # mistral.rs requires -t for ggml; here the file's own vocabulary serves without it.
+        quantized.add_argument("-t", "--tok-model-id")
         if "ggml" in name:
             quantized.add_argument("--tokenizer-json")
         quantized.add_argument("-m", "--quantized-model-id", required=True)
@@ -282,7 +282,8 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
         if "lora" in name:
             quantized.add_argument("-o", "--order", required=True)
         if "ggml" in name:
-            quantized.add_argument("-g", "--gqa", type=int, default=1)
+            quantized.add_argument("-g", "--gqa", type=int, default=None,
+                                   help="query heads per KV head (default: read from the K projection's shape)")
         _add_dtype(quantized)
         quantized.add_argument("--topology")
         _add_device_map_hints(quantized)
@@ -407,6 +408,9 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
     if command == "gguf":
         kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename, tokenizer=args.tok_model_id)
+    elif command == "ggml":
+        kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename,
+                      tokenizer=args.tokenizer_json or args.tok_model_id, gqa=args.gqa)
     elif command in ("plain", "run", "vision-plain"):
         kwargs.update(model=args.model_id, tokenizer=args.tokenizer_json)
     elif command is not None:

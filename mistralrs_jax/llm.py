@@ -17,7 +17,7 @@ from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .errors import NotSupportedError
 from .loading.chat_template import ChatTemplate
-from .loading.gguf import GGUFFile
+from .loading.ggml import open_model_file
 from .loading.hub import resolve_model_files
 from .loading.tokenizer import Tokenizer, load_tokenizer
 from .models.registry import build_model_from_gguf, check_gguf_architecture
@@ -71,6 +71,18 @@ def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, bytes_per_ele
     return max(2, int(budget // per_block)) + 1
 
 
+def _config_json_near(*sources: str | None) -> str | None:
+    """The first config.json beside one of `sources` (a directory, or a file in one)."""
+    for source in sources:
+        if not source:
+            continue
+        directory = source if os.path.isdir(source) else os.path.dirname(source)
+        path = os.path.join(directory, "config.json")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 class LLM:
     def __init__(
         self,
@@ -90,6 +102,7 @@ class LLM:
         no_paged_attn: bool = False,
         cpu_weights: str = "f32",
         chat_template: str | None = None,
+        gqa: int | None = None,
         isq: str | int | None = None,
         isq_cache: str | None = None,
         max_model_len: int | None = None,
@@ -126,7 +139,10 @@ class LLM:
             self.tokenizer: Tokenizer = load_tokenizer(tokenizer or self.model_path)
         else:
             self.model_path = resolved.gguf_path
-            gguf = GGUFFile(self.model_path)
+            # A legacy GGML file lacks eps / RoPE base / context: a config.json beside the
+            # tokenizer or the file supplies them (llama.cpp's --model-metadata-dir).
+            gguf = open_model_file(self.model_path, gqa=gqa,
+                                   config_path=_config_json_near(tokenizer, self.model_path))
             check_gguf_architecture(self.model_path, gguf.architecture)
             self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
             self.tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)

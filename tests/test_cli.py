@@ -143,7 +143,6 @@ def test_bad_command_lines_are_usage_errors(command_line, capsys):
     ("--port 1234 toml -f toml-selectors/gguf.toml", "TOML"),
     ("-i diffusion -m black-forest-labs/FLUX.1-schnell -a flux", "diffusion"),
     ("-i speech -m nari-labs/Dia-1.6B -a dia", "speech"),
-    ("ggml -t meta-llama/Llama-2-7b -m TheBloke/Llama-2-7B-GGML -f llama-2-7b.ggmlv3.q4_0.bin", "GGML"),
     ("speculative -m target/repo -f t.gguf --draft-model-id draft/repo --draft-quantized-filename d.gguf",
      "speculative decoding is not supported yet"),
     ("--no-kv-cache plain -m x", "--no-kv-cache"),

@@ -99,7 +99,7 @@ def test_local_gguf_file(smollm2_gguf_path):
 def test_local_file_that_is_not_gguf(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
-    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+    with pytest.raises(ModelLoadError, match=r"not a GGUF \(or legacy GGML\) file"):
         resolve_model_files(str(fake))
 
 

@@ -53,6 +53,8 @@ PLAIN_MODEL_PATTERNS = [
 ]
 
 GGUF_MAGIC = b"GGUF"
+# GGUF, and the legacy GGML containers (loading/ggml.py) a `gguf`/`ggml` model file may be.
+MODEL_FILE_MAGICS = (GGUF_MAGIC, b"lmgg", b"fmgg", b"tjgg")
 # "name" or "namespace/name", as the Hub spells repo ids.
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -235,23 +237,26 @@ def _looks_local(model: str) -> bool:
     return _REPO_ID_RE.match(model) is None or "--" in model or ".." in model
 
 
-def _is_gguf_file(path: str) -> bool:
+def _is_model_file(path: str) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
+            return f.read(4) in MODEL_FILE_MAGICS
     except OSError:
         return False
 
 
 def _file_display_name(path: str) -> str:
     name = os.path.basename(path)
-    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+    for suffix in (".gguf", ".bin"):  # legacy GGML files were named *.bin
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _local_gguf(path: str) -> ResolvedModel:
-    if not _is_gguf_file(path):
+    if not _is_model_file(path):
         raise ModelLoadError(
-            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); for a "
+            f"{path} is not a GGUF (or legacy GGML) file (it does not start with their magic bytes); for a "
             "safetensors model pass the directory that holds config.json"
         )
     return ResolvedModel("gguf", _file_display_name(path), gguf_path=os.path.abspath(path))
