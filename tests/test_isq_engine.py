@@ -29,8 +29,8 @@ def answer(llm) -> str:
 def restarted(smollm2_gguf_path, tmp_path_factory):
     """(first engine's facts, second engine): both LLM(isq="Q8_0", isq_cache=the same dir).
 
-    Q8_0, not a K-quant: re-quantizing this 135M Q4_1 checkpoint to Q4K or Q6K changes its
-    greedy answer away from Paris."""
+    Q8_0, not a K-quant: this phrasing's first answer token is a near-tie that Q4K and Q6K
+    flip (see PHRASINGS below, and the Q4K test that checks every clear decision holds)."""
     from mistralrs_jax import LLM
 
     cache_dir = str(tmp_path_factory.mktemp("isq-cache"))
@@ -131,6 +131,38 @@ def test_re_isq_on_a_live_server(restarted):
         assert llm.isq_type == "Q8_0"
     finally:
         background.stop()
+
+
+# Four phrasings of the question. The source checkpoint is already Q4_1, so re-quantizing it
+# moves logits by a few tenths: a first answer token that is a near-tie in the source can flip
+# (measured: "What is the capital of France?" opens with "The" 25.69 vs "L" 25.59 unquantized,
+# and both Q4K and Q6K pick "L'Étoile..."), while every clear decision stays.
+PHRASINGS = ["What is the capital of France?", "What is the capital of France? Answer in one word.",
+             "Which city is the capital of France?", "Name the capital city of France."]
+NEAR_TIE = 0.25  # top-1 minus top-2 logit of the unquantized model
+
+
+def test_q4k_model_still_answers_paris_wherever_the_source_is_not_a_near_tie(llm):
+    """SmolLM2 ISQ'd to Q4K answers "Paris" to every phrasing whose first answer token is a clear
+    decision in the unquantized model, and to at least 3 of the 4."""
+    from mistralrs_jax import LLM
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=32)
+    conversations = [[{"role": "user", "content": question}] for question in PHRASINGS]
+    source_answers = [out.outputs[0].text for out in llm.chat(conversations, greedy)]
+    assert all("Paris" in text for text in source_answers), source_answers
+    gaps = []
+    for conversation in conversations:
+        top = np.sort(llm.score(llm.chat_prompt_ids(conversation)[0])[-1])
+        gaps.append(float(top[-1] - top[-2]))
+    quantized = LLM(isq="Q4K", **SMALL)
+    try:
+        assert quantized.isq_factory.summary().get("Q4_K", 0) > 0
+        answers = [out.outputs[0].text for out in quantized.chat(conversations, greedy)]
+    finally:
+        quantized.shutdown()
+    flipped = [(question, gap, text) for question, gap, text in zip(PHRASINGS, gaps, answers) if "Paris" not in text]
+    assert len(flipped) <= 1 and all(gap < NEAR_TIE for _, gap, _ in flipped), (flipped, gaps)
 
 
 def test_cli_isq_flags_reach_llm(tmp_path):
