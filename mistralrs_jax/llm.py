@@ -18,7 +18,7 @@ from .engine.scheduler import Scheduler
 from .errors import NotSupportedError
 from .loading.chat_template import ChatTemplate
 from .loading.ggml import open_model_file
-from .loading.hub import resolve_model_files
+from .loading.hub import resolve_model_files, resolve_tokenizer_source
 from .loading.tokenizer import Tokenizer, load_tokenizer
 from .models.registry import build_model_from_gguf, check_gguf_architecture
 from .outputs import RequestOutput
@@ -130,6 +130,7 @@ class LLM:
         resolved = resolve_model_files(model, gguf_file=gguf_file, token_source=token_source, revision=revision,
                                        kind="gguf" if gguf_file or model is None or str(model).endswith(".gguf") else "auto")
         self.model_name = resolved.display_name
+        tokenizer = resolve_tokenizer_source(tokenizer, token_source)  # a repo id -> its downloaded files
         if resolved.kind == "plain":  # a Hugging Face directory: config.json + *.safetensors
             from .loading.safetensors import load_hf_config
             from .models.registry import build_model_from_hf

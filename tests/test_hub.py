@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from mistralrs_jax.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from mistralrs_jax.loading.hub import default_model_path, resolve_model_files, resolve_token
+from mistralrs_jax.loading.hub import default_model_path, resolve_model_files, resolve_token, resolve_tokenizer_source
+from mistralrs_jax.loading.tokenizer import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -223,3 +224,30 @@ def test_offline_plain_model_from_the_hub_cache(monkeypatch, tmp_path):
     resolved = resolve_model_files("test-org/tiny", kind="plain")
     assert resolved.kind == "plain" and os.path.samefile(resolved.model_dir, snapshot)
     assert resolved.display_name == "test-org/tiny"
+
+
+def test_tokenizer_repo_id_comes_from_the_hub_cache(monkeypatch, tmp_path):
+    """`-t/--tok-model-id REPO` (mistral.rs): the repo's tokenizer files, never its weights."""
+    from family_fixtures import write_tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    source = tmp_path / "source"
+    source.mkdir()
+    write_tokenizer(source)
+    cache = tmp_path / "cache"
+    snapshot = _fill_hub_cache(cache, "test-org/tok", {name: source / name for name in
+                                                       ("tokenizer.json", "tokenizer_config.json")})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    directory = resolve_tokenizer_source("test-org/tok")
+    assert os.path.samefile(directory, snapshot)
+    text = "The quick brown fox."
+    assert load_tokenizer(directory).encode(text, add_special_tokens=False) == \
+        HFTokenizer.from_file(str(source / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+
+    assert resolve_tokenizer_source(str(source)) == str(source)  # a local directory is used as is
+    _fill_hub_cache(cache, "test-org/no-tok", {"config.json": b"{}"})
+    with pytest.raises(ModelNotFoundError, match="test-org/no-tok has no tokenizer.json"):
+        resolve_tokenizer_source("test-org/no-tok")
+    with pytest.raises(ModelNotFoundError, match="test-org/missing"):
+        resolve_tokenizer_source("test-org/missing")

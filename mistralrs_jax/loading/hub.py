@@ -19,7 +19,7 @@ import socket
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 
@@ -51,6 +51,8 @@ PLAIN_MODEL_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
 ]
+# What `-t/--tok-model-id` takes from a repo: the tokenizer and the metadata around it, no weights.
+TOKENIZER_PATTERNS = [pattern for pattern in PLAIN_MODEL_PATTERNS if "safetensors" not in pattern]
 
 GGUF_MAGIC = b"GGUF"
 # GGUF, and the legacy GGML containers (loading/ggml.py) a `gguf`/`ggml` model file may be.
@@ -358,47 +360,55 @@ def _from_hub(
     what = f"{gguf_file} from {repo_id}" if kind == "gguf" else f"the safetensors model {repo_id}"
     if revision:
         what += f" (revision {revision})"
+    from huggingface_hub import hf_hub_download, snapshot_download
 
+    if kind == "gguf":
+        path = _fetch_from_hub(repo_id, what, token_source,
+                               lambda **hub: hf_hub_download(repo_id, gguf_file, revision=revision, **hub))
+        resolved = _local_gguf(path)
+        return ResolvedModel("gguf", repo_id, gguf_path=resolved.gguf_path, source="hub")
+    directory = _fetch_from_hub(repo_id, what, token_source, lambda **hub: snapshot_download(
+        repo_id, revision=revision, allow_patterns=PLAIN_MODEL_PATTERNS, **hub))
+    _check_plain_dir(directory, where=f"the Hugging Face repo {repo_id}")
+    return ResolvedModel("plain", repo_id, model_dir=directory, source="hub")
+
+
+def _fetch_from_hub(repo_id: str, what: str, token_source: str, fetch: Callable[..., str]) -> str:
+    """`fetch(token=, local_files_only=, cache_dir=)` (a huggingface_hub download) with the Hub
+    checked first: offline or unreachable means the local cache only, without reading a token."""
     offline = _hub_offline()
     unreachable = None if offline else _hub_unreachable_reason()
     local_only = offline or unreachable is not None
     # A token is only needed (and its source only read) when the Hub is really contacted.
     token = False if local_only else _token_for_download(token_source)
-
-    from huggingface_hub import hf_hub_download, snapshot_download
-
     # HF_HUB_CACHE read now, so a cache dir set after import (e.g. --hf-cache-path) is honoured.
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    if not local_only:
+        log.info("downloading %s", what)
     try:
-        if kind == "gguf":
-            if not local_only:
-                log.info("downloading %s", what)
-            path = hf_hub_download(
-                repo_id,
-                gguf_file,
-                revision=revision,
-                token=token,
-                local_files_only=local_only,
-                cache_dir=cache_dir,
-            )
-            if local_only:
-                log.warning("the Hub is not reachable; using the cached copy of %s", what)
-            resolved = _local_gguf(path)
-            return ResolvedModel("gguf", repo_id, gguf_path=resolved.gguf_path, source="hub")
-        if not local_only:
-            log.info("downloading %s", what)
-        directory = snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            local_files_only=local_only,
-            allow_patterns=PLAIN_MODEL_PATTERNS,
-            cache_dir=cache_dir,
-        )
+        result = fetch(token=token, local_files_only=local_only, cache_dir=cache_dir)
     except Exception as exc:  # every huggingface_hub failure becomes one clear ModelNotFoundError
         raise _hub_error(exc, what, repo_id, token_source, token, offline, unreachable) from exc
-    _check_plain_dir(directory, where=f"the Hugging Face repo {repo_id}")
-    return ResolvedModel("plain", repo_id, model_dir=directory, source="hub")
+    if local_only:
+        log.warning("the Hub is not reachable; using the cached copy of %s", what)
+    return result
+
+
+def resolve_tokenizer_source(tokenizer: str | None, token_source: str = "cache") -> str | None:
+    """A local tokenizer source for `tokenizer` (mistral.rs' `-t/--tok-model-id`): a local file
+    or directory as given, or a Hugging Face repo id whose tokenizer files are downloaded."""
+    if tokenizer is None:
+        return None
+    local = os.path.expanduser(tokenizer)
+    if os.path.exists(local) or _looks_local(tokenizer):
+        return local  # load_tokenizer names a missing path
+    from huggingface_hub import snapshot_download
+
+    directory = _fetch_from_hub(tokenizer, f"the tokenizer of {tokenizer}", token_source, lambda **hub: snapshot_download(
+        tokenizer, allow_patterns=TOKENIZER_PATTERNS, **hub))
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise ModelNotFoundError(f"the Hugging Face repo {tokenizer} has no tokenizer.json (needed for -t/--tok-model-id)")
+    return directory
 
 
 def _token_for_download(token_source: str) -> str | bool:
