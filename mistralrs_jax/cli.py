@@ -28,29 +28,33 @@ DEFAULT_PORT = 1234
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_SEQS = 16  # mistral.rs's default
 DEFAULT_PREFIX_CACHE_N = 16
+# engine/speculative.py's DEFAULT_GAMMA (not imported: --help must not import JAX).
+DEFAULT_SPECULATIVE_GAMMA = 4
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 DTYPES = ("auto", "bf16", "f16", "f32")
 
 # Subcommands that select a model this engine can load, and how their flags name it.
-MODEL_SUBCOMMANDS = ("plain", "gguf", "ggml", "run", "vision-plain")
+MODEL_SUBCOMMANDS = ("plain", "gguf", "ggml", "run", "vision-plain", "lora", "lora-gguf", "lora-ggml", "speculative")
 
 # Subcommands mistral.rs has whose feature this engine lacks: name -> why / what to do instead.
 UNSUPPORTED_SUBCOMMANDS = {
     "toml": "TOML model selectors are not supported yet in mistralrs-jax; use the `plain` or `gguf` subcommand",
     "x-lora": "X-LoRA adapters are not supported yet in mistralrs-jax; run the base model with `plain -m BASE`",
-    "lora": "LoRA adapters are not supported yet in mistralrs-jax; run the base model with `plain -m BASE`",
     "x-lora-gguf": "X-LoRA adapters are not supported yet in mistralrs-jax; run the base model with `gguf -m ... -f ...`",
-    "lora-gguf": "LoRA adapters are not supported yet in mistralrs-jax; run the base model with `gguf -m ... -f ...`",
-    "x-lora-ggml": "GGML (pre-GGUF) files and X-LoRA adapters are not supported by mistralrs-jax; convert to GGUF",
-    "lora-ggml": "GGML (pre-GGUF) files and LoRA adapters are not supported by mistralrs-jax; convert to GGUF",
+    "x-lora-ggml": "X-LoRA adapters are not supported yet in mistralrs-jax; run the base model with `ggml -m ... -f ...`",
     "diffusion": "diffusion (image generation) models are not supported by mistralrs-jax",
     "speech": "speech generation models are not supported by mistralrs-jax",
-    "speculative": "speculative decoding is not supported yet in mistralrs-jax; serve the target model alone "
-                   "with `plain` or `gguf`",
 }
 SUBCOMMAND_ALIASES = {"x-lora": ["x-lora-plain"], "diffusion": ["diffusion-plain"]}
+
+LORA_HELP = "PEFT LoRA adapters merged into a safetensors model at load"
+LORA_GGUF_HELP = "PEFT LoRA adapters merged into a GGUF (lora-gguf) or legacy GGML (lora-ggml) model at load"
+LORA_ADAPTERS_HELP = ("LoRA adapter: a PEFT directory or Hub repo id (owner/name[/folder]), or several "
+                      "comma-separated; with -o, the directory or repo holding the adapters the ordering file names")
+LORA_ORDER_HELP = ("mistral.rs ordering JSON file: its \"order\" names the adapters (sub-folders of -a) to merge; "
+                   "an entry may be {\"name\": ..., \"weight\": ...}")
 
 # Tool subcommands owned by other packages: name -> module. The module (kept light to
 # import) provides `add_arguments(parser)` and `run(args) -> int`; it may call
@@ -123,6 +127,9 @@ def _add_global_flags(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("-t", "--truncate-sequence", action="store_true",
                        help="cut prompts longer than the context instead of rejecting them")
     serve.add_argument("-s", "--seed", type=int, help="default sampling seed, for reproducible output")
+    serve.add_argument("--allowed-local-media-path", metavar="DIR",
+                       help="let chat requests name image files (paths, file:// URLs) under DIR (as vLLM's flag); "
+                            "by default the server reads no local file a client names")
 
     model = parser.add_argument_group("model")
     model.add_argument("--token-source", type=_token_source, default="cache",
@@ -248,7 +255,8 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
     toml.add_argument("-f", "--file", required=True)
 
     for name, label, arch_short in (("x-lora", "X-LoRA", True), ("lora", "LoRA", False)):
-        adapter = sub(name, f"{label} adapters on a safetensors model (not supported yet)")
+        adapter = sub(name, LORA_HELP if name == "lora"
+                      else f"{label} adapters on a safetensors model (not supported yet)")
         adapter.add_argument("-m", "--model-id")
         adapter.add_argument("-t", "--tokenizer-json")
         if name == "x-lora":
@@ -256,7 +264,9 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
             adapter.add_argument("-o", "--order", required=True)
             adapter.add_argument("--tgt-non-granular-index", type=int)
         else:
-            adapter.add_argument("-a", "--adapter-model-id", required=True)
+            adapter.add_argument("-a", "--adapter-model-id", "--adapters-model-id", dest="adapters_model_id",
+                                 required=True, help=LORA_ADAPTERS_HELP)
+            adapter.add_argument("-o", "--order", help=LORA_ORDER_HELP)
         adapter.add_argument(*(("-a", "--arch") if arch_short else ("--arch",)))
         _add_dtype(adapter)
         adapter.add_argument("--topology")
@@ -267,7 +277,7 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
 
     for name in ("x-lora-gguf", "lora-gguf", "ggml", "x-lora-ggml", "lora-ggml"):
         quantized = sub(name, "a legacy GGML (ggml/ggmf/ggjt v1-3) LLaMA file" if name == "ggml"
-                        else f"{name} models (not supported)")
+                        else LORA_GGUF_HELP if name.startswith("lora") else f"{name} models (not supported)")
         # mistral.rs requires -t for ggml; here the file's own vocabulary serves without it.
         quantized.add_argument("-t", "--tok-model-id")
         if "ggml" in name:
@@ -278,9 +288,10 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
             quantized.add_argument("-x", "--xlora-model-id", required=True)
             quantized.add_argument("--tgt-non-granular-index", type=int)
         elif name.startswith("lora"):
-            quantized.add_argument("-a", "--adapters-model-id", required=True)
+            quantized.add_argument("-a", "--adapters-model-id", "--adapter-model-id", dest="adapters_model_id",
+                                   required=True, help=LORA_ADAPTERS_HELP)
         if "lora" in name:
-            quantized.add_argument("-o", "--order", required=True)
+            quantized.add_argument("-o", "--order", required=name.startswith("x-lora"), help=LORA_ORDER_HELP)
         if "ggml" in name:
             quantized.add_argument("-g", "--gqa", type=int, default=None,
                                    help="query heads per KV head (default: read from the K projection's shape)")
@@ -300,12 +311,16 @@ def add_model_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParse
     _add_dtype(speech, short=False)
 
     # mistral.rs selects speculative decoding through a TOML file; this mirrors that section.
-    speculative = sub("speculative", "speculative decoding: a target model with a draft model (not supported yet)")
+    speculative = sub("speculative", "speculative decoding: a target model checks what a draft model with the same "
+                                     "tokenizer proposes (same output distribution, fewer target steps)")
     speculative.add_argument("-m", "--model-id", required=True, help="target model: repo id or path")
     speculative.add_argument("-f", "--quantized-filename", help="target .gguf file in it")
     speculative.add_argument("--draft-model-id", required=True, help="draft model: repo id or path")
     speculative.add_argument("--draft-quantized-filename", help="draft .gguf file in it")
-    speculative.add_argument("-g", "--gamma", type=_positive_int, default=32, help="draft tokens per step")
+    speculative.add_argument("--draft-isq", help="in-situ quantization of the draft model (as --isq for the target)")
+    speculative.add_argument("-g", "--gamma", type=_positive_int, default=DEFAULT_SPECULATIVE_GAMMA,
+                             help=f"draft tokens per step (default {DEFAULT_SPECULATIVE_GAMMA}; mistral.rs' TOML "
+                                  "default is 32, which costs 32 draft passes a step)")
     _add_dtype(speculative)
     return subparsers
 
@@ -384,6 +399,26 @@ def check_supported(args: argparse.Namespace) -> None:
         raise NotSupportedError(f"--pa-cache-type {args.pa_cache_type} is not supported yet; only auto")
 
 
+def _lora_kwargs(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Model and adapters of `lora` / `lora-gguf` (adapters/sources.py reads the ordering file).
+
+    `lora` without -m takes the base model from the ordering file's base_model_id, else from
+    the first adapter's adapter_config.json, as mistral.rs does."""
+    from .adapters.sources import adapters_from_cli, base_model_of
+
+    specs, weights, ordering_base = adapters_from_cli(args.adapters_model_id, args.order)
+    kwargs: dict[str, Any] = {"lora_adapters": specs, "lora_weights": weights}
+    if command == "lora-gguf":
+        kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename, tokenizer=args.tok_model_id)
+    elif command == "lora-ggml":
+        kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename,
+                      tokenizer=args.tokenizer_json or args.tok_model_id, gqa=args.gqa)
+    else:
+        model = args.model_id or ordering_base or base_model_of(specs[0], args.token_source)
+        kwargs.update(model=model, tokenizer=args.tokenizer_json)
+    return kwargs
+
+
 def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for `LLM(...)` from parsed command-line args (shared by server and TUI)."""
     check_supported(args)
@@ -412,7 +447,17 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename,
                       tokenizer=args.tokenizer_json or args.tok_model_id, gqa=args.gqa)
     elif command in ("plain", "run", "vision-plain"):
+        if command == "vision-plain" and args.arch:
+            from .models.vision import check_vision_arch
+
+            check_vision_arch(args.arch)  # an unsupported -a fails before any download or load
         kwargs.update(model=args.model_id, tokenizer=args.tokenizer_json)
+    elif command in ("lora", "lora-gguf", "lora-ggml"):
+        kwargs.update(_lora_kwargs(args, command))
+    elif command == "speculative":
+        kwargs.update(model=args.model_id, gguf_file=args.quantized_filename, draft_model=args.draft_model_id,
+                      draft_gguf_file=args.draft_quantized_filename, draft_isq=args.draft_isq,
+                      speculative_gamma=args.gamma)
     elif command is not None:
         raise NotSupportedError(f"the {command} subcommand does not select a model to serve")
 
@@ -467,6 +512,14 @@ def _load_server() -> Callable[..., Any]:
 def _check_arch(llm: Any, args: argparse.Namespace) -> None:
     wanted = getattr(args, "arch", None)
     found = getattr(getattr(llm, "model_config", None), "arch", None)
+    if _canonical_command(getattr(args, "command", None)) == "vision-plain":
+        vision = getattr(llm, "vision", None)
+        if vision is None:
+            from .models.vision import SUPPORTED_VISION_ARCHS
+
+            raise NotSupportedError(f"vision-plain needs a vision model, but {llm.model_name} is a text model: serve "
+                                    f"it with `plain` (vision architectures: {', '.join(SUPPORTED_VISION_ARCHS)})")
+        found = vision.arch
     if wanted and found and wanted.replace("-", "").replace("_", "").lower() not in str(found).replace("_", "").lower():
         log.warning("--arch %s given, but the model's files say %s; using %s", wanted, found, found)
 

@@ -53,3 +53,10 @@ class NotSupportedError(MistralRsError):
 
     http_status = 400
     error_type = "invalid_request_error"
+
+
+class ImageError(InvalidRequestError):
+    """An image in a request cannot be used (unreadable, unreachable, or the model takes no images)."""
+
+    def __init__(self, message: str, param: str | None = "messages", code: str | None = "invalid_image"):
+        super().__init__(message, param=param, code=code)

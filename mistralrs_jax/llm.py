@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import psutil
@@ -15,12 +15,14 @@ from .engine.contiguous_cache import ContiguousBlockManager, contiguous_pool_lay
 from .engine.engine import Engine
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
-from .errors import NotSupportedError
+from .engine.speculative import DEFAULT_GAMMA
+from .errors import ImageError, InvalidRequestError, NotSupportedError
 from .loading.chat_template import ChatTemplate
 from .loading.ggml import open_model_file
 from .loading.hub import resolve_model_files, resolve_tokenizer_source
 from .loading.tokenizer import Tokenizer, load_tokenizer
 from .models.registry import build_model_from_gguf, check_gguf_architecture
+from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -83,6 +85,17 @@ def _config_json_near(*sources: str | None) -> str | None:
     return None
 
 
+def _load_lora(adapters: list[str] | str | None, weights: list[float] | None, token_source: str):
+    """The LoraMerger of `LLM(lora_adapters=..., lora_weights=...)`, or None without adapters."""
+    if not adapters:
+        if weights:
+            raise NotSupportedError("lora_weights were given without lora_adapters")
+        return None
+    from .adapters.lora import LoraMerger
+
+    return LoraMerger.load([adapters] if isinstance(adapters, str) else list(adapters), weights, token_source)
+
+
 class LLM:
     def __init__(
         self,
@@ -105,9 +118,15 @@ class LLM:
         gqa: int | None = None,
         isq: str | int | None = None,
         isq_cache: str | None = None,
+        lora_adapters: list[str] | None = None,
+        lora_weights: list[float] | None = None,
         max_model_len: int | None = None,
         token_buckets: list[int] | None = None,
         seq_buckets: list[int] | None = None,
+        draft_model: str | None = None,
+        draft_gguf_file: str | None = None,
+        draft_isq: str | int | None = None,
+        speculative_gamma: int = DEFAULT_GAMMA,
         warmup: bool = True,
     ):
         import jax
@@ -119,6 +138,8 @@ class LLM:
         self.isq_type: str | None = normalize_isq_type(isq) if isq is not None else None
         self._isq_factory = None  # the ISQFactory every GGUF projection was built through (re_isq uses it)
         self._re_isq_lock = threading.Lock()
+        # LoRA adapters are read (and checked) before the base model, so a bad adapter fails at once.
+        self.lora = _load_lora(lora_adapters, lora_weights, token_source)
         if pa_blk_size not in (8, 16, 32):
             raise NotSupportedError(f"--pa-blk-size must be 8, 16 or 32, got {pa_blk_size}")
         self.engine_config = EngineConfig(
@@ -131,12 +152,15 @@ class LLM:
                                        kind="gguf" if gguf_file or model is None or str(model).endswith(".gguf") else "auto")
         self.model_name = resolved.display_name
         tokenizer = resolve_tokenizer_source(tokenizer, token_source)  # a repo id -> its downloaded files
+        self.vision = None  # the image side of a vision-language checkpoint (models/vision), else None
         if resolved.kind == "plain":  # a Hugging Face directory: config.json + *.safetensors
             from .loading.safetensors import load_hf_config
             from .models.registry import build_model_from_hf
+            from .models.vision import vision_text_config
 
             self.model_path = resolved.model_dir
-            self.model_config = load_hf_config(self.model_path)
+            # A vision-language checkpoint is served as its language model plus `self.vision`.
+            self.model_config = vision_text_config(self.model_path) or load_hf_config(self.model_path)
             self.tokenizer: Tokenizer = load_tokenizer(tokenizer or self.model_path)
         else:
             self.model_path = resolved.gguf_path
@@ -154,14 +178,28 @@ class LLM:
             self.model = self._load_model(
                 lambda wrap: build_model_from_hf(self.model_path, self.model_config, dtype=dtype, wrap_linear=wrap),
                 isq_cache)
+            from .models.vision import load_vision
+
+            self.vision = load_vision(self.model_path, self.tokenizer, dtype)
+            if self.vision is not None and draft_model is not None:
+                raise NotSupportedError("speculative decoding (a draft model) is not supported for vision models yet")
         else:
             self.model = self._load_model(
                 lambda wrap: build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype,
                                                    wrap_linear=wrap),
                 isq_cache)
 
+        # Speculative decoding: a draft model proposes, this one verifies (engine/speculative.py).
+        self.draft = self._load_draft(draft_model, draft_gguf_file, draft_isq, speculative_gamma,
+                                      token_source=token_source, revision=revision, dtype=dtype, cpu_weights=cpu_weights)
+        self.speculative_gamma = speculative_gamma if self.draft is not None else None
+
         ec = self.engine_config
         num_blocks = kv_cache_num_blocks(self.model_config, ec)
+        if self.draft is not None:  # the draft's KV cache shares the budget (and the block tables)
+            from .engine.speculative import shared_pool_num_blocks
+
+            num_blocks = shared_pool_num_blocks(num_blocks, self.model_config, self.draft.config, pa_ctxt_len is not None)
         default_cap = min(self.model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
         if no_paged_attn:
             # One contiguous slot of max_model_len tokens per sequence (engine/contiguous_cache.py).
@@ -185,12 +223,16 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
                                    max_model_len=self.max_model_len)
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, pa_blk_size, self.max_model_len,
-                                  max_seqs, batched, token_buckets=token_buckets, seq_buckets=seq_buckets)
+                                  max_seqs, batched + self._lookahead_tokens(max_seqs), token_buckets=token_buckets,
+                                  seq_buckets=seq_buckets, input_embeds=self.vision is not None)
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB), max model len %d, buckets tokens=%s seqs=%s",
                  num_blocks - 1, pa_blk_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
                  self.runner.token_buckets, self.runner.seq_buckets)
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
-        self.engine = Engine(self.runner, self.scheduler, self.tokenizer, eos, self.model_config.vocab_size)
+        if self.draft is None:
+            self.engine = Engine(self.runner, self.scheduler, self.tokenizer, eos, self.model_config.vocab_size)
+        else:
+            self.engine = self._speculative_engine(eos)
         if warmup:
             self._warmup()
         self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
@@ -199,21 +241,27 @@ class LLM:
     def _load_model(self, build, isq_cache: str | None):
         """`build(wrap_linear)` the model with every projection going through an ISQFactory
         (even without ISQ, so `re_isq` can re-quantize later), reading and filling the ISQ
-        cache. GGUF files and safetensors directories alike."""
+        cache. GGUF files and safetensors directories alike. LoRA adapters (`self.lora`) are
+        merged outside ISQ, so ISQ and re-ISQ quantize the merged weights."""
         from .quant.isq import wrap_factory
         from .quant.isq_cache import isq_cache_key, load_isq_cache, save_isq_cache
 
         key = cached = None
         if isq_cache is not None and self.isq_type is not None:
-            key = isq_cache_key(self.model_path, self.isq_type)
+            key = isq_cache_key(self.model_path, self.isq_type,
+                                **({"lora": self.lora.fingerprint()} if self.lora is not None else {}))
             cached = load_isq_cache(isq_cache, key)
             log.info("ISQ cache %s: %s", isq_cache, "hit" if cached is not None else "miss")
 
         def wrap(make_linear):
             self._isq_factory = wrap_factory(make_linear, self.isq_type, cache=cached)
+            if self.lora is not None:
+                return self.lora.wrap(self._isq_factory, self.model_config)
             return self._isq_factory
 
         model = build(wrap)
+        if self.lora is not None:
+            self.lora.finish()
         factory = self._isq_factory
         factory.close()
         if self.isq_type is not None:
@@ -268,6 +316,38 @@ class LLM:
         log.info("re-ISQ %s -> %s in %.1fs: %s", old_type, new_type, time.perf_counter() - start,
                  self._isq_factory.summary())
 
+    # -- speculative decoding ----------------------------------------------------------
+
+    def _load_draft(self, draft_model: str | None, draft_gguf_file: str | None, draft_isq, gamma: int, **load):
+        """The draft model (checked to share the target's vocabulary), or None without one."""
+        from .engine.speculative import check_draft_vocabulary, load_draft_model
+
+        if draft_model is None:
+            if draft_gguf_file is not None or draft_isq is not None:
+                raise NotSupportedError("draft_gguf_file / draft_isq were given without draft_model")
+            return None
+        if not isinstance(gamma, int) or gamma < 1:
+            raise NotSupportedError(f"speculative_gamma (-g/--gamma) must be a positive integer, got {gamma!r}")
+        draft = load_draft_model(draft_model, draft_gguf_file, isq=draft_isq, **load)
+        check_draft_vocabulary(self.tokenizer, self.model_config, draft)
+        log.info("speculative decoding: draft %s (%s, %d layers%s), gamma %d", draft.name, draft.config.arch,
+                 draft.config.num_layers, f", ISQ {draft.isq_type}" if draft.isq_type else "", gamma)
+        return draft
+
+    def _lookahead_tokens(self, max_seqs: int) -> int:
+        """Extra step tokens speculation needs beyond the scheduler's budget: gamma per sequence."""
+        return 0 if self.draft is None else max_seqs * self.speculative_gamma
+
+    def _speculative_engine(self, eos: set[int]):
+        from .engine.speculative import SpeculativeEngine
+
+        draft_runner = ModelRunner(self.draft.model, self.draft.config, self.runner.num_blocks, self.runner.block_size,
+                                   self.max_model_len, self.runner.seq_buckets[-1], self.runner.token_buckets[-1],
+                                   token_buckets=self.runner.token_buckets, seq_buckets=self.runner.seq_buckets)
+        log.info("draft KV cache: %.0f MiB", draft_runner.kv_cache_bytes / 2**20)
+        return SpeculativeEngine(self.runner, draft_runner, self.scheduler, self.tokenizer, eos,
+                                 self.model_config.vocab_size, self.speculative_gamma)
+
     def _warmup(self) -> None:
         from tqdm.auto import tqdm
 
@@ -278,18 +358,61 @@ class LLM:
             bar.update(1)
             bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]}")
 
-        self.runner.warmup(progress)
+        (self.runner.warmup if self.draft is None else self.engine.warmup)(progress)
         bar.close()
+        if self.vision is not None:
+            self.vision.warmup()  # the vision tower, once per image-count bucket
 
     # -- prompts -----------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
-    def _prompt_ids(self, prompt) -> tuple[list[int], str | None]:
+    def _prompt_ids(self, prompt) -> tuple[list[int], str | None, Any]:
+        """(ids, text, image inputs or None) of a string, token ids, or a vLLM-style dict prompt
+        {"prompt" or "prompt_token_ids", "multi_modal_data": {"image": one or a list}} whose
+        text holds one image placeholder (e.g. "<image>") per image."""
+        if isinstance(prompt, dict):
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+            if ids is None and not isinstance(text, str):
+                raise InvalidRequestError("a dict prompt needs \"prompt\" (text) or \"prompt_token_ids\"")
+            ids = [int(t) for t in ids] if ids is not None else self.tokenizer.encode(text, add_special_tokens=True)
+            images = (prompt.get("multi_modal_data") or {}).get("image")
+            if images is None or (isinstance(images, (list, tuple)) and not images):
+                return ids, text, None
+            ids, multimodal = self._require_vision().prepare(
+                ids, list(images) if isinstance(images, (list, tuple)) else [images])
+            return ids, text, multimodal
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
-        return [int(t) for t in prompt], None
+            return self.tokenizer.encode(prompt, add_special_tokens=True), prompt, None
+        return [int(t) for t in prompt], None, None
+
+    def _require_vision(self):
+        if self.vision is None:
+            raise ImageError(f"{self.model_name} is a text-only model and takes no images: send text only, or "
+                             f"load a vision model (supported: {', '.join(SUPPORTED_VISION_ARCHS)})",
+                             code="images_not_supported")
+        return self.vision
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    local_images: bool | str = True) -> tuple[list[int], str, Any]:
+        """(token ids, rendered text, image inputs or None): `chat_prompt_ids` for messages that may
+        hold image parts (OpenAI `image_url`, vLLM `image_pil`); each image's placeholder is expanded
+        to the model's image tokens and its features computed here. `local_images`: whether image
+        paths may be read (True), not (False, the server's default), or only under a directory."""
+        from .models.vision.image_processing import check_image_source
+        from .models.vision.messages import render_with_images, split_image_parts
+
+        template_messages, images = split_image_parts(messages)
+        if not images:
+            return (*self.chat_prompt_ids(messages, add_generation_prompt), None)
+        vision = self._require_vision()
+        for image in images:
+            check_image_source(image, local_images)
+        text = render_with_images(lambda m: self.apply_chat_template(m, add_generation_prompt=add_generation_prompt),
+                                  template_messages, len(images), vision.image_token)
+        ids, multimodal = vision.prepare(self.tokenizer.encode_prompt(text), images)
+        return ids, text, multimodal
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
         """(token ids, rendered text) of a conversation's prompt, as `chat` and the server feed it."""
@@ -299,7 +422,7 @@ class LLM:
     # -- generation --------------------------------------------------------------------
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prepared = [self._prompt_ids(p) for p in prompts]
         return self._run(prepared, params)
@@ -307,7 +430,7 @@ class LLM:
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prepared = [self.chat_prompt_ids(m, add_generation_prompt) for m in conversations]
+        prepared = [self.chat_prompt(m, add_generation_prompt) for m in conversations]
         return self._run(prepared, params)
 
     def _run(self, prepared, params) -> list[RequestOutput]:
@@ -315,19 +438,18 @@ class LLM:
             params = [params or SamplingParams()] * len(prepared)
         if len(params) != len(prepared):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prepared)} prompts")
-        handles = [self.engine.add_request(ids, p, prompt=text) for (ids, text), p in zip(prepared, params)]
+        handles = [self.engine.add_request(ids, p, prompt=text, multimodal=multimodal)
+                   for (ids, text, multimodal), p in zip(prepared, params)]
         return [h.result() for h in handles]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        ids, text = self._prompt_ids(prompt)
-        yield from self._stream(ids, text, params)
+        yield from self._stream(*self._prompt_ids(prompt), params)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        ids, text = self.chat_prompt_ids(messages)
-        yield from self._stream(ids, text, params)
+        yield from self._stream(*self.chat_prompt(messages), params)
 
-    def _stream(self, ids, text, params) -> Iterator[str]:
-        handle = self.engine.add_request(ids, params or SamplingParams(), prompt=text)
+    def _stream(self, ids, text, multimodal, params) -> Iterator[str]:
+        handle = self.engine.add_request(ids, params or SamplingParams(), prompt=text, multimodal=multimodal)
         try:
             for delta in handle:
                 if delta.text:
@@ -336,12 +458,18 @@ class LLM:
             if not handle.finished:
                 handle.abort()
 
-    def score(self, token_ids: list[int]) -> np.ndarray:
-        """Teacher-forced f32 logits [len, vocab]: row i is the distribution of token i+1."""
+    def score(self, token_ids: list[int], images: list | None = None) -> np.ndarray:
+        """Teacher-forced f32 logits [len, vocab]: row i is the distribution of token i+1.
+
+        With `images` (vision models), `token_ids` hold one image placeholder per image, expanded
+        here (rows follow the expanded prompt), unless they are expanded already."""
         if not token_ids:
             raise ValueError("score() needs at least one token")
+        multimodal = None
+        if images:
+            token_ids, multimodal = self._require_vision().prepare(token_ids, images)
         with self._re_isq_lock:  # re_isq swaps the runner's weights; score runs on the caller's thread
-            return self.runner.score(list(token_ids))
+            return self.runner.score(list(token_ids), multimodal=multimodal)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""

@@ -35,13 +35,15 @@ UNLOGGED_ROUTES = ("/health", "/metrics", "/v1/status")  # polled by monitors: n
 
 def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None = None,
                model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               truncate_sequence: bool = False, default_seed: int | None = None) -> Quart:
+               truncate_sequence: bool = False, default_seed: int | None = None,
+               allowed_local_media_path: str | None = None) -> Quart:
     """A Quart app serving `llm` (a `mistralrs_jax.LLM`). `model_name` defaults to `llm.model_name`."""
     app = Quart("mistralrs_jax_server")
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None)
     state = ServerState(llm=llm, model_name=model_name or llm.model_name, api_key=api_key or None,
                         request_log=RequestLog(request_log) if request_log else None,
-                        truncate_sequence=truncate_sequence, default_seed=default_seed)
+                        truncate_sequence=truncate_sequence, default_seed=default_seed,
+                        local_images=allowed_local_media_path or False)
     metrics = getattr(getattr(llm, "engine", None), "metrics", None)
     state.metrics_registry = make_registry(EngineCollector(
         llm.metrics, state.model_name, lambda: getattr(metrics, "compiles_at_start", None),
@@ -102,5 +104,6 @@ def serve(llm: Any, args: argparse.Namespace) -> None:
     request_log = getattr(args, "request_log_file", None) or getattr(args, "request_logging_file", None)
     app = create_app(llm, api_key=getattr(args, "api_key", None), request_log=request_log,
                      truncate_sequence=bool(getattr(args, "truncate_sequence", False)),
-                     default_seed=getattr(args, "seed", None))
+                     default_seed=getattr(args, "seed", None),
+                     allowed_local_media_path=getattr(args, "allowed_local_media_path", None))
     run_until_signal(app, args.host, args.port, model_name=app.extensions["mistralrs"].model_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from mistralrs_jax.engine.request import CompletionDelta, RequestHandle
 from mistralrs_jax.errors import MistralRsError
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class Prompt:
     token_ids: list[int]
     text: str | None  # the prompt as text, when the client sent text (echo uses it)
+    multimodal: Any = None  # image features of a vision model's prompt (engine/multimodal.py)
 
 
 # As mistral.rs: a truncated prompt leaves room for max_tokens, or for this many when unset.
@@ -61,10 +62,12 @@ async def submit(state: ServerState, make_prompts: Callable[[], list[Prompt]], p
         try:
             for index, prompt in enumerate(prompts):
                 ids = prompt.token_ids
-                if state.truncate_sequence and len(ids) >= state.context_len:
+                # Cutting the front off would orphan image positions: image prompts are never truncated.
+                if state.truncate_sequence and len(ids) >= state.context_len and prompt.multimodal is None:
                     ids = prompt.token_ids = _truncated(ids, params, state.context_len)
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-                handles.append(state.engine.add_request(ids, params, request_id=rid, prompt=prompt.text))
+                handles.append(state.engine.add_request(ids, params, request_id=rid, prompt=prompt.text,
+                                                        multimodal=prompt.multimodal))
         except BaseException:
             abort_unfinished(handles)
             raise

@@ -24,6 +24,8 @@ GAUGES = {
     "prompt_tokens_per_s": ("prompt_tokens_per_second", "prompt tokens processed per second (recent window)"),
     "generation_tokens_per_s": ("generation_tokens_per_second", "tokens generated per second (recent window)"),
     "uptime_s": ("engine_uptime_seconds", "seconds since the engine started"),
+    "spec_acceptance_rate": ("speculative_acceptance_ratio",
+                             "draft tokens accepted / draft tokens proposed (speculative decoding)"),
 }
 COUNTERS = {
     "num_preempted": ("num_preemptions", "sequences preempted (recomputed later) because KV blocks ran out"),
@@ -36,6 +38,8 @@ COUNTERS = {
     "requests_aborted": ("requests_aborted", "requests aborted"),
     "steps_total": ("engine_steps", "engine steps run"),
     "compiles": ("xla_compiles", "XLA compilations in this process (warm-up included)"),
+    "spec_draft_tokens_total": ("speculative_draft_tokens", "draft tokens proposed and checked by the target model"),
+    "spec_accepted_tokens_total": ("speculative_accepted_tokens", "draft tokens the target model accepted"),
 }
 HISTOGRAMS = {
     "ttft_s": ("time_to_first_token_seconds", "time from arrival to the first generated token"),

@@ -40,8 +40,9 @@ async def chat_completions() -> Response:
     llm = state.llm
 
     def make_prompts() -> list[Prompt]:
-        ids, text = llm.chat_prompt_ids(messages, add_generation_prompt=add_generation_prompt)
-        return [Prompt(ids, text)]
+        ids, text, multimodal = llm.chat_prompt(messages, add_generation_prompt=add_generation_prompt,
+                                                local_images=state.local_images)
+        return [Prompt(ids, text, multimodal)]
 
     prompts, handles = await submit(state, make_prompts, params, request_id, prompt_param="messages")
     prompt_tokens = len(prompts[0].token_ids)

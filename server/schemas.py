@@ -29,12 +29,19 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(_Strict):
-    """One OpenAI content part; the chat template decides which kinds the model takes."""
+    """One OpenAI content part; the chat template decides which kinds the model takes.
+    Image parts (`image_url`) go to vision models (mistralrs_jax/models/vision)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Strict):
@@ -130,6 +137,11 @@ class ChatCompletionRequest(SamplingFields):
         self.check_common()
         if not self.messages:
             raise InvalidRequestError("messages must hold at least one message", param="messages")
+        for index, message in enumerate(self.messages):
+            for part_index, part in enumerate(message.content if isinstance(message.content, list) else ()):
+                if part.type == "image_url" and part.image_url is None:
+                    raise InvalidRequestError("an image_url part needs {\"image_url\": {\"url\": ...}}",
+                                              param=f"messages[{index}].content[{part_index}].image_url")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")

@@ -24,6 +24,8 @@ class ServerState:
     request_log: RequestLog | None = None
     truncate_sequence: bool = False
     default_seed: int | None = None
+    # Image paths / file:// URLs a client may make the server read: False (none) or a directory.
+    local_images: bool | str = False
     created: int = field(default_factory=lambda: int(time.time()))
     started_monotonic: float = field(default_factory=time.monotonic)
     metrics_registry: Any = None  # prometheus_client registry behind /metrics

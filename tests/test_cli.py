@@ -138,13 +138,9 @@ def test_bad_command_lines_are_usage_errors(command_line, capsys):
 
 @pytest.mark.parametrize("command_line, message", [
     ("--port 1234 x-lora-plain -o orderings/xlora-paper-ordering.json -x lamm-mit/x-lora", "X-LoRA"),
-    ("--port 1234 lora-gguf -o orderings/xlora-paper-ordering.json -m TheBloke/zephyr-7B-beta-GGUF "
-     "-f zephyr-7b-beta.Q8_0.gguf -a lamm-mit/x-lora", "LoRA adapters are not supported"),
     ("--port 1234 toml -f toml-selectors/gguf.toml", "TOML"),
     ("-i diffusion -m black-forest-labs/FLUX.1-schnell -a flux", "diffusion"),
     ("-i speech -m nari-labs/Dia-1.6B -a dia", "speech"),
-    ("speculative -m target/repo -f t.gguf --draft-model-id draft/repo --draft-quantized-filename d.gguf",
-     "speculative decoding is not supported yet"),
     ("--no-kv-cache plain -m x", "--no-kv-cache"),
     ("--enable-search -i plain -m Qwen/Qwen3-4B", "--enable-search"),
     ("-n 0:16 plain -m x", "--num-device-layers"),

@@ -172,6 +172,31 @@ def test_config_json_beside_the_file_supplies_eps_and_rope_base(tmp_path):
         llm.shutdown()
 
 
+def test_lora_adapter_on_a_ggml_file_matches_peft(models, tmp_path):
+    """`lora-ggml -m DIR -f FILE -a ADAPTER`: a PEFT adapter on Q, K (whose rows the file keeps
+    permuted for RoPE) and down_proj, merged into the f32 legacy file, against transformers + PEFT."""
+    peft = require_peer("peft")
+    import torch
+
+    model = peft.get_peft_model(load_reference(models["checkpoint"]),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # PEFT starts B at zero: an adapter that changes nothing proves nothing
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = _token_ids(SCORE_LEN, seed=7)
+    expected, base = reference_logits(model, ids), reference_logits(load_reference(models["checkpoint"]), ids)
+
+    command = f"lora-ggml -m {models['ggjt3-F32'].parent} -f {models['ggjt3-F32'].name} -a {tmp_path / 'adapter'}"
+    kwargs = cli.build_llm_kwargs(cli.build_parser().parse_args(shlex.split(command)))
+    with LLM(**{**kwargs, **LLM_KWARGS}) as llm:
+        logits = llm.score(ids)
+    assert np.abs(expected - base).max() > 1.0  # the adapter matters
+    assert np.abs(logits - expected).max() < MAX_ABS_DIFF
+
+
 # --------------------------------------------------------------------------- bad files
 
 

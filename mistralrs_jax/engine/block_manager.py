@@ -187,13 +187,19 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s hold on its blocks. Blocks nobody holds any more become free;
         registered ones stay findable (cached) until evicted or dropped."""
+        self.release_blocks(seq.block_table, owner=seq)
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def release_blocks(self, blocks: list[int], owner: object = None) -> None:
+        """Drop one hold on each of `blocks` (a block table or its tail, in table order)."""
         newly_cached = []
         # Tail first, so a sequence's last blocks are the first to be evicted: a
         # block is useless without the blocks before it in its chain.
-        for block in reversed(seq.block_table):
+        for block in reversed(blocks):
             count = self._ref_counts[block] - 1
             if count < 0:
-                raise RuntimeError(f"block {block} released more often than taken ({seq!r})")
+                raise RuntimeError(f"block {block} released more often than taken ({owner!r})")
             self._ref_counts[block] = count
             if count == 0:
                 if self._block_hash[block] is None:
@@ -201,8 +207,6 @@ class BlockManager:
                 else:
                     self._cached_free[block] = None
                     newly_cached.append(block)
-        seq.block_table = []
-        seq.block_hashes = []
         if newly_cached:
             generation = self._next_generation
             self._next_generation += 1

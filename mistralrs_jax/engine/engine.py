@@ -16,12 +16,13 @@ import uuid
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from ..errors import InvalidRequestError
+from ..errors import ImageError, InvalidRequestError
 from ..loading.detokenizer import IncrementalDetokenizer
 from ..loading.tokenizer import Tokenizer
 from ..outputs import Logprob
 from ..sampling_params import SamplingParams
 from .metrics import EngineMetrics
+from .multimodal import MultiModalInputs
 from .request import CompletionDelta, RequestHandle
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -95,14 +96,20 @@ class Engine:
         self.scheduler.check_prompt_fits(len(prompt_token_ids))
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt: str | None = None) -> RequestHandle:
+                    request_id: str | None = None, prompt: str | None = None,
+                    multimodal: MultiModalInputs | None = None) -> RequestHandle:
+        """`multimodal`: image features for the prompt's placeholder positions (vision models;
+        LLM.chat_prompt / LlavaVision.prepare make them)."""
         params = params or SamplingParams()
         prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.validate(prompt_token_ids, params)
+        if multimodal is not None and not getattr(self.runner, "input_embeds", False):
+            raise ImageError("this engine's model takes no images: send text only")
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         handle = RequestHandle(request_id, prompt, prompt_token_ids, params.n, engine=self)
         now = time.monotonic()
-        seqs = [Sequence(request_id, prompt_token_ids, params, index=i, arrival_time=now, prompt=prompt)
+        seqs = [Sequence(request_id, prompt_token_ids, params, index=i, arrival_time=now, prompt=prompt,
+                         multimodal=multimodal, cache_salt=multimodal.cache_salt if multimodal is not None else None)
                 for i in range(params.n)]
         self._commands.put(("add", handle, seqs))
         self._wakeup.set()

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUN
 from ..config import ModelConfig
 from ..models.llama import AttentionMetadata
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
+from .multimodal import step_input_embeds
 from .sampler import (HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW, SamplerModes, SamplingArrays, build_sampling_arrays,
                       sample)
 from .sequence import Sequence
@@ -85,6 +87,14 @@ def compiled_sampler_variant(arrays: SamplingArrays, modes: SamplerModes) -> tup
                                 num_logprobs=MAX_TOP_LOGPROBS)
 
 
+def _embeds_kwargs(input_embeds) -> dict:
+    """Model keyword arguments of the image-features step variant (none for the text-only one)."""
+    if input_embeds is None:
+        return {}
+    embeds, mask = input_embeds
+    return {"input_embeds": embeds, "embeds_mask": mask}
+
+
 def _bucket(buckets: list[int], n: int) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
@@ -113,8 +123,12 @@ class ModelRunner:
         token_buckets: list[int] | None = None,
         seq_buckets: list[int] | None = None,
         kv_dtype=jnp.float32,
+        input_embeds: bool = False,
     ):
+        """`input_embeds`: the model also takes image features in place of token embeddings
+        (vision models): a second step variant, compiled at warm-up too (engine/multimodal.py)."""
         self.config = config
+        self.input_embeds = input_embeds
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
@@ -149,15 +163,17 @@ class ModelRunner:
     def _model(self, state_leaves):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_treedef, state_leaves))
 
-    def _step(self, state_leaves, kv_caches, input_ids, meta, logits_indices):
+    def _step(self, state_leaves, kv_caches, input_ids, meta, logits_indices, input_embeds=None):
+        """`input_embeds`, when given, is (embeds [T, hidden], mask [T]): a separately traced variant."""
         model = self._model(state_leaves)
-        hidden, kv_caches = model(input_ids, meta, kv_caches, self.block_size)
+        hidden, kv_caches = model(input_ids, meta, kv_caches, self.block_size,
+                                  **_embeds_kwargs(input_embeds))
         logits = model.logits(hidden[logits_indices])
         return logits, kv_caches
 
-    def _score(self, state_leaves, kv_caches, input_ids, meta):
+    def _score(self, state_leaves, kv_caches, input_ids, meta, input_embeds=None):
         model = self._model(state_leaves)
-        hidden, _ = model(input_ids, meta, kv_caches, self.block_size)
+        hidden, _ = model(input_ids, meta, kv_caches, self.block_size, **_embeds_kwargs(input_embeds))
         return model.logits(hidden)
 
     # -- host-side batch building --------------------------------------------------------
@@ -234,14 +250,41 @@ class ModelRunner:
             seeds=[seq.seed for seq in seqs],
         )
         arrays, modes = compiled_sampler_variant(arrays, modes)
-        inputs = jax.device_put((input_ids, meta, logits_indices, arrays))
-        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs[:3])
+        embeds = self._step_input_embeds(scheduled, shape_key[0])
+        inputs = jax.device_put((input_ids, meta, logits_indices, arrays, embeds))
+        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs[:3],
+                                               *(() if embeds is None else inputs[4:]))
         out = self._sample_fn(logits, inputs[3], modes=modes)
         rows = np.argsort(order)  # batch row of each original entry
         if modes.num_logprobs or any(seq.params.logprobs is not None for seq in seqs):
             host = jax.device_get(out)
             return StepResult(host.token_ids[rows], host.logprobs[rows], host.top_ids[rows], host.top_logprobs[rows])
         return StepResult(np.asarray(jax.device_get(out.token_ids))[rows])
+
+    # -- for callers that sample themselves (speculative decoding) ------------------------
+
+    def padded_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """The (tokens, seqs) bucket pair a step of this many tokens and sequences runs in."""
+        t_pad = _bucket(self.token_buckets, num_tokens)
+        return t_pad, self.seq_bucket_for(t_pad, num_seqs)
+
+    def forward(self, runs: list[tuple[list[int], int, list[int]]], shape: tuple[int, int],
+                logits_indices: np.ndarray) -> jax.Array:
+        """One model step over `runs` (as `build_metadata` takes them) padded to `shape`, writing
+        their KV; returns the f32 logits at the flat token positions `logits_indices`, left on
+        the device ([len(logits_indices), V]). No sampling: the caller samples."""
+        input_ids, meta, _ = self.build_metadata(runs, *shape)
+        inputs = jax.device_put((input_ids, meta, np.asarray(logits_indices, np.int32)))
+        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs)
+        return logits
+
+    def warmup_forward(self, num_logits: Callable[[int, int], int], progress=None) -> None:
+        """Compile `forward` for every bucket pair (t, s) with `num_logits(t, s)` logits rows."""
+        pairs = self.shape_pairs()
+        for i, (t, s) in enumerate(pairs):
+            jax.block_until_ready(self.forward([], (t, s), np.zeros(num_logits(t, s), np.int32)))
+            if progress is not None:
+                progress(i + 1, len(pairs), (t, s))
 
     def seq_bucket_for(self, num_tokens_padded: int, num_seqs: int | None = None) -> int:
         """The sequence axis is tied to the token axis: a step with t padded tokens holds at
@@ -268,6 +311,8 @@ class ModelRunner:
         for i, (t, s) in enumerate(pairs):
             self._run_dummy(t, s, warm_sampler=s not in warmed_samplers)
             warmed_samplers.add(s)
+            if self.input_embeds:  # the vision variant of the same shape
+                self._run_dummy_embeds(t, s)
             if progress is not None:
                 progress(i + 1, len(pairs), (t, s))
         log.info("compiled %d step shapes and %d sampler variants in %.1fs", len(pairs),
@@ -287,7 +332,22 @@ class ModelRunner:
                 *build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0]))
             jax.block_until_ready(self._sample_fn(logits, jax.device_put(arrays), modes=modes))
 
-    def score(self, token_ids: list[int]) -> np.ndarray:
+    def _step_input_embeds(self, scheduled: list[tuple[Sequence, int]], num_tokens_padded: int):
+        """(embeds, mask) for the image positions this step runs, or None (the text-only variant)."""
+        if not self.input_embeds:
+            return None
+        return step_input_embeds([(seq.multimodal, seq.num_computed_tokens, n) for seq, n in scheduled],
+                                 num_tokens_padded, self.config.hidden_size)
+
+    def _run_dummy_embeds(self, num_tokens: int, num_seqs: int) -> None:
+        """One padding-only step of the image-features variant (mask all false)."""
+        input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
+        embeds = (np.zeros((num_tokens, self.config.hidden_size), np.float32), np.zeros(num_tokens, bool))
+        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches,
+                                               *jax.device_put((input_ids, meta, logits_indices, embeds)))
+        jax.block_until_ready(logits)
+
+    def score(self, token_ids: list[int], multimodal=None) -> np.ndarray:
         """Teacher-forced logits [len, vocab] for one sequence, on a private scratch cache.
 
         Lengths are padded to a power of two (at least 16) so scoring many texts compiles
@@ -300,5 +360,6 @@ class ModelRunner:
         caches = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.config.num_layers)]
         table = list(range(1, num_blocks))
         input_ids, meta, _ = self.build_metadata([(list(token_ids), 0, table)], t_pad, 1)
-        logits = self._score_fn(self.state_leaves, caches, input_ids, meta)
+        embeds = None if multimodal is None else step_input_embeds([(multimodal, 0, n)], t_pad, self.config.hidden_size)
+        logits = self._score_fn(self.state_leaves, caches, input_ids, meta, *(() if embeds is None else (embeds,)))
         return np.asarray(logits[:n], dtype=np.float32)

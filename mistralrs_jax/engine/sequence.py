@@ -64,6 +64,7 @@ class Sequence:
         arrival_time: float | None = None,
         prompt: str | None = None,
         cache_salt: Any = None,
+        multimodal: Any = None,
     ):
         self.seq_id: int = next(_seq_ids)
         self.request_id = request_id
@@ -78,6 +79,8 @@ class Sequence:
         # contents) must go in this hashable salt, or prefix caching would share
         # wrong blocks.
         self.cache_salt = cache_salt
+        # Image features for prompt positions (engine/multimodal.MultiModalInputs), or None.
+        self.multimodal = multimodal
 
         self.num_computed_tokens = 0
         self.block_table: list[int] = []

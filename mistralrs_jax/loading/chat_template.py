@@ -37,6 +37,7 @@ DEFAULT_CHATML_TEMPLATE = (
 _HANDLES_CONTENT_PARTS = re.compile(
     r"\bis\s+(?:not\s+)?string\b|\bis\s+(?:not\s+)?iterable\b|\bis\s+(?:not\s+)?sequence\b"
     r"|\[\s*['\"]type['\"]\s*\]|\.type\b"
+    r"|selectattr\(\s*['\"]type['\"]"  # LLaVA's: content | selectattr('type', 'equalto', 'image')
 )
 
 

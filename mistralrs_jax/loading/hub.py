@@ -363,17 +363,17 @@ def _from_hub(
     from huggingface_hub import hf_hub_download, snapshot_download
 
     if kind == "gguf":
-        path = _fetch_from_hub(repo_id, what, token_source,
+        path = fetch_from_hub(repo_id, what, token_source,
                                lambda **hub: hf_hub_download(repo_id, gguf_file, revision=revision, **hub))
         resolved = _local_gguf(path)
         return ResolvedModel("gguf", repo_id, gguf_path=resolved.gguf_path, source="hub")
-    directory = _fetch_from_hub(repo_id, what, token_source, lambda **hub: snapshot_download(
+    directory = fetch_from_hub(repo_id, what, token_source, lambda **hub: snapshot_download(
         repo_id, revision=revision, allow_patterns=PLAIN_MODEL_PATTERNS, **hub))
     _check_plain_dir(directory, where=f"the Hugging Face repo {repo_id}")
     return ResolvedModel("plain", repo_id, model_dir=directory, source="hub")
 
 
-def _fetch_from_hub(repo_id: str, what: str, token_source: str, fetch: Callable[..., str]) -> str:
+def fetch_from_hub(repo_id: str, what: str, token_source: str, fetch: Callable[..., str]) -> str:
     """`fetch(token=, local_files_only=, cache_dir=)` (a huggingface_hub download) with the Hub
     checked first: offline or unreachable means the local cache only, without reading a token."""
     offline = _hub_offline()
@@ -404,7 +404,7 @@ def resolve_tokenizer_source(tokenizer: str | None, token_source: str = "cache")
         return local  # load_tokenizer names a missing path
     from huggingface_hub import snapshot_download
 
-    directory = _fetch_from_hub(tokenizer, f"the tokenizer of {tokenizer}", token_source, lambda **hub: snapshot_download(
+    directory = fetch_from_hub(tokenizer, f"the tokenizer of {tokenizer}", token_source, lambda **hub: snapshot_download(
         tokenizer, allow_patterns=TOKENIZER_PATTERNS, **hub))
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         raise ModelNotFoundError(f"the Hugging Face repo {tokenizer} has no tokenizer.json (needed for -t/--tok-model-id)")

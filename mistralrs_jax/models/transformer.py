@@ -80,11 +80,16 @@ class CausalLM(nnx.Module):
         self.embed_scale = embed_scale
         self.final_logit_softcap = config.final_logit_softcapping
 
-    def __call__(self, input_ids, meta, kv_caches: list, block_size: int):
-        """Hidden states [T, hidden] after the final norm, and the updated per-layer caches."""
+    def __call__(self, input_ids, meta, kv_caches: list, block_size: int, input_embeds=None, embeds_mask=None):
+        """Hidden states [T, hidden] after the final norm, and the updated per-layer caches.
+
+        `input_embeds` [T, hidden] replaces the token embedding where `embeds_mask` [T] is set
+        (a vision model's image features at its placeholder tokens)."""
         x = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             x = x * jnp.float32(self.embed_scale)
+        if input_embeds is not None:
+            x = jnp.where(embeds_mask[:, None], input_embeds.astype(x.dtype), x)
         new_caches = []
         for layer, kv in zip(self.layers, kv_caches):  # unrolled: 2-3x faster than scan on XLA:CPU
             rope = self.local_rope if self.local_rope is not None and getattr(layer, "uses_local_rope", False) \
