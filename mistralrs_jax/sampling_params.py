@@ -1,7 +1,7 @@
 """Per-request generation settings (vLLM's names and defaults)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InvalidRequestError
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import CorruptModelFileError, ImageError, ModelLoadError
+from ...errors import ImageError, ModelLoadError
+from ...loading.safetensors import _read_json  # a JSON object, or a CorruptModelFileError naming the file
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,6 @@ PIL_BICUBIC = 3
 # Downloads: an image URL must answer within this many seconds and stay under this size.
 IMAGE_FETCH_TIMEOUT_S = 10.0
 MAX_IMAGE_BYTES = 32 << 20
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise CorruptModelFileError(f"{path} is not valid JSON ({exc}); download it again") from exc
-    return value if isinstance(value, dict) else {}
 
 
 def _size_dict(value: Any, default: dict[str, int]) -> dict[str, int]:
