@@ -381,7 +381,8 @@ class LLM:
             if images is None or (isinstance(images, (list, tuple)) and not images):
                 return ids, text, None
             ids, multimodal = self._require_vision().prepare(
-                ids, list(images) if isinstance(images, (list, tuple)) else [images])
+                ids, list(images) if isinstance(images, (list, tuple)) else [images],
+                check_length=self.scheduler.check_prompt_fits)
             return ids, text, multimodal
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True), prompt, None
@@ -411,7 +412,8 @@ class LLM:
             check_image_source(image, local_images)
         text = render_with_images(lambda m: self.apply_chat_template(m, add_generation_prompt=add_generation_prompt),
                                   template_messages, len(images), vision.image_token)
-        ids, multimodal = vision.prepare(self.tokenizer.encode_prompt(text), images)
+        ids, multimodal = vision.prepare(self.tokenizer.encode_prompt(text), images,
+                                         check_length=self.scheduler.check_prompt_fits)
         return ids, text, multimodal
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:

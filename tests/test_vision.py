@@ -483,6 +483,25 @@ def test_server_answers_image_chats_like_transformers(llava_llm, reference):
         background.stop()
 
 
+def test_too_many_images_are_refused_before_the_vision_tower_runs(llava_llm, monkeypatch):
+    """A prompt whose image tokens alone overflow the context is refused by the engine's own length
+    check, without encoding a single image (the tower is the expensive part of an image request)."""
+    from mistralrs_jax import SamplingParams
+    from mistralrs_jax.errors import PromptTooLongError
+
+    encoded = []
+    encode = llava_llm.vision.encode_images
+    monkeypatch.setattr(llava_llm.vision, "encode_images", lambda images: encoded.append(len(images)) or encode(images))
+    count = llava_llm.max_model_len // llava_llm.vision.tokens_per_image + 1
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}}
+             for image in (random_images() * count)[:count]]
+    with pytest.raises(PromptTooLongError):
+        llava_llm.chat([{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}])
+    assert encoded == []
+    llava_llm.chat(image_chat(random_images()[0]), SamplingParams(max_tokens=1))  # one image still fits
+    assert encoded == [1]
+
+
 def test_server_reads_local_images_only_under_the_allowed_directory(llava_llm, tmp_path):
     """A client must not make the server read its files: image paths and file:// URLs are refused
     unless --allowed-local-media-path names a directory holding them (the Python API reads any)."""

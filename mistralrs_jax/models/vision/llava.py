@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -252,13 +252,18 @@ class LlavaVision:
             expanded.extend([token] * next(sizes) if token == self.image_token_id else [token])
         return expanded
 
-    def prepare(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], MultiModalInputs]:
-        """(expanded prompt ids, image inputs for the engine) for a prompt with one placeholder per image."""
+    def prepare(self, prompt_ids: Sequence[int], images: Sequence[Any],
+                check_length: Callable[[int], None] | None = None) -> tuple[list[int], MultiModalInputs]:
+        """(expanded prompt ids, image inputs for the engine) for a prompt with one placeholder per image.
+        `check_length(n)` (the engine's prompt-length check) sees a lower bound of the expanded length
+        before the vision tower runs, so an over-long request is refused without the work."""
         if not images:
             raise ImageError("prepare() needs at least one image")
         placeholders = sum(1 for t in prompt_ids if int(t) == self.image_token_id)
         if placeholders < len(images):  # fail before the vision tower runs
             self.expand_placeholders(prompt_ids, [1] * len(images))
+        if check_length is not None and placeholders == len(images):  # not yet expanded: one per image
+            check_length(len(prompt_ids) + len(images) * (self.tokens_per_image - 1))
         features, pixels = self.encode_images(images)
         ids = self.expand_placeholders(prompt_ids, [len(f) for f in features])
         positions = np.flatnonzero(np.asarray(ids) == self.image_token_id)
