@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from engine_helpers import wait_for_idle
 from mistralrs_jax import LLM, SamplingParams
 from mistralrs_jax.errors import PromptTooLongError
 
@@ -47,21 +48,10 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
 
 
-def wait_for_idle_gauges(llm: LLM, timeout: float = 10.0) -> dict:
-    """The gauges are refreshed after the step that finished the last request: poll."""
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = llm.metrics()
-        if metrics["num_running"] == 0 and metrics["num_waiting"] == 0:
-            return metrics
-        assert time.monotonic() < deadline, f"the engine did not go idle: {metrics}"
-        time.sleep(0.02)
-
-
 def forget_prefix_cache(llm: LLM) -> None:
     """So the next requests compute their prompts (the solo runs cached them). The engine
     is idle, so its loop thread is not touching the block manager."""
-    wait_for_idle_gauges(llm)
+    wait_for_idle(llm)
     llm.block_manager.reset_prefix_cache()
 
 
@@ -121,7 +111,7 @@ def test_sixteen_concurrent_requests_match_their_solo_runs(paged, short_prompts,
     before = paged.metrics()
     handles = [paged.engine.add_request(prompt, greedy(BATCH_TOKENS)) for prompt in short_prompts]
     outputs = [handle.result(timeout=300).outputs[0] for handle in handles]
-    after = wait_for_idle_gauges(paged)
+    after = wait_for_idle(paged)
 
     identical = [check_greedy_match(paged, prompt, out.token_ids, solo)
                  for prompt, out, solo in zip(short_prompts, outputs, short_solo)]
@@ -177,7 +167,7 @@ def test_aborts_and_preemptions_lose_nothing_and_free_every_block(paged, long_pr
     aborter.join()
     for thread in consumers:
         thread.join(timeout=30)
-    after = wait_for_idle_gauges(paged)
+    after = wait_for_idle(paged)
 
     num_aborted, near_ties = 0, 0
     for handle, out, expected, prompt in zip(handles, outputs, solo, long_prompts):
@@ -206,7 +196,7 @@ def test_shared_system_prompt_hits_the_prefix_cache_and_changes_no_output(paged,
     first = paged.chat(conversations[0], greedy(16))[0]  # computes the system prompt, caches its blocks
     before = paged.metrics()
     rest = paged.chat(conversations[1:], greedy(16))
-    after = wait_for_idle_gauges(paged)
+    after = wait_for_idle(paged)
 
     prompts = [out.prompt_token_ids for out in [first] + rest]
     shared = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
@@ -289,7 +279,7 @@ def test_no_paged_attn_gives_the_paged_outputs_and_ends_sequences_at_the_slot(co
     assert near_ties <= 1
     slot_end = outputs[-1].outputs[0]
     assert slot_end.finish_reason == "length" and len(overflow) + len(slot_end.token_ids) == 256
-    metrics = wait_for_idle_gauges(contiguous)
+    metrics = wait_for_idle(contiguous)
     assert metrics["num_preempted"] == 0
     assert metrics["kv_blocks_free"] == metrics["kv_blocks_total"] == 4 * 256 // 16
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine_helpers import assert_all_blocks_free, wait_for_idle
 from family_fixtures import build_checkpoint, load_reference, reference_logits
 from mistralrs_jax import LLM, SamplingParams
 from mistralrs_jax.errors import ModelLoadError
@@ -42,21 +43,6 @@ SMALL_POOL_TOKENS = 640  # 40 blocks: the abort test's 12 requests need ~60, so 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=kwargs.pop("ignore_eos", True), **kwargs)
-
-
-def wait_for_idle(llm: LLM, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = llm.metrics()
-        if metrics["num_running"] == 0 and metrics["num_waiting"] == 0:
-            return metrics
-        assert time.monotonic() < deadline, f"the engine did not go idle: {metrics}"
-        time.sleep(0.02)
-
-
-def assert_all_blocks_free(llm: LLM) -> None:
-    metrics = wait_for_idle(llm)
-    assert metrics["kv_blocks_used"] == 0 and metrics["kv_blocks_free"] == metrics["kv_blocks_total"], metrics
 
 
 def assert_greedy_trajectory(logits: np.ndarray, prompt: list[int], output: list[int]) -> None:
