@@ -2,7 +2,7 @@
 
 A vision checkpoint is served as its language model (the ordinary text engine, built by
 models/registry.py from the nested `language_model.` tensors) plus a `vision` object (llava.py's
-`LlavaVision`, llava_next.py's `LlavaNextVision`) that turns images into prompt placeholders and
+`LlavaVision`, llava_next.py's `LlavaNextVision`, idefics2.py's `Idefics2Vision`) that turns images into prompt placeholders and
 features. mistral.rs names the
 architectures with `vision-plain -a ARCH`; these are its names.
 """
@@ -20,7 +20,7 @@ VISION_ARCHS: dict[str, str | None] = {
     "llava": "llava",
     "llava_next": "llava_next",
     "phi3v": None,
-    "idefics2": None,
+    "idefics2": "idefics2",
     "idefics3": None,
     "vllama": None,
     "qwen2vl": None,
@@ -101,6 +101,10 @@ def vision_text_config(model_dir: str) -> ModelConfig | None:
     arch = vision_architecture(model_dir)
     if arch is None:
         return None
+    if arch == "idefics2":
+        from .idefics2 import Idefics2Config
+
+        return Idefics2Config.from_model_dir(model_dir).text
     from .llava import LlavaConfig
 
     return LlavaConfig.from_model_dir(model_dir).text
@@ -113,6 +117,12 @@ def load_vision(model_dir: str, tokenizer, dtype: str = "auto"):
     if arch is None:
         return None
     from ..registry import resolve_dtype
+
+    if arch == "idefics2":
+        from .idefics2 import Idefics2Config, Idefics2Vision
+
+        config = Idefics2Config.from_model_dir(model_dir)
+        return Idefics2Vision(model_dir, config, tokenizer, dtype=resolve_dtype(dtype, config.text.dtype))
     from .llava import LlavaConfig, LlavaVision
     from .llava_next import LlavaNextVision
 
