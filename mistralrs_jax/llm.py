@@ -160,7 +160,10 @@ class LLM:
 
             self.model_path = resolved.model_dir
             # A vision-language checkpoint is served as its language model plus `self.vision`.
-            self.model_config = vision_text_config(self.model_path) or load_hf_config(self.model_path)
+            vision_config = vision_text_config(self.model_path)
+            if vision_config is not None and draft_model is not None:  # refused before any weight loads
+                raise NotSupportedError("speculative decoding (a draft model) is not supported for vision models yet")
+            self.model_config = vision_config or load_hf_config(self.model_path)
             self.tokenizer: Tokenizer = load_tokenizer(tokenizer or self.model_path)
         else:
             self.model_path = resolved.gguf_path
@@ -181,8 +184,6 @@ class LLM:
             from .models.vision import load_vision
 
             self.vision = load_vision(self.model_path, self.tokenizer, dtype)
-            if self.vision is not None and draft_model is not None:
-                raise NotSupportedError("speculative decoding (a draft model) is not supported for vision models yet")
         else:
             self.model = self._load_model(
                 lambda wrap: build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype,

@@ -696,3 +696,11 @@ def test_llava_next_greedy_generation_matches_transformers(next_llm, next_refere
     outputs = next_llm.chat([image_chat(image) for image in images], greedy)
     assert [out.outputs[0].token_ids for out in outputs] == wanted
     assert next_llm.metrics()["compiles"] == compiles_before
+
+
+def test_a_draft_model_with_a_vision_model_is_refused(llava_dir):
+    from mistralrs_jax import LLM
+    from mistralrs_jax.errors import NotSupportedError
+
+    with pytest.raises(NotSupportedError, match="speculative decoding .* not supported for vision models"):
+        LLM(str(llava_dir), draft_model=str(llava_dir), warmup=False)
