@@ -34,6 +34,34 @@ def vision_activation(name: str):
                                 f"(supported: {', '.join(sorted(VISION_ACTIVATIONS))})") from None
 
 
+def vit_config_fields(raw: dict[str, Any], defaults) -> dict[str, Any]:
+    """The ViT hyperparameters Hugging Face vision configs share (CLIP, SigLIP), as our config
+    fields; a key that is absent or null takes `defaults`' value."""
+
+    def get(key: str, default):
+        value = raw.get(key)
+        return default if value is None else value
+
+    return dict(
+        hidden_size=int(get("hidden_size", defaults.hidden_size)),
+        intermediate_size=int(get("intermediate_size", defaults.intermediate_size)),
+        num_layers=int(get("num_hidden_layers", defaults.num_layers)),
+        num_heads=int(get("num_attention_heads", defaults.num_heads)),
+        num_channels=int(get("num_channels", defaults.num_channels)),
+        image_size=int(get("image_size", defaults.image_size)),
+        patch_size=int(get("patch_size", defaults.patch_size)),
+        hidden_act=str(get("hidden_act", defaults.hidden_act)),
+        layer_norm_eps=float(get("layer_norm_eps", defaults.layer_norm_eps)),
+    )
+
+
+def check_vit_config(config, source: str) -> None:
+    if config.hidden_size % config.num_heads:
+        raise ModelLoadError(f"{source}: vision hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_heads}")
+    vision_activation(config.hidden_act)
+
+
 @dataclass(frozen=True)
 class CLIPVisionConfig:
     """HF `CLIPVisionConfig`; the defaults are transformers' (configs may leave any key out)."""
@@ -54,30 +82,11 @@ class CLIPVisionConfig:
         if model_type not in ("clip_vision_model", "clip"):
             raise NotSupportedError(f"{source}: the vision tower {model_type!r} is not supported (supported: a CLIP "
                                     "ViT, model_type clip_vision_model)")
-        defaults = cls()
-
-        def get(key: str, default):
-            value = raw.get(key)
-            return default if value is None else value
-
-        config = cls(
-            hidden_size=int(get("hidden_size", defaults.hidden_size)),
-            intermediate_size=int(get("intermediate_size", defaults.intermediate_size)),
-            num_layers=int(get("num_hidden_layers", defaults.num_layers)),
-            num_heads=int(get("num_attention_heads", defaults.num_heads)),
-            num_channels=int(get("num_channels", defaults.num_channels)),
-            image_size=int(get("image_size", defaults.image_size)),
-            patch_size=int(get("patch_size", defaults.patch_size)),
-            hidden_act=str(get("hidden_act", defaults.hidden_act)),
-            layer_norm_eps=float(get("layer_norm_eps", defaults.layer_norm_eps)),
-        )
-        if config.hidden_size % config.num_heads:
-            raise ModelLoadError(f"{source}: vision hidden_size {config.hidden_size} is not a multiple of "
-                                 f"num_attention_heads {config.num_heads}")
+        config = cls(**vit_config_fields(raw, cls()))
+        check_vit_config(config, source)
         if config.image_size % config.patch_size:
             raise ModelLoadError(f"{source}: vision image_size {config.image_size} is not a multiple of patch_size "
                                  f"{config.patch_size}")
-        vision_activation(config.hidden_act)
         return config
 
     @property

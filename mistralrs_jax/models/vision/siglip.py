@@ -25,7 +25,7 @@ from flax import nnx
 
 from ...errors import ModelLoadError, NotSupportedError
 from ..layers import LayerNorm, Linear
-from .clip import vision_activation
+from .clip import check_vit_config, vision_activation, vit_config_fields
 
 
 @dataclass(frozen=True)
@@ -44,27 +44,8 @@ class SiglipVisionConfig:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], source: str) -> "SiglipVisionConfig":
-        defaults = cls()
-
-        def get(key: str, default):
-            value = raw.get(key)
-            return default if value is None else value
-
-        config = cls(
-            hidden_size=int(get("hidden_size", defaults.hidden_size)),
-            intermediate_size=int(get("intermediate_size", defaults.intermediate_size)),
-            num_layers=int(get("num_hidden_layers", defaults.num_layers)),
-            num_heads=int(get("num_attention_heads", defaults.num_heads)),
-            num_channels=int(get("num_channels", defaults.num_channels)),
-            image_size=int(get("image_size", defaults.image_size)),
-            patch_size=int(get("patch_size", defaults.patch_size)),
-            hidden_act=str(get("hidden_act", defaults.hidden_act)),
-            layer_norm_eps=float(get("layer_norm_eps", defaults.layer_norm_eps)),
-        )
-        if config.hidden_size % config.num_heads:
-            raise ModelLoadError(f"{source}: vision hidden_size {config.hidden_size} is not a multiple of "
-                                 f"num_attention_heads {config.num_heads}")
-        vision_activation(config.hidden_act)
+        config = cls(**vit_config_fields(raw, cls()))
+        check_vit_config(config, source)
         return config
 
     @property
