@@ -175,6 +175,11 @@ class SafetensorsWeights(WeightSource):
 
     # -- names -----------------------------------------------------------------------------
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every tensor name the checkpoint stores, as stored (nested prefixes included)."""
+        return list(self._shard_of)
+
     def _stored_name(self, name: str) -> str | None:
         if name in self._shard_of:
             return name

@@ -257,7 +257,7 @@ def build_idefics2_image_model(model_dir: str, config: Idefics2Config, dtype=jnp
     from ...loading.safetensors import SafetensorsWeights
 
     with SafetensorsWeights(model_dir, dtype) as source:  # no ISQ: the encoder and connector stay dense
-        names = list(source._shard_of)
+        names = source.tensor_names
         vision = build_siglip_encoder(config.vision, source,
                                       _prefix_of(names, "embeddings.patch_embedding.weight", model_dir), dtype=dtype)
         at = _prefix_of(names, "modality_projection.gate_proj.weight", model_dir)

@@ -181,7 +181,7 @@ def build_llava_image_model(model_dir: str, config: LlavaConfig, dtype=jnp.float
     from ...loading.safetensors import SafetensorsWeights
 
     with SafetensorsWeights(model_dir, dtype) as source:  # no ISQ: the tower and projector stay dense
-        names = list(source._shard_of)
+        names = source.tensor_names
         tower = build_clip_vision_tower(config.vision, source, vision_tower_prefix(names, model_dir),
                                         config.feature_layers, config.keep_class_token, dtype=dtype)
         projector = LlavaProjector(source.linear(_module_named(names, "multi_modal_projector.linear_1", model_dir)),

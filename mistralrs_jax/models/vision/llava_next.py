@@ -98,7 +98,7 @@ class LlavaNextVision(LlavaVision):
         from ...loading.safetensors import SafetensorsWeights
 
         with SafetensorsWeights(model_dir) as source:
-            names = [n for n in source._shard_of if n == "image_newline" or n.endswith(".image_newline")]
+            names = [n for n in source.tensor_names if n == "image_newline" or n.endswith(".image_newline")]
             if not names:
                 raise ModelLoadError(f"{model_dir}: a LLaVA-NeXT checkpoint needs an image_newline tensor")
             self.image_newline = source.array(sorted(names)[0]).reshape(-1)
