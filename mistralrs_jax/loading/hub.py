@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from .ggml import FORMATS as GGML_MAGICS
+from .gguf import GGUF_MAGIC
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,8 @@ PLAIN_MODEL_PATTERNS = [
 # What `-t/--tok-model-id` takes from a repo: the tokenizer and the metadata around it, no weights.
 TOKENIZER_PATTERNS = [pattern for pattern in PLAIN_MODEL_PATTERNS if "safetensors" not in pattern]
 
-GGUF_MAGIC = b"GGUF"
 # GGUF, and the legacy GGML containers (loading/ggml.py) a `gguf`/`ggml` model file may be.
-MODEL_FILE_MAGICS = (GGUF_MAGIC, b"lmgg", b"fmgg", b"tjgg")
+MODEL_FILE_MAGICS = (GGUF_MAGIC, *GGML_MAGICS)
 # "name" or "namespace/name", as the Hub spells repo ids.
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
