@@ -40,7 +40,7 @@ DEFAULT_TEXT = REPO / "tests" / "data" / "english.txt"
 
 def build(gguf, config, factory):
     from mistralrs_jax.models.registry import build_model
-    from mistralrs_jax.models.weights import GGUFWeights
+    from mistralrs_jax.loading.gguf_weights import GGUFWeights
 
     return build_model(config, GGUFWeights(gguf, config, factory))
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from mistralrs_jax.engine.runner import ModelRunner
     from mistralrs_jax.loading.gguf import GGUFFile
     from mistralrs_jax.loading.tokenizer import Tokenizer
-    from mistralrs_jax.models.registry import make_linear_factory
+    from mistralrs_jax.loading.gguf_weights import make_linear_factory
     from mistralrs_jax.quant.isq import normalize_isq_type, wrap_factory
 
     model_path = os.path.abspath(args.model) if args.model else default_model_path()

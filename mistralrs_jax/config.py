@@ -71,11 +71,11 @@ class ModelConfig:
         if not arch:
             raise ModelLoadError(f"{source}: GGUF metadata has no general.architecture key")
         from .errors import UnsupportedArchitectureError
-        from .models.registry import GGUF_BUILDERS
+        from .models.registry import FAMILY_BUILDERS
 
-        if arch not in GGUF_BUILDERS:  # before any key it might lack: the architecture is the news
+        if arch not in FAMILY_BUILDERS:  # before any key it might lack: the architecture is the news
             raise UnsupportedArchitectureError(
-                f"{source}: architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_BUILDERS))})")
+                f"{source}: architecture {arch!r} is not supported (supported: {', '.join(sorted(FAMILY_BUILDERS))})")
 
         def get(key: str, default: Any = KeyError):
             full = f"{arch}.{key}"

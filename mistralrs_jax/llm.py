@@ -21,7 +21,8 @@ from .loading.chat_template import ChatTemplate
 from .loading.ggml import open_model_file
 from .loading.hub import resolve_model_files, resolve_tokenizer_source
 from .loading.tokenizer import Tokenizer, load_tokenizer
-from .models.registry import build_model_from_gguf, check_gguf_architecture
+from .loading.gguf_weights import build_model_from_gguf
+from .models.registry import check_gguf_architecture
 from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -154,8 +155,7 @@ class LLM:
         tokenizer = resolve_tokenizer_source(tokenizer, token_source)  # a repo id -> its downloaded files
         self.vision = None  # the image side of a vision-language checkpoint (models/vision), else None
         if resolved.kind == "plain":  # a Hugging Face directory: config.json + *.safetensors
-            from .loading.safetensors import load_hf_config
-            from .models.registry import build_model_from_hf
+            from .loading.safetensors import build_model_from_hf, load_hf_config
             from .models.vision import vision_text_config
 
             self.model_path = resolved.model_dir

@@ -126,7 +126,7 @@ def test_gguf_bindings_name_llama_cpp_tensors():
     import gguf
 
     from family_fixtures import llama_cpp_converter_dir
-    from mistralrs_jax.models.weights import GGUF_EXPERT_NAMES, GGUF_GLOBAL_BINDINGS, GGUF_LAYER_BINDINGS
+    from mistralrs_jax.loading.gguf_weights import GGUF_EXPERT_NAMES, GGUF_GLOBAL_BINDINGS, GGUF_LAYER_BINDINGS
 
     try:
         path = llama_cpp_converter_dir() / "gguf-py" / "gguf" / "constants.py"

@@ -258,7 +258,7 @@ def build(path: Path, factory):
     from mistralrs_jax.config import ModelConfig
     from mistralrs_jax.loading.gguf import GGUFFile
     from mistralrs_jax.models.registry import build_model
-    from mistralrs_jax.models.weights import GGUFWeights
+    from mistralrs_jax.loading.gguf_weights import GGUFWeights
 
     source = GGUFFile(str(path))
     config = ModelConfig.from_gguf_metadata(source.metadata, str(path))
@@ -286,7 +286,7 @@ def test_isq_model_equals_the_model_of_a_file_gguf_py_quantized(tmp_path, tiny_f
 
     The lm_head (`output.weight`) stays f32 under ISQ, so the reference file keeps it f32 too.
     """
-    from mistralrs_jax.models.registry import make_linear_factory
+    from mistralrs_jax.loading.gguf_weights import make_linear_factory
 
     quantized_file = tmp_path / f"tiny-{isq_type}.gguf"
     write_llama_gguf(quantized_file, **TINY, qtype=isq_type)
@@ -317,7 +317,7 @@ def test_isq_model_equals_the_model_of_a_file_gguf_py_quantized(tmp_path, tiny_f
 
 
 def test_requantize_in_place_equals_a_fresh_isq_load(tiny_f32_gguf):
-    from mistralrs_jax.models.registry import make_linear_factory
+    from mistralrs_jax.loading.gguf_weights import make_linear_factory
 
     factory = wrap_factory(make_linear_factory("f32"), None)
     model, config, _ = build(tiny_f32_gguf, factory)
@@ -344,7 +344,7 @@ def test_requantize_in_place_equals_a_fresh_isq_load(tiny_f32_gguf):
 
 
 def test_isq_cache_round_trip_stale_key_and_damage(tmp_path, tiny_f32_gguf, caplog):
-    from mistralrs_jax.models.registry import make_linear_factory
+    from mistralrs_jax.loading.gguf_weights import make_linear_factory
 
     factory = wrap_factory(make_linear_factory("f32"), "HQQ4")
     model, config, _ = build(tiny_f32_gguf, factory)
@@ -398,8 +398,9 @@ PEAK_SCRIPT = textwrap.dedent("""
     import numpy as np
     from mistralrs_jax.config import ModelConfig
     from mistralrs_jax.loading.gguf import GGUFFile
-    from mistralrs_jax.models.registry import build_model, make_linear_factory
-    from mistralrs_jax.models.weights import GGUFWeights
+    from mistralrs_jax.loading.gguf_weights import make_linear_factory
+    from mistralrs_jax.models.registry import build_model
+    from mistralrs_jax.loading.gguf_weights import GGUFWeights
     from mistralrs_jax.quant.isq import wrap_factory
 
     def rss_anon():
@@ -474,7 +475,7 @@ def test_isq_load_peak_memory_stays_near_the_quantized_size(tmp_path, capsys):
 def test_smollm2_still_answers_paris_after_isq(smollm2_gguf_path):
     """SmolLM2-135M (Q4_1 on disk) re-quantized with ISQ Q4K, then in place to Q8_0."""
     from mistralrs_jax.loading.tokenizer import Tokenizer
-    from mistralrs_jax.models.registry import make_linear_factory
+    from mistralrs_jax.loading.gguf_weights import make_linear_factory
 
     factory = wrap_factory(make_linear_factory("f32"), "Q4K")
     model, config, source = build(Path(smollm2_gguf_path), factory)

@@ -100,7 +100,7 @@ def test_narrow_weight_dtypes(llama_dir, dtype):
     import torch
 
     from mistralrs_jax.loading.safetensors import load_hf_config
-    from mistralrs_jax.models.registry import build_model_from_hf
+    from mistralrs_jax.loading.safetensors import build_model_from_hf
 
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
     model = build_model_from_hf(str(llama_dir), load_hf_config(str(llama_dir)), dtype=dtype)
@@ -121,7 +121,7 @@ def test_narrow_weight_dtypes(llama_dir, dtype):
 def test_unknown_dtype_is_refused(llama_dir):
     from mistralrs_jax.errors import NotSupportedError
     from mistralrs_jax.loading.safetensors import load_hf_config
-    from mistralrs_jax.models.registry import build_model_from_hf
+    from mistralrs_jax.loading.safetensors import build_model_from_hf
 
     with pytest.raises(NotSupportedError, match="f64"):
         build_model_from_hf(str(llama_dir), load_hf_config(str(llama_dir)), dtype="f64")
@@ -175,7 +175,7 @@ def test_checkpoint_not_matching_its_config_is_named(llama_dir, tmp_path):
 
     from mistralrs_jax.errors import ModelLoadError
     from mistralrs_jax.loading.safetensors import load_hf_config
-    from mistralrs_jax.models.registry import build_model_from_hf
+    from mistralrs_jax.loading.safetensors import build_model_from_hf
 
     directory = tmp_path / "extra_layer"
     shutil.copytree(llama_dir, directory)
@@ -196,7 +196,7 @@ PEAK_PROBE = textwrap.dedent("""
     import jax.numpy as jnp
     jnp.zeros(1).block_until_ready()
     from mistralrs_jax.loading.safetensors import load_hf_config
-    from mistralrs_jax.models.registry import build_model_from_hf
+    from mistralrs_jax.loading.safetensors import build_model_from_hf
     config = load_hf_config(sys.argv[1])
     base = anonymous_kib(); peak = [base]; done = threading.Event()
     def sample():

@@ -7,7 +7,7 @@ nothing more per step than the base model. Several adapters add up, each delta m
 its user weight (PEFT's `add_weighted_adapter(..., combination_type="cat")` computes the same).
 
 How: every projection the model builders create goes through one hook,
-`make_linear(source, tensor_name, row_transform, bias)` (models/weights.py, loading/safetensors.py),
+`make_linear(source, tensor_name, row_transform, bias)` (loading/gguf_weights.py, loading/safetensors.py),
 which ISQ already wraps (quant/isq.py). `LoraMerger.wrap` puts a layer around that hook: for a
 targeted tensor it passes a row transform that first does what the model asked (undoing
 llama.cpp's Q/K row permutation for GGUF) and then adds the delta, which is in Hugging Face
@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidRequestError, ModelLoadError, NotSupportedError
+from ..loading.gguf_weights import gguf_module_name
 from .sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, resolve_adapter_dir
 
 log = logging.getLogger(__name__)
@@ -301,19 +302,6 @@ class _MergedSource:
         return getattr(self._source, attr)
 
 
-def _gguf_module(module: str, arch: str) -> str | None:
-    """llama.cpp's name of an HF module ("model.layers.3.self_attn.q_proj" -> "blk.3.attn_q")."""
-    from ..models.weights import GGUF_GLOBAL_BINDINGS, GGUF_LAYER_BINDINGS
-
-    if module in GGUF_GLOBAL_BINDINGS:
-        return GGUF_GLOBAL_BINDINGS[module]
-    if module.startswith("model.layers."):
-        index, _, inner = module[len("model.layers."):].partition(".")
-        bound = GGUF_LAYER_BINDINGS.get(arch, {}).get(inner)
-        return f"blk.{index}.{bound}" if bound and index.isdigit() else None
-    return None
-
-
 class LoraMerger:
     """Adds the deltas of a list of adapters to the projections a model builder creates.
 
@@ -414,7 +402,7 @@ class LoraMerger:
         """The name `source` stores `module`'s weight under, or None when it has none."""
         if hasattr(source, "has"):  # a Hugging Face checkpoint (WeightSource): HF names
             return module + ".weight" if source.has(module + ".weight") else None
-        gguf_module = _gguf_module(module, self._config.arch)
+        gguf_module = gguf_module_name(module, self._config.arch)
         return gguf_module + ".weight" if gguf_module and gguf_module + ".weight" in source else None
 
     def _fused_rows(self, fused: str, rows: int) -> list[int]:

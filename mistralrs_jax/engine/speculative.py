@@ -549,7 +549,9 @@ def load_draft_model(model: str, gguf_file: str | None = None, *, token_source: 
     from ..loading.gguf import GGUFFile
     from ..loading.hub import resolve_model_files
     from ..loading.tokenizer import load_tokenizer
-    from ..models.registry import build_model_from_gguf, build_model_from_hf, check_gguf_architecture
+    from ..loading.gguf_weights import build_model_from_gguf
+    from ..loading.safetensors import build_model_from_hf
+    from ..models.registry import check_gguf_architecture
     from ..quant.isq import normalize_isq_type, wrap_factory
 
     isq_type = normalize_isq_type(isq) if isq is not None else None

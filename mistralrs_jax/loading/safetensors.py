@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError
 from ..models.layers import Embedding, Linear
+from ..models.registry import build_model, resolve_dtype
 from ..models.weights import WeightSource
 
 log = logging.getLogger(__name__)
@@ -254,3 +255,14 @@ class SafetensorsWeights(WeightSource):
             raise ModelLoadError(f"{self.path}: no MoE expert weights {prefix}N.{HF_EXPERT_NAMES[which]}.weight "
                                  f"for layer {layer} (only Mixtral's per-expert layout is supported)")
         return np.stack(stacked)
+
+
+def build_model_from_hf(model_dir: str, config: ModelConfig, dtype: str = "auto",
+                        wrap_linear: Callable[[Callable], Callable] | None = None):
+    """A Hugging Face checkpoint directory (config already parsed) -> model; `wrap_linear`
+    as in `gguf_weights.build_model_from_gguf`."""
+    weight_dtype = resolve_dtype(dtype, config.dtype)
+    with SafetensorsWeights(model_dir, weight_dtype) as source:
+        if wrap_linear is not None:
+            source.make_linear = wrap_linear(source.dense_linear)
+        return build_model(config, source, weight_dtype)

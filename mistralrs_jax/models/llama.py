@@ -4,7 +4,7 @@ Served here: Llama 2/3 (rope scaling), Mistral (sliding window), Mixtral (sparse
 mixtral.py), Qwen2/2.5 (QKV biases: any projection with a bias tensor gets one), Phi-3/3.5
 (fused qkv_proj and gate_up_proj, LongRoPE) and Starcoder2 (LayerNorm and a plain GELU MLP,
 built in starcoder2.py from this layer). Weights follow the Hugging Face layout; GGUF files
-reach the same builder through models/weights.py.
+reach the same builder through loading/gguf_weights.py.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Architecture name -> model builder, and how weights are turned into `Linear`s.
+"""Architecture name -> model builder: the family tables.
 
 A family key is llama.cpp's `general.architecture` name (llama, qwen2, phi2, phi3, gemma,
 gemma2, gemma3, starcoder2). HF `architectures` / `model_type` names map onto the same keys
 (Mistral and Mixtral are the llama architecture in both worlds), and one builder per family
-reads either format through a `WeightSource` (models/weights.py).
+reads either format through a `WeightSource` (models/weights.py; the two formats:
+loading/gguf_weights.py and loading/safetensors.py).
 """
 from __future__ import annotations
 
@@ -11,14 +12,11 @@ import logging
 from typing import Any, Callable
 
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import NotSupportedError, UnsupportedArchitectureError
 from . import gemma, llama, phi2, starcoder2
-from .layers import Linear
-from .weights import GGUFWeights
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +66,6 @@ def family_of_hf_config(cfg: dict[str, Any], source: str) -> str:
         f"{source}: architecture {what} is not supported (supported: {', '.join(sorted(HF_ARCHITECTURES))})")
 
 
-# GGUF general.architecture names are the family keys themselves.
-GGUF_BUILDERS: dict[str, Callable] = FAMILY_BUILDERS
-
-FLOAT_TYPES = {"F32", "F16", "BF16"}
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
@@ -87,34 +81,6 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32"):
     if jax.default_backend() == "cpu":
         return jnp.float32
     return {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(checkpoint_dtype, jnp.float32)
-
-
-def make_linear_factory(cpu_weights: str, dtype=jnp.float32) -> Callable:
-    """How a GGUF weight becomes a `Linear` (design rule 7).
-
-    "f32": dequantize once at load (XLA:CPU's fast path; `dtype` may narrow it). "quantized":
-    keep block formats as affine int8 (~1 byte/weight), dequantized inside the jitted matmul.
-    """
-    if cpu_weights not in ("f32", "quantized"):
-        raise NotSupportedError(f"cpu_weights must be 'f32' or 'quantized', got {cpu_weights!r}")
-
-    def make_linear(gguf, name: str, row_transform=None, bias: np.ndarray | None = None) -> Linear:
-        tensor = gguf.tensor(name)
-        transform = row_transform or (lambda a: a)
-        if cpu_weights == "quantized" and tensor.qtype not in FLOAT_TYPES:
-            from ..quant import to_affine_int8
-
-            try:
-                q, scale, offset, group = to_affine_int8(np.asarray(tensor.data), tensor.qtype, tensor.shape)
-            except NotSupportedError:
-                log.info("%s (%s) has no exact int8 form; holding it as f32", name, tensor.qtype)
-            else:
-                return Linear(q=transform(q), scale=transform(scale), offset=None if offset is None else transform(offset),
-                              group=group, bias=bias)
-        weight = transform(gguf.dequantize(name))  # [out, in]
-        return Linear(np.ascontiguousarray(weight.T), bias=bias, dtype=dtype)
-
-    return make_linear
 
 
 def build_model(config: ModelConfig, source, dtype=jnp.float32):
@@ -133,33 +99,8 @@ def build_model(config: ModelConfig, source, dtype=jnp.float32):
 
 
 def check_gguf_architecture(path: str, arch: str | None) -> None:
-    """Fail early, naming the file and the architecture, before any model key is read."""
-    if arch not in GGUF_BUILDERS:
+    """Fail early, naming the file and the architecture, before any model key is read (GGUF
+    `general.architecture` names are the family keys themselves)."""
+    if arch not in FAMILY_BUILDERS:
         raise UnsupportedArchitectureError(
-            f"{path}: architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_BUILDERS))})")
-
-
-def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto",
-                          wrap_linear: Callable[[Callable], Callable] | None = None):
-    """`wrap_linear(make_linear) -> make_linear`, when given, decides how projections are built
-    from the default factory (LLM passes ISQ's `wrap_factory` here and keeps what it returns)."""
-    check_gguf_architecture(gguf.path, config.arch)
-    weight_dtype = resolve_dtype(dtype)
-    make_linear = make_linear_factory(cpu_weights, weight_dtype)
-    if wrap_linear is not None:
-        make_linear = wrap_linear(make_linear)
-    source = GGUFWeights(gguf, config, make_linear, weight_dtype)
-    return build_model(config, source, weight_dtype)
-
-
-def build_model_from_hf(model_dir: str, config: ModelConfig, dtype: str = "auto",
-                        wrap_linear: Callable[[Callable], Callable] | None = None):
-    """A Hugging Face checkpoint directory (config already parsed) -> model; `wrap_linear`
-    as in `build_model_from_gguf`."""
-    from ..loading.safetensors import SafetensorsWeights
-
-    weight_dtype = resolve_dtype(dtype, config.dtype)
-    with SafetensorsWeights(model_dir, weight_dtype) as source:
-        if wrap_linear is not None:
-            source.make_linear = wrap_linear(source.dense_linear)
-        return build_model(config, source, weight_dtype)
+            f"{path}: architecture {arch!r} is not supported (supported: {', '.join(sorted(FAMILY_BUILDERS))})")
