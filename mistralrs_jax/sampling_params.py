@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from .guidance import GuidedDecoding
+
+# DRY's default sequence breakers (llama.cpp's and mistral.rs'): a repeat never spans one of these.
+DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -28,6 +35,13 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # DRY ("don't repeat yourself", llama.cpp / mistral.rs): off while dry_multiplier is 0.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breakers: list[str] | None = None  # None: DEFAULT_DRY_SEQUENCE_BREAKERS
+    # A grammar the output must match (mistralrs_jax/guidance.py), applied as a token mask.
+    guided_decoding: "GuidedDecoding | None" = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -81,6 +95,16 @@ class SamplingParams:
                 bad("stop", "stop entries must be non-empty strings")
         if len(self.stop) > 16:
             bad("stop", "at most 16 stop strings are allowed")
+        if not 0.0 <= float(self.dry_multiplier) <= 100.0:
+            bad("dry_multiplier", f"dry_multiplier must be in [0, 100], got {self.dry_multiplier!r}")
+        if not 1.0 <= float(self.dry_base) <= 100.0:
+            bad("dry_base", f"dry_base must be in [1, 100], got {self.dry_base!r}")
+        if not isinstance(self.dry_allowed_length, int) or self.dry_allowed_length < 1:
+            bad("dry_allowed_length", f"dry_allowed_length must be a positive integer, got {self.dry_allowed_length!r}")
+        if self.dry_sequence_breakers is not None and (
+                not isinstance(self.dry_sequence_breakers, (list, tuple))
+                or not all(isinstance(b, str) and b for b in self.dry_sequence_breakers)):
+            bad("dry_sequence_breakers", "dry_sequence_breakers must be a list of non-empty strings")
 
     @property
     def uses_penalties(self) -> bool:

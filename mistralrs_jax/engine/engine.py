@@ -16,7 +16,8 @@ import uuid
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from ..errors import ImageError, InvalidRequestError
+from ..errors import ImageError, InvalidRequestError, NotSupportedError
+from ..guidance import ConstraintTracker
 from ..loading.detokenizer import IncrementalDetokenizer
 from ..loading.tokenizer import Tokenizer
 from ..outputs import Logprob
@@ -56,6 +57,8 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_size = vocab_size
         self.metrics = EngineMetrics()
+        # Grammar-constrained sequences (response_format, grammar, forced tool calls): their matchers.
+        self.constraints = ConstraintTracker(tokenizer, vocab_size, self.eos_token_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._states: dict[int, _SeqState] = {}
@@ -106,16 +109,29 @@ class Engine:
         if multimodal is not None and not getattr(self.runner, "input_embeds", False):
             raise ImageError("this engine's model takes no images: send text only")
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        matchers = self._constraint_matchers(params)
         handle = RequestHandle(request_id, prompt, prompt_token_ids, params.n, engine=self)
         now = time.monotonic()
         seqs = [Sequence(request_id, prompt_token_ids, params, index=i, arrival_time=now, prompt=prompt,
                          multimodal=multimodal, cache_salt=multimodal.cache_salt if multimodal is not None else None)
                 for i in range(params.n)]
+        for seq, matcher in zip(seqs, matchers):
+            self.constraints.register(seq.seq_id, matcher)
         self._commands.put(("add", handle, seqs))
         self._wakeup.set()
         if self._thread is None:
             self.start()
         return handle
+
+    def _constraint_matchers(self, params: SamplingParams) -> list:
+        """One grammar matcher per sequence of a constrained request (none for a free one)."""
+        if params.guided_decoding is None:
+            return []
+        if type(self).step is not Engine.step:  # speculative decoding does not verify under a mask
+            raise NotSupportedError(
+                f"{params.guided_decoding.param}: constrained output (a grammar, a JSON response_format or a "
+                "forced tool call) is not supported with speculative decoding; serve without a draft model")
+        return self.constraints.compile(params.guided_decoding, params.n)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (applied by the loop thread before its next step)."""
@@ -231,6 +247,7 @@ class Engine:
             self._deferred.remove(cmd)
             self.metrics.count("requests_aborted")
             for seq in cmd[2]:
+                self.constraints.release(seq.seq_id)
                 cmd[1]._push(CompletionDelta(index=seq.index, text="", finish_reason="abort"))
 
     def step(self) -> None:
@@ -240,7 +257,7 @@ class Engine:
         if output.is_empty:
             self._update_gauges()
             return
-        result = self.runner.execute(output.scheduled)
+        result = self.runner.execute(output.scheduled, self.constraints)
         sampled = {seq.seq_id: int(tok) for (seq, _), tok in zip(output.scheduled, result.token_ids)}
         rows = {seq.seq_id: i for i, (seq, _) in enumerate(output.scheduled)}
         prompt_tokens = sum(n for seq, n in output.scheduled if not seq.is_decoding)
@@ -261,6 +278,7 @@ class Engine:
             self.metrics.observe("itl", now - state.last_token_time)
         state.last_token_time = now
         finish, stop_reason = None, None
+        grammar = self.constraints.advance(seq.seq_id, token)  # None, "done" or "error"
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if is_eos or token in params.stop_token_ids:
             finish, stop_reason = "stop", token
@@ -275,6 +293,8 @@ class Engine:
                 end = index + len(stop_str) if params.include_stop_str_in_output else index
                 state.text = state.text[:end]
                 finish, stop_reason = "stop", stop_str
+        if finish is None and grammar is not None:  # the constraint is complete (or broken): nothing may follow
+            finish = "stop"
         if finish is None and params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             finish = "length"
         if finish is None and seq.is_finished:  # the scheduler ended it (context full)
@@ -322,6 +342,7 @@ class Engine:
         state.handle._push(CompletionDelta(index=seq.index, text=text, finish_reason=reason, stop_reason=stop_reason))
 
     def _retire(self, seq: Sequence) -> None:
+        self.constraints.release(seq.seq_id)
         state = self._states.pop(seq.seq_id, None)
         if state is None:
             return
@@ -340,6 +361,7 @@ class Engine:
             handle = self._handles.pop(request_id)
             handle._fail(exc)
         self._states.clear()
+        self.constraints.clear()
 
     def _update_gauges(self) -> None:
         bm = self.block_manager

@@ -138,6 +138,7 @@ class ModelRunner:
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
         self._sample_fn = jax.jit(sample, static_argnames=("modes",))
+        self._free_bitmasks: dict[int, jax.Array] = {}  # num_rows -> all-ones token bitmask
         self.rebind_model(model)
 
     def rebind_model(self, model: nnx.Module) -> None:
@@ -236,8 +237,9 @@ class ModelRunner:
 
     # -- running ---------------------------------------------------------------------
 
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
-        """Run one step; results come back in the order of `scheduled`."""
+    def execute(self, scheduled: list[tuple[Sequence, int]], constraints=None) -> StepResult:
+        """Run one step; results come back in the order of `scheduled`. `constraints`: the engine's
+        guidance.ConstraintTracker, whose grammar masks the sampler applies."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i][1] != 1)  # decodes first
         scheduled = [scheduled[i] for i in order]
         input_ids, meta, logits_indices, shape_key = self.prepare(scheduled)
@@ -254,12 +256,26 @@ class ModelRunner:
         inputs = jax.device_put((input_ids, meta, logits_indices, arrays, embeds))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs[:3],
                                                *(() if embeds is None else inputs[4:]))
-        out = self._sample_fn(logits, inputs[3], modes=modes)
+        # The grammar masks are computed here, on the host, while the device runs the forward.
+        bitmask = self._token_bitmask([seq.seq_id for seq in seqs], shape_key[1], constraints)
+        out = self._sample_fn(logits, dataclasses.replace(inputs[3], token_bitmask=bitmask), modes=modes)
         rows = np.argsort(order)  # batch row of each original entry
         if modes.num_logprobs or any(seq.params.logprobs is not None for seq in seqs):
             host = jax.device_get(out)
             return StepResult(host.token_ids[rows], host.logprobs[rows], host.top_ids[rows], host.top_logprobs[rows])
         return StepResult(np.asarray(jax.device_get(out.token_ids))[rows])
+
+    def _token_bitmask(self, seq_ids: list[int], num_rows: int, constraints=None) -> jax.Array:
+        """The sampler's fixed-shape grammar mask: the constrained rows' masks, or a cached all-ones
+        device array when no row is constrained (the same shape either way: no compile)."""
+        host = constraints.bitmask(seq_ids, num_rows) if constraints is not None and constraints.active else None
+        if host is not None:
+            return jax.device_put(host)
+        free = self._free_bitmasks.get(num_rows)
+        if free is None:
+            words = -(-self.config.vocab_size // 32)
+            free = self._free_bitmasks[num_rows] = jax.device_put(np.full((num_rows, words), -1, np.int32))
+        return free
 
     # -- for callers that sample themselves (speculative decoding) ------------------------
 
@@ -330,7 +346,8 @@ class ModelRunner:
         for params in SAMPLER_WARMUP_PARAMS:
             arrays, modes = compiled_sampler_variant(
                 *build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0]))
-            jax.block_until_ready(self._sample_fn(logits, jax.device_put(arrays), modes=modes))
+            arrays = dataclasses.replace(jax.device_put(arrays), token_bitmask=self._token_bitmask([], num_seqs))
+            jax.block_until_ready(self._sample_fn(logits, arrays, modes=modes))
 
     def _step_input_embeds(self, scheduled: list[tuple[Sequence, int]], num_tokens_padded: int):
         """(embeds, mask) for the image positions this step runs, or None (the text-only variant)."""

@@ -87,6 +87,9 @@ class SamplingArrays:
     history_is_output: np.ndarray | jax.Array  # bool[S, W]
     bias_token_ids: np.ndarray | jax.Array  # i32[S, B]; -1 padding
     bias_values: np.ndarray | jax.Array  # f32[S, B]
+    # i32[S, ceil(V / 32)]: bit t of row s set -> token t allowed (a grammar constraint, see
+    # mistralrs_jax/guidance.py); all ones for free rows. None: no mask input at all (another trace).
+    token_bitmask: np.ndarray | jax.Array | None = None
 
 
 class SamplerModes(NamedTuple):
@@ -141,6 +144,8 @@ def _rows_per_chunk(num_rows: int, vocab: int) -> int:
 def _sample_rows(logits, arrays, modes):
     raw = logits.astype(jnp.float32)
     adjusted = apply_logit_adjustments(raw, arrays, modes)
+    if arrays.token_bitmask is not None:
+        adjusted = apply_token_bitmask(adjusted, arrays.token_bitmask)
     greedy_ids = _blocked_argmax(adjusted)
     if modes.all_greedy:
         token_ids = greedy_ids
@@ -206,6 +211,19 @@ def apply_logit_adjustments(logits: jax.Array, arrays: SamplingArrays, modes: Sa
         # order the scatter writes duplicates in does not matter. Padding (-1) is dropped.
         logits = logits.at[rows, jnp.where(tokens < 0, vocab, tokens)].set(penalized, mode="drop")
     return logits
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Disallowed tokens (bit 0 in `bitmask`, i32[S, ceil(V / 32)]) get -inf. A step whose rows
+    are all free (every word -1) skips the [S, V] work at run time."""
+    num_rows, vocab = logits.shape
+
+    def masked():
+        bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+        allowed = bits.reshape(num_rows, -1)[:, :vocab] != 0
+        return jnp.where(allowed, logits, -jnp.inf)
+
+    return lax.cond(jnp.all(bitmask == -1), lambda: logits, masked)
 
 
 def truncation_mask(
