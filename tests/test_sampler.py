@@ -294,22 +294,6 @@ def test_bias_and_penalties_match_hf_and_openai_references():
     np.testing.assert_array_equal(output.token_ids[greedy], np.argmax(expected[greedy], axis=-1))
 
 
-def test_repetition_reference_agrees_with_transformers():
-    """The numpy reference above against HF's own RepetitionPenaltyLogitsProcessor."""
-    logits_process = pytest.importorskip(
-        "transformers.generation.logits_process", reason="transformers is not installed: nothing to cross-check"
-    )
-    import torch
-
-    rng = np.random.default_rng(7)
-    scores = (rng.standard_normal(200) * 3).astype(np.float32)
-    tokens = rng.integers(0, 60, 90).tolist()
-    for penalty in (0.7, 1.3):
-        processor = logits_process.RepetitionPenaltyLogitsProcessor(penalty=penalty)
-        hf = processor(torch.tensor([tokens]), torch.tensor(scores[None]))[0].numpy()
-        np.testing.assert_allclose(reference_repetition_penalty(scores, tokens, penalty), hf, rtol=1e-6)
-
-
 # ------------------------------------------------------------------------------ randomness
 
 
@@ -345,6 +329,30 @@ def test_same_seed_and_step_give_the_same_token_in_any_batch():
     # The next step of the same seed draws afresh.
     later, _ = run_sampler(logits, params, steps=[s + 1 for s in steps], seeds=seeds, num_rows=DRAWS)
     assert (later.token_ids[:requests] != alone.token_ids[:requests]).sum() >= requests // 2
+
+
+def test_draws_are_independent_across_steps_and_sibling_seeds():
+    """The joint frequencies of two draws are the product of their marginals: consecutive steps
+    of one seed, the same step of seeds s and s + 1 (the seeds of an n > 1 request's siblings),
+    and step t + 1 of seed s against step t of seed s + 1 (a key built as seed + step would
+    repeat itself there). Non-overlapping pairs, so each pair is one independent observation."""
+    row = np.log(np.array([0.35, 0.25, 0.2, 0.12, 0.08], np.float32))
+    probs = softmax(row)
+    joint = np.zeros(VOCAB)
+    joint[: len(row) ** 2] = np.outer(probs, probs).reshape(-1)
+    params = SamplingParams(temperature=1.0)
+    first, second = draws(row, params, seed=7), draws(row, params, seed=8)
+    for label, a, b in [
+        ("consecutive steps", first[0::2], first[1::2]),
+        ("sibling seeds, same step", first, second),
+        ("seed s step t+1 vs seed s+1 step t", first[1:], second[:-1]),
+    ]:
+        pairs = a * len(row) + b
+        try:
+            assert_frequencies_match(pairs, joint)
+        except AssertionError as error:
+            raise AssertionError(f"{label}: draws are not independent: {error}") from None
+    assert (first != second).mean() > 0.5  # and the two seeds are not the same stream
 
 
 def test_different_seeds_give_different_samples():
