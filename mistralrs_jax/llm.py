@@ -396,8 +396,12 @@ class LLM:
                              code="images_not_supported")
         return self.vision
 
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self._chat_template
+
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
-                    local_images: bool | str = True) -> tuple[list[int], str, Any]:
+                    local_images: bool | str = True, **template_kwargs) -> tuple[list[int], str, Any]:
         """(token ids, rendered text, image inputs or None): `chat_prompt_ids` for messages that may
         hold image parts (OpenAI `image_url`, vLLM `image_pil`); each image's placeholder is expanded
         to the model's image tokens and its features computed here. `local_images`: whether image
@@ -407,19 +411,22 @@ class LLM:
 
         template_messages, images = split_image_parts(messages)
         if not images:
-            return (*self.chat_prompt_ids(messages, add_generation_prompt), None)
+            return (*self.chat_prompt_ids(messages, add_generation_prompt, **template_kwargs), None)
         vision = self._require_vision()
         for image in images:
             check_image_source(image, local_images)
-        text = render_with_images(lambda m: self.apply_chat_template(m, add_generation_prompt=add_generation_prompt),
+        text = render_with_images(lambda m: self.apply_chat_template(m, add_generation_prompt=add_generation_prompt,
+                                                                     **template_kwargs),
                                   template_messages, len(images), vision.image_token)
         ids, multimodal = vision.prepare(self.tokenizer.encode_prompt(text), images,
                                          check_length=self.scheduler.check_prompt_fits)
         return ids, text, multimodal
 
-    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
-        """(token ids, rendered text) of a conversation's prompt, as `chat` and the server feed it."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                        **template_kwargs) -> tuple[list[int], str]:
+        """(token ids, rendered text) of a conversation's prompt, as `chat` and the server feed it.
+        `template_kwargs` reach the template as variables (`tools`, `enable_thinking`, ...)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
         return self.tokenizer.encode_prompt(text), text
 
     # -- generation --------------------------------------------------------------------

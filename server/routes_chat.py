@@ -1,4 +1,5 @@
-"""`POST /v1/chat/completions`: OpenAI chat completions, whole or streamed (SSE)."""
+"""`POST /v1/chat/completions`: OpenAI chat completions, whole or streamed (SSE), with tool calls
+and constrained output (response_format, grammar)."""
 from __future__ import annotations
 
 import time
@@ -18,8 +19,32 @@ from .request_log import Exchange
 from .schemas import ChatCompletionRequest, parse_request
 from .sse import DONE, sse_event
 from .state import ServerState, server_state
+from .tools import (HERMES, ToolCall, ToolStreamFilter, call_format, forced_calls, messages_for_template,
+                    parse_tool_calls)
 
 blueprint = Blueprint("chat", __name__)
+
+
+class ToolOutput:
+    """How one request's replies become OpenAI messages: plain text, or tool calls (see tools.py)."""
+
+    def __init__(self, mode: str | None, fmt: str):
+        self.mode = mode  # None, "auto", "required" or a forced function name
+        self.fmt = fmt
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The assistant message for a whole reply, and its finish reason ("tool_calls" when it calls)."""
+        calls: list[ToolCall] = []
+        content: str | None = text
+        if self.mode == "auto":
+            content, calls = parse_tool_calls(text, self.fmt)
+        elif self.mode is not None:
+            calls = forced_calls(text, self.mode) or []
+            content = None if calls else text
+        if not calls:
+            return {"role": "assistant", "content": text}, finish_reason
+        message = {"role": "assistant", "content": content, "tool_calls": [call.to_openai() for call in calls]}
+        return message, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 @blueprint.post("/v1/chat/completions")
@@ -27,28 +52,39 @@ async def chat_completions() -> Response:
     state = server_state()
     req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await read_json_body())
     state.check_model(req.model)
+    llm = state.llm
+    template = llm.chat_template
+    tools = req.tools if req.tool_mode is not None else None
+    fmt = call_format(template.source) if template.reads_tools else HERMES
     try:
+        template_kwargs = req.template_kwargs(template.reads)
+        overrides = {}
+        if req.tool_mode == "auto" and fmt != HERMES and req.skip_special_tokens is None:
+            overrides["skip_special_tokens"] = False  # [TOOL_CALLS] / <|python_tag|> are special tokens
         params = req.sampling_params(max_tokens=req.max_new_tokens, logprobs=req.logprobs_k,
-                                     default_seed=state.default_seed)
+                                     default_seed=state.default_seed, guided_decoding=req.guided_decoding(),
+                                     **overrides)
     except MistralRsError as exc:
         raise APIError.from_engine(exc) from None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     exchange: Exchange = g.exchange
     exchange.request_id, exchange.stream = request_id, req.streaming
-    messages = req.message_dicts()
+    messages = messages_for_template(req.message_dicts(), tools, template.reads_tools)
+    if tools and template.reads_tools:
+        template_kwargs["tools"] = tools
     add_generation_prompt = req.add_generation_prompt is not False
-    llm = state.llm
+    tool_output = ToolOutput(req.tool_mode, fmt)
 
     def make_prompts() -> list[Prompt]:
         ids, text, multimodal = llm.chat_prompt(messages, add_generation_prompt=add_generation_prompt,
-                                                local_images=state.local_images)
+                                                local_images=state.local_images, **template_kwargs)
         return [Prompt(ids, text, multimodal)]
 
     prompts, handles = await submit(state, make_prompts, params, request_id, prompt_param="messages")
     prompt_tokens = len(prompts[0].token_ids)
     exchange.prompt_tokens = prompt_tokens
     if req.streaming:
-        return sse_response(_stream(state, req, request_id, handles[0], prompt_tokens, exchange))
+        return sse_response(_stream(state, req, request_id, handles[0], prompt_tokens, exchange, tool_output))
 
     output = (await collect(handles))[0]
     choices = []
@@ -56,11 +92,11 @@ async def chat_completions() -> Response:
         logprobs = None
         if req.logprobs_k is not None:
             logprobs = chat_logprobs(out.token_ids, out.logprobs or [], req.logprobs_k)
-        choices.append({"index": out.index, "message": {"role": "assistant", "content": out.text},
-                        "logprobs": logprobs, "finish_reason": out.finish_reason})
+        message, finish_reason = tool_output.message(out.text, out.finish_reason)
+        choices.append({"index": out.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
     completion_tokens = sum(len(out.token_ids) for out in output.outputs)
     exchange.completion_tokens = completion_tokens
-    exchange.finish_reasons = [out.finish_reason for out in output.outputs]
+    exchange.finish_reasons = [choice["finish_reason"] for choice in choices]
     exchange.response = [out.text for out in output.outputs]
     return json_response({
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
@@ -68,13 +104,59 @@ async def chat_completions() -> Response:
     })
 
 
+class _ChoiceStream:
+    """The delta objects of one streamed choice, as OpenAI shapes them (text, or tool-call pieces)."""
+
+    def __init__(self, tool_output: ToolOutput):
+        self.mode = tool_output.mode
+        self.filter = ToolStreamFilter(tool_output.fmt) if self.mode == "auto" else None
+        self.forced_call: ToolCall | None = None
+        self.held = ""  # a "required" reply is parsed when complete
+        self.called = False
+
+    def on_text(self, text: str) -> list[dict[str, Any]]:
+        if self.mode is None:
+            return [{"content": text}] if text else []
+        if self.filter is not None:
+            text = self.filter.feed(text)
+            return [{"content": text}] if text else []
+        if self.mode == "required":
+            self.held += text
+            return []
+        deltas = []  # a named function: its arguments stream as they come
+        if self.forced_call is None:
+            self.forced_call = ToolCall(self.mode, "")
+            deltas.append({"tool_calls": [{**self.forced_call.to_openai(0)}]})
+        self.held += text
+        if text:
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+        self.called = True
+        return deltas
+
+    def on_finish(self) -> list[dict[str, Any]]:
+        if self.mode is None or (self.mode not in ("auto", "required") and self.forced_call is not None):
+            return []
+        if self.filter is not None:
+            content, calls = self.filter.finish()
+        else:
+            calls = (forced_calls(self.held, "required") or []) if self.mode == "required" else []
+            content = "" if calls else self.held
+        deltas = [{"content": content}] if content else []
+        for index, call in enumerate(calls):
+            deltas.append({"tool_calls": [{**call.to_openai(index), "function": {"name": call.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+        self.called = bool(calls)
+        return deltas
+
+
 async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: str, handle: RequestHandle,
-                  prompt_tokens: int, exchange: Exchange) -> AsyncIterator[bytes]:
+                  prompt_tokens: int, exchange: Exchange, tool_output: ToolOutput) -> AsyncIterator[bytes]:
     created = int(time.time())
     include_usage = req.include_usage_in_stream
     top_k = req.logprobs_k
     n = handle.n
     texts, finishes = [""] * n, [None] * n
+    choices = [_ChoiceStream(tool_output) for _ in range(n)]
     completion_tokens = 0
 
     def chunk(choice: dict[str, Any]) -> bytes:
@@ -94,13 +176,21 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: st
             logprobs = None
             if top_k is not None and delta.logprobs:
                 logprobs = chat_logprobs(delta.token_ids, delta.logprobs, top_k)
-            if delta.text or logprobs:
-                yield chunk({"index": delta.index, "delta": {"content": delta.text}, "logprobs": logprobs,
+            stream = choices[delta.index]
+            pieces = stream.on_text(delta.text)
+            if logprobs and not pieces:
+                pieces = [{"content": ""}]
+            for piece_index, piece in enumerate(pieces):
+                yield chunk({"index": delta.index, "delta": piece, "logprobs": logprobs if piece_index == 0 else None,
                              "finish_reason": None})
             if delta.finish_reason is not None:
-                finishes[delta.index] = delta.finish_reason
-                yield chunk({"index": delta.index, "delta": {}, "logprobs": None,
-                             "finish_reason": delta.finish_reason})
+                for piece in stream.on_finish():
+                    yield chunk({"index": delta.index, "delta": piece, "logprobs": None, "finish_reason": None})
+                finish = delta.finish_reason
+                if stream.called and finish == "stop":
+                    finish = "tool_calls"
+                finishes[delta.index] = finish
+                yield chunk({"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": finish})
         if include_usage:
             yield sse_event({"id": request_id, "object": "chat.completion.chunk", "created": created,
                              "model": state.model_name, "system_fingerprint": None, "choices": [],
@@ -113,4 +203,3 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: st
     finally:
         abort_unfinished([handle])  # the client left (or the stream broke): free the blocks now
         exchange.end_stream(state.request_log, completion_tokens, finishes, texts)
-

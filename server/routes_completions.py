@@ -29,7 +29,7 @@ async def completions() -> Response:
     state.check_model(req.model)
     try:
         params = req.sampling_params(max_tokens=req.max_new_tokens, logprobs=req.logprobs,
-                                     default_seed=state.default_seed)
+                                     default_seed=state.default_seed, guided_decoding=req.guided_decoding())
     except MistralRsError as exc:
         raise APIError.from_engine(exc) from None
     request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -3,19 +3,22 @@
 Types are checked strictly (`"temperature": "0.5"` is an error, as at OpenAI); value
 ranges are checked by `SamplingParams`, so the engine and the server agree on them.
 Unknown fields are ignored, as mistral.rs and vLLM do, so clients that send extras
-(`user`, `store`, `metadata`, ...) work; fields this server recognises but cannot
-honour yet (tools, JSON response formats, `suffix`, ...) answer a 400 instead.
+(`user`, `store`, `metadata`, ...) work; fields that would change the output and that
+this server does not implement (`UNSUPPORTED_FIELDS`: `audio`, `prediction`, vLLM's
+`guided_json`, llama.cpp's `mirostat`, ...) answer a 400 naming them, never a silent 200.
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from mistralrs_jax.errors import InvalidRequestError, MistralRsError, NotSupportedError
+from mistralrs_jax.guidance import GuidedDecoding
 from mistralrs_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 from .errors import APIError
+from .tools import check_tools, forced_call_constraint
 
 # OpenAI's legacy /v1/completions default (chat has none: it runs to EOS or the context).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -53,9 +56,62 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None
 
 
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def guided_decoding(self) -> GuidedDecoding | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return GuidedDecoding("json_object", param="response_format")
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise InvalidRequestError('response_format {"type": "json_schema"} needs "json_schema": {"name": ..., '
+                                      '"schema": {...}}', param="response_format.json_schema.schema")
+        return GuidedDecoding("json_schema", self.json_schema.schema_, param="response_format.json_schema.schema")
+
+
+class Grammar(_Strict):
+    """mistral.rs' `grammar` field: {"type": "regex" | "lark" | "json_schema" | "llguidance", "value": ...}."""
+
+    type: Literal["regex", "lark", "json_schema", "llguidance"]
+    value: str | dict[str, Any]
+
+    def guided_decoding(self) -> GuidedDecoding:
+        return GuidedDecoding(self.type, self.value, param="grammar")
+
+
+# Fields of the OpenAI, vLLM, llama.cpp and mistral.rs APIs that would change the output and that this
+# server does not implement: a 400 naming the field, rather than a 200 that silently ignores it.
+UNSUPPORTED_FIELDS = {
+    "audio": "audio output", "modalities": "output modalities other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "functions": "the legacy `functions` (use tools)",
+    "function_call": "the legacy `function_call` (use tool_choice)", "adapters": "per-request adapters",
+    "guided_json": "vLLM's guided_json (use response_format or grammar)",
+    "guided_regex": "vLLM's guided_regex (use grammar)", "guided_choice": "vLLM's guided_choice (use grammar)",
+    "guided_grammar": "vLLM's guided_grammar (use grammar)", "structured_outputs": "vLLM's structured_outputs "
+    "(use response_format or grammar)", "json_schema": "a top-level json_schema (use response_format)",
+    "mirostat": "mirostat sampling", "mirostat_tau": "mirostat sampling", "mirostat_eta": "mirostat sampling",
+    "tfs_z": "tail-free sampling", "typical_p": "typical sampling", "top_a": "top-a sampling",
+    "xtc_probability": "XTC sampling", "xtc_threshold": "XTC sampling", "dry_penalty_last_n": "dry_penalty_last_n "
+    "(DRY looks at the whole sequence)", "min_tokens": "min_tokens", "use_beam_search": "beam search",
+    "length_penalty": "beam search", "bad_words": "bad_words", "allowed_token_ids": "allowed_token_ids",
+    "prompt_logprobs": "prompt logprobs", "repeat_last_n": "repeat_last_n (the penalty window is 64 tokens)",
+    "penalty_last_n": "penalty_last_n (the penalty window is 64 tokens)", "n_probs": "n_probs (use logprobs)",
+    "continue_final_message": "continue_final_message (use add_generation_prompt: false)",
+}
+_UNSET = (None, False, [], {}, "")
+# Template variables the request sets through its own fields.
+_TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 class SamplingFields(_Strict):
@@ -81,6 +137,12 @@ class SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # mistral.rs extensions: DRY sampling and a grammar constraint.
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    grammar: Grammar | None = None
 
     @property
     def streaming(self) -> bool:
@@ -94,15 +156,21 @@ class SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
+    def guided_decoding(self) -> GuidedDecoding | None:
+        return self.grammar.guided_decoding() if self.grammar is not None else None
+
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
-                        default_seed: int | None = None) -> SamplingParams:
+                        default_seed: int | None = None, guided_decoding: GuidedDecoding | None = None,
+                        **overrides: Any) -> SamplingParams:
         """`SamplingParams` for this request; an out-of-range value raises InvalidRequestError naming it."""
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
+        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs,
+                                  "guided_decoding": guided_decoding, **overrides}
         for name in ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-                     "include_stop_str_in_output"):
+                     "include_stop_str_in_output", "dry_multiplier", "dry_base", "dry_allowed_length",
+                     "dry_sequence_breakers"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and name not in overrides:
                 kwargs[name] = value
         kwargs["seed"] = self.seed if self.seed is not None else default_seed
         if self.logit_bias:
@@ -130,8 +198,14 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool | None = None  # extension: False continues the last message
+    _tool_mode: str | None = PrivateAttr(default=None)
+    # Reach the chat template as variables (vLLM / mistral.rs extensions; reasoning_effort is OpenAI's).
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
     def check(self) -> None:
         self.check_common()
@@ -148,14 +222,44 @@ class ChatCompletionRequest(SamplingFields):
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
                                           param="top_logprobs")
-        if self.tools:
-            raise NotSupportedError("tool calling (tools) is not supported yet by this server; send the request "
-                                    "without tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise NotSupportedError("tool_choice other than \"none\"/\"auto\" is not supported yet (no tool calling)")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise NotSupportedError(f"response_format {self.response_format.type!r} (constrained JSON output) is "
-                                    "not supported yet; use {\"type\": \"text\"}")
+        self._tool_mode = check_tools(self.tools, self.tool_choice)
+        self.guided_decoding()  # a malformed or conflicting constraint is a 400 now
+        if self.chat_template_kwargs is not None:
+            for key in self.chat_template_kwargs:
+                if key in _TEMPLATE_RESERVED:
+                    raise InvalidRequestError(f"chat_template_kwargs may not set {key!r}; use the request field",
+                                              param=f"chat_template_kwargs.{key}")
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto", "required", or the name of the function the call must use."""
+        return self._tool_mode
+
+    def guided_decoding(self) -> GuidedDecoding | None:
+        """The output constraint: response_format, grammar, or a forced tool call (at most one)."""
+        constraints = [(name, value) for name, value in (
+            ("response_format", self.response_format and self.response_format.guided_decoding()),
+            ("grammar", self.grammar and self.grammar.guided_decoding()),
+            ("tool_choice", self._tool_mode not in (None, "auto") and forced_call_constraint(
+                self.tools or [], self._tool_mode, self.parallel_tool_calls is not False))) if value]
+        if len(constraints) > 1:
+            raise InvalidRequestError(f"{constraints[0][0]} and {constraints[1][0]} both constrain the output; "
+                                      "send one of them", param=constraints[1][0])
+        return constraints[0][1] if constraints else None
+
+    def template_kwargs(self, reads) -> dict[str, Any]:
+        """Variables for the chat template; `reads(name)` says whether the template uses a variable.
+        reasoning_effort for a template that ignores it is a 400 (it would be a silent no-op)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.enable_thinking is not None:
+            kwargs["enable_thinking"] = self.enable_thinking
+        if self.reasoning_effort is not None:
+            if not reads("reasoning_effort"):
+                raise InvalidRequestError("reasoning_effort: this model's chat template has no reasoning_effort "
+                                          "setting; drop the field", param="reasoning_effort",
+                                          code="not_supported")
+            kwargs["reasoning_effort"] = self.reasoning_effort
+        return kwargs
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -170,6 +274,8 @@ class ChatCompletionRequest(SamplingFields):
         messages = []
         for message in self.messages:
             item = message.model_dump(exclude_none=True)
+            if item.get("tool_calls"):  # an assistant turn that only calls tools keeps "content": null
+                item.setdefault("content", None)
             if item["role"] == "developer":  # OpenAI's newer name for the system role
                 item["role"] = "system"
             messages.append(item)
@@ -275,6 +381,11 @@ def parse_request(model: type[SamplingFields], body: Any) -> Any:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
+    for name, what in UNSUPPORTED_FIELDS.items():
+        value = body.get(name)
+        if value not in _UNSET and not (name == "modalities" and value == ["text"]):
+            raise APIError(400, f"{name}: {what} is not supported by this server; drop the field", param=name,
+                           code="not_supported")
     try:
         request = model.model_validate(body)
     except ValidationError as exc:

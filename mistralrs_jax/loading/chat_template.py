@@ -209,6 +209,17 @@ class ChatTemplate:
             named_templates=None if override else named,
         )
 
+    def reads(self, variable: str) -> bool:
+        """Whether the template (or its tool-use variant) mentions `variable` (`tools`,
+        `enable_thinking`, `reasoning_effort`, ...): a cheap look at its source, not a parse."""
+        pattern = re.compile(rf"\b{re.escape(variable)}\b")
+        return any(pattern.search(source) for source in (self.source, *self._named_sources.values()))
+
+    @property
+    def reads_tools(self) -> bool:
+        """Whether the template renders `tools` itself (else the server lists them in a system message)."""
+        return "tool_use" in self._named or self.reads("tools")
+
     def _prepare_messages(self, messages: Sequence[Any], source: str) -> list[dict[str, Any]]:
         keeps_parts = bool(_HANDLES_CONTENT_PARTS.search(source))
         prepared = []
@@ -226,6 +237,8 @@ class ChatTemplate:
                 message["content"] = text
             elif content is None and not message.get("tool_calls"):
                 message["content"] = ""
+            elif content is None:  # an assistant turn that only calls tools: content null, as transformers passes it
+                message["content"] = None
             for call in message.get("tool_calls") or ():
                 # OpenAI sends arguments as a JSON string; templates index into them as a mapping.
                 function = call.get("function") if isinstance(call, dict) else None
