@@ -1,0 +1,134 @@
+"""A CPU matmul on raw GGML blocks, called from inside jitted code through XLA's FFI.
+
+    y = quant_matmul_cpu(x, w, qtype, K)      # x f32 (T, K), w uint8 (N, row_bytes) -> f32 (T, N)
+
+`w` holds each output row's GGUF blocks exactly as the file stores them (Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS; `qtype` is gguf-py's GGMLQuantizationType id).
+Activations are quantized to 8 bits per 32 elements and dotted with the weight codes in
+integers, as llama.cpp does; see qmatmul.cc for the arithmetic and the error it implies.
+
+The kernel is C++ with AVX2 / AVX-512 VNNI intrinsics, compiled with the system's g++ at
+first use and cached (build.py). Where it cannot be built or loaded, `cpu_kernel_available()`
+is False and one log line says why; callers then use the XLA reference.
+Set ``MISTRALRS_JAX_CPU_KERNEL=off`` to disable it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from ...errors import NotSupportedError
+from .blocks import LAYOUTS
+from .build import KernelBuildError, library_path
+
+log = logging.getLogger(__name__)
+
+# gguf-py GGMLQuantizationType ids -> (elements per block, bytes per block)
+_FORMATS: dict[int, tuple[int, int]] = {t: (block, nbytes) for t, (block, nbytes, _) in LAYOUTS.items()}
+
+
+class Kernel(NamedTuple):
+    isa: str  # the instruction set the library was compiled for, as it reports it
+    target: str  # the FFI target name registered with jax
+    lib: ctypes.CDLL
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernel(isa: str = "native") -> Kernel:
+    """Build (or find in the cache), load and register the kernel; raises KernelBuildError."""
+    import jax
+
+    path = library_path(isa)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelBuildError(f"cannot load {path}: {e}") from e
+    lib.mj_isa.restype = ctypes.c_char_p
+    lib.mj_supports.argtypes = [ctypes.c_int64]
+    target = f"mistralrs_jax_qmatmul_{isa.replace('+', '_')}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.MjQuantMatmul), platform="cpu")
+    kernel = Kernel(lib.mj_isa().decode(), target, lib)
+    missing = [t for t in _FORMATS if not lib.mj_supports(t)]
+    if missing:
+        raise KernelBuildError(f"{path} lacks types {missing}: a stale build")
+    log.debug("CPU quantized-matmul kernel loaded: %s (%s)", path, kernel.isa)
+    return kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _default_kernel() -> Kernel | None:
+    if os.environ.get("MISTRALRS_JAX_CPU_KERNEL", "").lower() in ("0", "off", "false", "no"):
+        log.warning("CPU quantized-matmul kernel disabled by MISTRALRS_JAX_CPU_KERNEL; using the XLA reference")
+        return None
+    try:
+        return load_kernel("native")
+    except KernelBuildError as e:
+        log.warning("CPU quantized-matmul kernel unavailable, using the XLA reference: %s", e)
+        return None
+
+
+def cpu_kernel_available() -> bool:
+    """True where the kernel is built and loaded (the first call may compile it, ~3 s)."""
+    return _default_kernel() is not None
+
+
+def supported_types() -> set[int]:
+    """gguf-py GGMLQuantizationType ids the kernel takes (empty where it is unavailable)."""
+    return set(_FORMATS) if cpu_kernel_available() else set()
+
+
+def row_bytes(qtype: int, K: int) -> int:
+    """Bytes of one output row of K weights in format `qtype`."""
+    block, nbytes = _FORMATS[qtype]
+    return K // block * nbytes
+
+
+def quant_matmul_cpu(x, w, qtype: int, K: int, *, kernel: Kernel | None = None):
+    """x (..., K) @ dequantize(w).T -> f32 (..., N); callable inside jax.jit.
+
+    w: uint8 (N, K // block * bytes_per_block), the GGUF blocks of each output row.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    qtype = int(qtype)
+    if qtype not in _FORMATS:
+        raise NotSupportedError(
+            f"the CPU kernel has no GGML type {qtype}; it takes {sorted(_FORMATS)} (gguf-py GGMLQuantizationType ids)"
+        )
+    block, nbytes = _FORMATS[qtype]
+    if K % block:
+        raise ValueError(f"K={K} is not a multiple of the type's {block}-element blocks")
+    if w.ndim != 2 or w.dtype != np.uint8 or w.shape[1] != K // block * nbytes:
+        raise ValueError(
+            f"w must be uint8 (N, {K // block * nbytes}) for K={K} and type {qtype}; got {w.dtype} {tuple(w.shape)}"
+        )
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last axis is {x.shape[-1]}, expected K={K}")
+    if kernel is None:
+        kernel = _default_kernel()
+        if kernel is None:
+            raise NotSupportedError("the CPU quantized-matmul kernel is unavailable here (see the log); use the XLA path")
+    lead = x.shape[:-1]
+    x2 = jnp.reshape(jnp.asarray(x, jnp.float32), (-1, K))
+    out = jax.ffi.ffi_call(kernel.target, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32))(
+        x2, w, qtype=np.int64(qtype), k=np.int64(K)
+    )
+    return jnp.reshape(out, (*lead, w.shape[0]))
+
+
+__all__ = [
+    "Kernel",
+    "KernelBuildError",
+    "cpu_kernel_available",
+    "load_kernel",
+    "quant_matmul_cpu",
+    "row_bytes",
+    "supported_types",
+]

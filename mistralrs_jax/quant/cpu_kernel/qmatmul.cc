@@ -1,0 +1,330 @@
+// y[T, N] = x[T, K] @ W[N, K]^T with W held as raw GGML blocks: an XLA FFI handler for CPU.
+//
+// As llama.cpp does, activations are quantized to 8 bits per 32-element block
+// (a = rint(x * 127 / amax), da = amax / 127, kept in f32), weights are unpacked to u8
+// codes with f32 group scales and offsets (unpack.h), and each group's dot product is
+// taken in integers (u8 x s8 -> s32), then scaled in f32:
+//     y = sum_g s[g] * da[g] * sum_{i in g} u[i] * a[i]  +  c[g] * da[g] * sum_{i in g} a[i]
+// which is exactly W_dequantized . x_hat with x_hat = da * a, up to f32 rounding.
+//
+// Work: output rows are split into chunks that the caller and XLA's intra-op threads
+// (ffi::ThreadPool) claim from an atomic counter. Each thread unpacks four rows into an
+// L1-sized buffer once, then takes their dot products with all T activation rows.
+// ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
+// (the library is built with -march=native on the machine that runs it).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "unpack.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if !defined(__AVX2__)
+#error "the mistralrs-jax CPU kernel needs AVX2"
+#endif
+
+constexpr int kRows = 4;  // weight rows unpacked and dotted together
+
+// ---------------------------------------------------------------------------------------
+// Activations: 8-bit codes per 32 elements, the scale and the code sum per weight group.
+
+struct Activations {
+  int64_t T = 0, K = 0, G = 32;
+  std::vector<int8_t> a;   // T * K
+  std::vector<float> da;   // T * K / G: the 32-block scale of each group
+  std::vector<float> qa;   // T * K / G: da * (sum of the group's codes)
+};
+
+// One row of K floats (K a multiple of 32). Exposed for tests (C ABI, see mj_quantize_rows).
+static void quantize_row(const float* x, int64_t K, int G, int8_t* a, float* da, float* qa) {
+  for (int64_t b = 0; b < K; b += 32) {
+    __m256 m = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int j = 0; j < 32; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b + j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.0f;
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m256 idv = _mm256_set1_ps(id);
+    int sums[2] = {0, 0};
+    for (int j = 0; j < 32; j += 8) {
+      const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b + j), idv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      alignas(32) int32_t q[8];
+      _mm256_store_si256((__m256i*)q, _mm256_cvtps_epi32(v));
+      for (int l = 0; l < 8; ++l) {
+        a[b + j + l] = (int8_t)q[l];
+        sums[j / 16] += q[l];
+      }
+    }
+    if (G == 32) {
+      da[b / 32] = d;
+      qa[b / 32] = d * (float)(sums[0] + sums[1]);
+    } else {
+      da[b / 16] = da[b / 16 + 1] = d;
+      qa[b / 16] = d * (float)sums[0];
+      qa[b / 16 + 1] = d * (float)sums[1];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dot products of R unpacked weight rows with one activation row.
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MJ_ISA "avx512vnni"
+
+template <int R, int G>
+static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K,
+                            const int8_t* a, const float* da, const float* qa, float* out) {
+  // Chunks of 64 elements: 64 / G groups, each group's scale spread over its 16 / (64 / G) lanes.
+  constexpr int NG = 64 / G;
+  const __m512i spread = NG == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const int64_t ng_row = K / G;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < K; e += 64) {
+    const bool full = e + 64 <= K;
+    const __mmask64 bm = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+    const __mmask8 gm = full ? (__mmask8)((1u << NG) - 1) : (__mmask8)((1u << (NG / 2)) - 1);
+    const int64_t g = e / G;
+    const __m512i av = _mm512_maskz_loadu_epi8(bm, a + e);
+    const __m128 dav = _mm_maskz_loadu_ps(gm, da + g);
+    for (int r = 0; r < R; ++r) {
+      const __m512i uv = _mm512_maskz_loadu_epi8(bm, u + r * K + e);
+      const __m128 sd = _mm_mul_ps(_mm_maskz_loadu_ps(gm, s + r * ng_row + g), dav);
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                               _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 corr = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng_row; g += 16) {
+      const __mmask16 m = g + 16 <= ng_row ? (__mmask16)0xffff : (__mmask16)((1u << (ng_row - g)) - 1);
+      corr = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + r * ng_row + g), _mm512_maskz_loadu_ps(m, qa + g),
+                             corr);
+    }
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], corr));
+  }
+}
+
+#else  // AVX2
+#if defined(__AVXVNNI__)
+#define MJ_ISA "avx2+avxvnni"
+static inline __m256i mj_dot_u8s8(__m256i u, __m256i a) {
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a);
+}
+#else
+#define MJ_ISA "avx2"
+static inline __m256i mj_dot_u8s8(__m256i u, __m256i a) {
+  // Widen to 16 bits first: u8 * s8 pairs would saturate maddubs for codes above 128.
+  const __m256i u0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u));
+  const __m256i u1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
+  const __m256i a0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a));
+  const __m256i a1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1));
+  // lanes of p0 cover elements 0-15, lanes of p1 16-31: interleave so lane l sums 4 elements
+  // of the same 16-group as in the VNNI layout (lanes 0-3 -> group 0, 4-7 -> group 1).
+  const __m256i p0 = _mm256_madd_epi16(u0, a0);
+  const __m256i p1 = _mm256_madd_epi16(u1, a1);
+  const __m256i lo = _mm256_permute2x128_si256(p0, p1, 0x20);
+  const __m256i hi = _mm256_permute2x128_si256(p0, p1, 0x31);
+  return _mm256_add_epi32(lo, hi);
+}
+#endif
+
+template <int R, int G>
+static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K,
+                            const int8_t* a, const float* da, const float* qa, float* out) {
+  const int64_t ng_row = K / G;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < K; e += 32) {
+    const int64_t g = e / G;
+    const __m256i av = _mm256_loadu_si256((const __m256i*)(a + e));
+    for (int r = 0; r < R; ++r) {
+      const __m256i uv = _mm256_loadu_si256((const __m256i*)(u + r * K + e));
+      const __m256 p = _mm256_cvtepi32_ps(mj_dot_u8s8(uv, av));
+      __m256 sd;
+      if (G == 32) {
+        sd = _mm256_set1_ps(s[r * ng_row + g] * da[g]);
+      } else {
+        const __m128 lo = _mm_set1_ps(s[r * ng_row + g] * da[g]);
+        const __m128 hi = _mm_set1_ps(s[r * ng_row + g + 1] * da[g + 1]);
+        sd = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+      }
+      acc[r] = _mm256_fmadd_ps(p, sd, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float corr = 0.0f;
+    for (int64_t g = 0; g < ng_row; ++g) corr += c[r * ng_row + g] * qa[g];
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    out[r] = _mm_cvtss_f32(v) + corr;
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// One chunk of output rows: unpack four rows at a time, dot them with every activation row.
+
+struct Job {
+  const MjFormat* fmt;
+  const uint8_t* w;
+  int64_t row_bytes, N, K;
+  const Activations* act;
+  float* y;
+  int64_t rows_per_chunk, nchunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <class F>
+static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t>& buf) {
+  constexpr int G = F::group, BPG = F::block / F::group;  // groups per block
+  const int64_t K = job.K, T = job.act->T, ng = K / G, nb = K / F::block;
+  buf.resize(kRows * (K + 2 * ng * sizeof(float)) + 64);
+  uint8_t* u = buf.data();
+  float* s = reinterpret_cast<float*>(u + kRows * K + (64 - (kRows * K) % 64) % 64);
+  float* c = s + kRows * ng;
+  const Activations& A = *job.act;
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int64_t R = std::min<int64_t>(kRows, r1 - r);
+    for (int64_t i = 0; i < R; ++i) {
+      const uint8_t* row = job.w + (r + i) * job.row_bytes;
+      for (int64_t b = 0; b < nb; ++b)
+        F::unpack(row + b * F::bytes, u + i * K + b * F::block, s + i * ng + b * BPG, c + i * ng + b * BPG);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* a = A.a.data() + t * K;
+      const float* da = A.da.data() + t * ng;
+      const float* qa = A.qa.data() + t * ng;
+      float out[kRows];
+      if (R == kRows) {
+        dot_rows<kRows, G>(u, s, c, K, a, da, qa, out);
+      } else {
+        for (int64_t i = 0; i < R; ++i) dot_rows<1, G>(u + i * K, s + i * ng, c + i * ng, K, a, da, qa, out + i);
+      }
+      float* yt = job.y + t * job.N + r;
+      for (int64_t i = 0; i < R; ++i) yt[i] = out[i];
+    }
+  }
+}
+
+static void work(Job& job) {
+  thread_local std::vector<uint8_t> buf;
+  for (;;) {
+    const int64_t k = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (k >= job.nchunks) break;
+    const int64_t r0 = k * job.rows_per_chunk, r1 = std::min(job.N, r0 + job.rows_per_chunk);
+    switch (job.fmt->type) {
+#define MJ_CASE(name, id, blk, nbytes, grp) \
+  case id:                                  \
+    run_rows<Fmt_##name>(job, r0, r1, buf); \
+    break;
+      MJ_FORMATS(MJ_CASE)
+#undef MJ_CASE
+    }
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                                  ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t k) {
+  const MjFormat* fmt = mj_format(qtype);
+  if (fmt == nullptr) return ffi::Error::InvalidArgument("mistralrs quant_matmul: unsupported GGML type " +
+                                                         std::to_string(qtype));
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("x and w must be 2-D");
+  const int64_t T = xd[0], K = xd[1], N = wd[0];
+  if (K != k || K % fmt->block != 0 || wd[1] != K / fmt->block * fmt->bytes)
+    return ffi::Error::InvalidArgument("mistralrs quant_matmul: shapes do not match the block format (K=" +
+                                       std::to_string(K) + ", row bytes=" + std::to_string(wd[1]) + ")");
+  if (T == 0 || N == 0) return ffi::Error::Success();
+
+  Activations act;
+  act.T = T, act.K = K, act.G = fmt->group;
+  act.a.resize(T * K);
+  act.da.resize(T * K / fmt->group);
+  act.qa.resize(T * K / fmt->group);
+  for (int64_t t = 0; t < T; ++t)
+    quantize_row(x.typed_data() + t * K, K, fmt->group, act.a.data() + t * K, act.da.data() + t * K / fmt->group,
+                 act.qa.data() + t * K / fmt->group);
+
+  auto job = std::make_shared<Job>();
+  job->fmt = fmt, job->w = w.typed_data(), job->row_bytes = wd[1], job->N = N, job->K = K;
+  job->act = &act, job->y = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // ~4 chunks per thread so a thread that starts late still finds work; chunks of whole 4-row tiles.
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  const int64_t per = std::max<int64_t>(1, tiles / (threads * 4));
+  job->rows_per_chunk = per * kRows;
+  job->nchunks = (N + job->rows_per_chunk - 1) / job->rows_per_chunk;
+  const int64_t helpers = std::min<int64_t>(threads, job->nchunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job]() { work(*job); });
+  work(*job);
+  // Chunks are claimed, never handed out, so the only wait is for chunks already running.
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->nchunks; ++spins) {
+    if (spins < 4096)
+      _mm_pause();
+    else
+      std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjQuantMatmul, QuantMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype")
+                                  .Attr<int64_t>("k"));
+
+// ---------------------------------------------------------------------------------------
+// Plain C entry points for tests and diagnostics.
+
+extern "C" {
+const char* mj_isa() { return MJ_ISA; }
+
+int mj_supports(int64_t qtype) { return mj_format(qtype) != nullptr; }
+
+// x: T x K floats -> a (T x K int8), da and qa (T x K/G floats each).
+void mj_quantize_rows(const float* x, int64_t T, int64_t K, int G, int8_t* a, float* da, float* qa) {
+  for (int64_t t = 0; t < T; ++t) quantize_row(x + t * K, K, G, a + t * K, da + t * K / G, qa + t * K / G);
+}
+
+// One row of blocks -> u (K bytes), s and c (K/G floats each).
+int mj_unpack_row(int64_t qtype, const uint8_t* row, int64_t K, uint8_t* u, float* s, float* c) {
+  const MjFormat* f = mj_format(qtype);
+  if (f == nullptr || K % f->block != 0) return -1;
+  const int64_t bpg = f->block / f->group;
+  for (int64_t b = 0; b < K / f->block; ++b) {
+    switch (qtype) {
+#define MJ_CASE(name, id, blk, nbytes, grp)                                                        \
+  case id:                                                                                         \
+    Fmt_##name::unpack(row + b * f->bytes, u + b * f->block, s + b * bpg, c + b * bpg); \
+    break;
+      MJ_FORMATS(MJ_CASE)
+#undef MJ_CASE
+    }
+  }
+  return f->group;
+}
+}

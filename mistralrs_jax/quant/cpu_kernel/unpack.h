@@ -1,0 +1,304 @@
+// Unpacking GGML weight blocks into one common form the dot kernels read.
+//
+// Every format is rewritten, block by block, as
+//     w[i] = s[g] * u[i] + c[g]          (g = i / G, G = 16 or 32 elements)
+// with u[i] an unsigned byte code (0..255), s[g] the group's f32 scale and c[g] its f32
+// offset: c = -s * zero_point for symmetric formats (Q4_0: -8 d, Q8_0: -128 d, ...) and the
+// block minimum for the affine ones (Q4_1: m, Q4_K: -dmin * m, ...). Unsigned codes let one
+// u8 x s8 instruction (VNNI vpdpbusd, or a widening multiply-add) serve every format; the
+// offset is applied once per group with the activations' group sum.
+//
+// Block layouts follow ggml's ggml-common.h (block_q4_0 ... block_iq4_xs), the bytes GGUF
+// files store. The loops are written over fixed byte counts so that gcc vectorizes them.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <immintrin.h>
+
+#if defined(__F16C__)
+static inline float mj_f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+#else
+static inline float mj_f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400u));
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+#endif
+
+// IQ4 codebook (ggml's kvalues_iq4nl): -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113.
+
+// Low nibbles of 16 bytes then their high nibbles: 32 codes, ggml's order for 32-blocks.
+static inline __m256i mj_nibbles32v(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128((const __m128i*)qs);
+  const __m128i m = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+static inline void mj_nibbles32(const uint8_t* qs, uint8_t* u) {
+  _mm256_storeu_si256((__m256i*)u, mj_nibbles32v(qs));
+}
+
+// 32 bits -> 32 bytes holding 0x10 where the bit is set (Q5's fifth bit).
+static inline __m256i mj_bits32v(const uint8_t* qh4) {
+  uint32_t qh;
+  std::memcpy(&qh, qh4, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)qh),
+      _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+static inline void mj_fifth_bit(const uint8_t* qh4, uint8_t* u) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)u);
+  _mm256_storeu_si256((__m256i*)u, _mm256_or_si256(v, mj_bits32v(qh4)));
+}
+
+// IQ4 codebook lookup of 32 nibbles, shifted to unsigned (+128).
+static inline void mj_iq4_32(const uint8_t* qs, uint8_t* u) {
+  const __m128i tab = _mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
+                                    (char)166, (char)181, (char)197, (char)217, (char)241);
+  const __m256i t2 = _mm256_set_m128i(tab, tab);
+  _mm256_storeu_si256((__m256i*)u, _mm256_shuffle_epi8(t2, mj_nibbles32v(qs)));
+}
+
+static inline void mj_unpack_q4_0(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b);
+  mj_nibbles32(b + 2, u);
+  s[0] = d;
+  c[0] = -8.0f * d;
+}
+
+static inline void mj_unpack_q4_1(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  s[0] = mj_f16(b);
+  c[0] = mj_f16(b + 2);
+  mj_nibbles32(b + 4, u);
+}
+
+static inline void mj_unpack_q5_0(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b);
+  mj_nibbles32(b + 6, u);
+  mj_fifth_bit(b + 2, u);
+  s[0] = d;
+  c[0] = -16.0f * d;
+}
+
+static inline void mj_unpack_q5_1(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  s[0] = mj_f16(b);
+  c[0] = mj_f16(b + 2);
+  mj_nibbles32(b + 8, u);
+  mj_fifth_bit(b + 4, u);
+}
+
+static inline void mj_unpack_q8_0(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b);
+  for (int j = 0; j < 32; ++j) u[j] = (uint8_t)(b[2 + j] ^ 0x80u);  // int8 q -> q + 128
+  s[0] = d;
+  c[0] = -128.0f * d;
+}
+
+static inline void mj_unpack_iq4_nl(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b);
+  mj_iq4_32(b + 2, u);
+  s[0] = d;
+  c[0] = -128.0f * d;
+}
+
+// ---- K-quants: 256-element super-blocks ----
+
+// Q4_K / Q5_K: eight 6-bit (scale, min) pairs packed in 12 bytes (ggml's get_scale_min_k4).
+static inline void mj_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+static inline void mj_scales_k4(float d, float dmin, const uint8_t* scales, float* s, float* c) {
+  for (int g = 0; g < 8; ++g) {
+    uint8_t sc, m;
+    mj_scale_min_k4(g, scales, &sc, &m);
+    s[g] = d * sc;
+    c[g] = -dmin * m;
+  }
+}
+
+static inline void mj_unpack_q4_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b), dmin = mj_f16(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qs = b + 16;
+  for (int p = 0; p < 4; ++p) {
+    for (int l = 0; l < 32; ++l) {
+      u[64 * p + l] = qs[32 * p + l] & 0x0f;
+      u[64 * p + 32 + l] = qs[32 * p + l] >> 4;
+    }
+  }
+  mj_scales_k4(d, dmin, scales, s, c);
+}
+
+static inline void mj_unpack_q5_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b), dmin = mj_f16(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + 48;
+  for (int p = 0; p < 4; ++p) {
+    const int lo = 2 * p, hi = 2 * p + 1;
+    for (int l = 0; l < 32; ++l) {
+      u[64 * p + l] = (uint8_t)((qs[32 * p + l] & 0x0f) | (((qh[l] >> lo) & 1) << 4));
+      u[64 * p + 32 + l] = (uint8_t)((qs[32 * p + l] >> 4) | (((qh[l] >> hi) & 1) << 4));
+    }
+  }
+  mj_scales_k4(d, dmin, scales, s, c);
+}
+
+// Q6_K: groups of 16, int8 scales, codes q - 32 with q in 0..63.
+static inline void mj_unpack_q6_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = (const int8_t*)(b + 192);
+  const float d = mj_f16(b + 208);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* l8 = ql + 64 * h;
+    const uint8_t* h8 = qh + 32 * h;
+    uint8_t* o = u + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      o[l] = (uint8_t)((l8[l] & 0x0f) | ((h8[l] & 3) << 4));
+      o[l + 32] = (uint8_t)((l8[l + 32] & 0x0f) | (((h8[l] >> 2) & 3) << 4));
+      o[l + 64] = (uint8_t)((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4));
+      o[l + 96] = (uint8_t)((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4));
+    }
+  }
+  for (int g = 0; g < 16; ++g) {
+    s[g] = d * sc[g];
+    c[g] = -32.0f * s[g];
+  }
+}
+
+// Q2_K: groups of 16, 4-bit scale and 4-bit min per group, 2-bit codes.
+static inline void mj_unpack_q2_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const uint8_t* scales = b;
+  const uint8_t* qs = b + 16;
+  const float d = mj_f16(b + 80), dmin = mj_f16(b + 82);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* q = qs + 32 * h;
+    uint8_t* o = u + 128 * h;
+    for (int j = 0; j < 4; ++j) {
+      const int shift = 2 * j;
+      for (int l = 0; l < 32; ++l) o[32 * j + l] = (q[l] >> shift) & 3;
+    }
+  }
+  for (int g = 0; g < 16; ++g) {
+    s[g] = d * (scales[g] & 0x0f);
+    c[g] = -dmin * (scales[g] >> 4);
+  }
+}
+
+// Q3_K: groups of 16, 6-bit signed scales (stored + 32), codes 0..7 = 2 low bits + high bit.
+static inline void mj_unpack_q3_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const uint8_t* hm = b;
+  const uint8_t* qs = b + 32;
+  const float d = mj_f16(b + 108);
+  uint32_t aux[4];
+  std::memcpy(aux, b + 96, 12);
+  const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu, tmp = aux[2];
+  aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+  aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+  aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+  aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+  int8_t sc[16];
+  std::memcpy(sc, aux, 16);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* q = qs + 32 * h;
+    uint8_t* o = u + 128 * h;
+    for (int j = 0; j < 4; ++j) {
+      const int shift = 2 * j, bit = 4 * h + j;
+      for (int l = 0; l < 32; ++l)
+        o[32 * j + l] = (uint8_t)(((q[l] >> shift) & 3) | (((hm[l] >> bit) & 1) << 2));
+    }
+  }
+  for (int g = 0; g < 16; ++g) {
+    s[g] = d * (float)(sc[g] - 32);
+    c[g] = -4.0f * s[g];
+  }
+}
+
+// IQ4_XS: eight 32-groups with 6-bit scales (stored + 32), non-linear 4-bit codebook.
+static inline void mj_unpack_iq4_xs(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const float d = mj_f16(b);
+  uint16_t scales_h;
+  std::memcpy(&scales_h, b + 2, 2);
+  const uint8_t* scales_l = b + 4;
+  const uint8_t* qs = b + 8;
+  for (int g = 0; g < 8; ++g) {
+    const int ls = ((scales_l[g / 2] >> (4 * (g % 2))) & 0x0f) | (((scales_h >> (2 * g)) & 3) << 4);
+    s[g] = d * (float)(ls - 32);
+    c[g] = -128.0f * s[g];
+    mj_iq4_32(qs + 16 * g, u + 32 * g);
+  }
+}
+
+struct MjFormat {
+  int type;   // gguf-py GGMLQuantizationType id
+  int block;  // elements per block
+  int bytes;  // bytes per block
+  int group;  // elements per scale group (16 or 32)
+};
+
+// X(name, type id, block, bytes, group)
+#define MJ_FORMATS(X)                  \
+  X(q4_0, 2, 32, 18, 32)               \
+  X(q4_1, 3, 32, 20, 32)               \
+  X(q5_0, 6, 32, 22, 32)               \
+  X(q5_1, 7, 32, 24, 32)               \
+  X(q8_0, 8, 32, 34, 32)               \
+  X(q2_k, 10, 256, 84, 16)             \
+  X(q3_k, 11, 256, 110, 16)            \
+  X(q4_k, 12, 256, 144, 32)            \
+  X(q5_k, 13, 256, 176, 32)            \
+  X(q6_k, 14, 256, 210, 16)            \
+  X(iq4_nl, 20, 32, 18, 32)            \
+  X(iq4_xs, 23, 256, 136, 32)
+
+// One type per format, so that the kernels are instantiated with the unpacker inlined.
+#define MJ_TRAITS(name, id, blk, nbytes, grp)                                          \
+  struct Fmt_##name {                                                                  \
+    static constexpr int type = id, block = blk, bytes = nbytes, group = grp;          \
+    static inline void unpack(const uint8_t* b, uint8_t* u, float* s, float* c) {      \
+      mj_unpack_##name(b, u, s, c);                                                     \
+    }                                                                                  \
+  };
+MJ_FORMATS(MJ_TRAITS)
+#undef MJ_TRAITS
+
+static const MjFormat* mj_format(int64_t type) {
+#define MJ_ROW(name, id, blk, nbytes, grp) {id, blk, nbytes, grp},
+  static const MjFormat formats[] = {MJ_FORMATS(MJ_ROW)};
+#undef MJ_ROW
+  for (const MjFormat& f : formats)
+    if (f.type == type) return &f;
+  return nullptr;
+}

@@ -1,0 +1,230 @@
+"""The CPU quantized-matmul kernel (XLA FFI, mistralrs_jax/quant/cpu_kernel) against gguf-py.
+
+References: gguf-py's `dequantize` for every format (the weights), its `quantize` for the
+32-block formats and this package's llama.cpp-reference quantizers for K-quants / IQ4
+(realistic rows), random valid blocks (every code and scale bit), and a numpy model of
+the kernel's 8-bit activation quantization.
+
+Bound (stated in qmatmul.cc): the kernel computes W . x_hat, where x_hat = da * a and
+a = rint(x * 127 / amax) per 32-element block b of x, da_b = amax_b / 127. So
+|x_hat - x| <= da_b / 2 elementwise and, for every output,
+    |y - W . x| <= sum_b (da_b / 2) * sum_{k in b} |w_k|        (+ f32 rounding).
+Against the exact model W . x_hat (same integer arithmetic, summed in f64) the kernel
+must agree to f32 rounding, 4e-6 of the sum of |terms| (f32 eps times the ~30 roundings on
+the way): an integer error of one code would show as ~1e-3 of that sum.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+from mistralrs_jax.errors import NotSupportedError
+from mistralrs_jax.quant import quantize as llamacpp_reference_quantize
+from mistralrs_jax.quant import cpu_kernel
+from mistralrs_jax.quant.cpu_kernel import build, load_kernel, quant_matmul_cpu, row_bytes
+from mistralrs_jax.quant.cpu_kernel.blocks import LAYOUTS, random_blocks
+from peers import not_applicable
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
+GGUF_QUANTIZES = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_kernel.Kernel:
+    flags = build.cpu_flags()
+    if platform.machine() != "x86_64" or not {"avx2", "fma"} <= flags:
+        not_applicable(f"the CPU kernel needs x86-64 with AVX2/FMA; this is {platform.machine()} without them")
+    return load_kernel("native")  # a build failure here fails the test with the compiler's message
+
+
+def _quantize_rows(qtype: Q, w: np.ndarray) -> np.ndarray:
+    if qtype in GGUF_QUANTIZES:
+        return gguf_quants.quantize(w, qtype)
+    return llamacpp_reference_quantize(w, qtype.name)
+
+
+def _numpy_activations(x: np.ndarray, group: int):
+    """The kernel's activation quantization, modelled in numpy (f32 throughout)."""
+    t, k = x.shape
+    blocks = x.reshape(t, k // 32, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    a = np.rint(blocks * inv).astype(np.int8)
+    da = (amax[..., 0] / np.float32(127)).astype(np.float32)
+    per = 32 // group
+    sums = a.reshape(t, k // group, group).astype(np.int32).sum(-1)
+    da_g = np.repeat(da, per, axis=1)
+    return a.reshape(t, k), da_g, (da_g * sums.astype(np.float32)).astype(np.float32)
+
+
+def _unpack(kernel, qtype: int, w: np.ndarray, k: int):
+    """The kernel's own unpacking of each row: codes u and per-group scale s, offset c."""
+    n = w.shape[0]
+    group = 16 if qtype in (Q.Q2_K, Q.Q3_K, Q.Q6_K) else 32
+    u = np.empty((n, k), np.uint8)
+    s = np.empty((n, k // group), np.float32)
+    c = np.empty((n, k // group), np.float32)
+    ptr = ctypes.c_void_p
+    for r in range(n):
+        row = np.ascontiguousarray(w[r])
+        got = kernel.lib.mj_unpack_row(
+            ctypes.c_int64(int(qtype)), ptr(row.ctypes.data), ctypes.c_int64(k),
+            ptr(u[r].ctypes.data), ptr(s[r].ctypes.data), ptr(c[r].ctypes.data),
+        )
+        assert got == group
+    return u, s, c, group
+
+
+def _run(x: np.ndarray, w: np.ndarray, qtype: int, k: int, kern=None) -> np.ndarray:
+    fn = jax.jit(lambda x, w: quant_matmul_cpu(x, w, qtype, k, kernel=kern))
+    return np.asarray(fn(jnp.asarray(x), jnp.asarray(w)))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_unpack_matches_gguf_dequantize(kernel, qtype):
+    """s * u + c, the form the dot kernels read, is gguf-py's dequantized weight."""
+    block = LAYOUTS[qtype][0]
+    k = 2 * max(block, 64)
+    w = random_blocks(int(qtype), 7, k, np.random.default_rng(1))
+    u, s, c, group = _unpack(kernel, int(qtype), w, k)
+    ours = np.repeat(s, group, axis=1) * u + np.repeat(c, group, axis=1)
+    ref = gguf_quants.dequantize(w, qtype)
+    np.testing.assert_allclose(ours, ref, rtol=2e-7, atol=1e-7 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_activation_quantization_is_exact(kernel, group):
+    rng = np.random.default_rng(2)
+    t, k = 3, 160
+    x = (rng.standard_normal((t, k)) * rng.uniform(0.01, 10, size=(t, 1))).astype(np.float32)
+    x[1, :32] = 0.0  # an all-zero block
+    a = np.empty((t, k), np.int8)
+    da = np.empty((t, k // group), np.float32)
+    qa = np.empty((t, k // group), np.float32)
+    ptr = ctypes.c_void_p
+    kernel.lib.mj_quantize_rows(ptr(x.ctypes.data), ctypes.c_int64(t), ctypes.c_int64(k), ctypes.c_int(group),
+                                ptr(a.ctypes.data), ptr(da.ctypes.data), ptr(qa.ctypes.data))
+    a_ref, da_ref, qa_ref = _numpy_activations(x, group)
+    np.testing.assert_array_equal(a, a_ref)
+    np.testing.assert_array_equal(da, da_ref)
+    np.testing.assert_array_equal(qa, qa_ref)
+
+
+CASES = [  # (T, N, K for 32-blocks, K for 256-blocks): T = 1 is the decode GEMV; odd N and a K tail of 32
+    (1, 37, 96, 256),
+    (3, 5, 576, 768),
+    (17, 130, 160, 512),
+]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("source", ["quantized", "random_blocks"])
+def test_kernel_against_gguf_reference(kernel, qtype, source):
+    rng = np.random.default_rng(int(qtype) * 7 + (source == "random_blocks"))
+    for t, n, k32, k256 in CASES:
+        k = k256 if LAYOUTS[qtype][0] == 256 else k32
+        if source == "quantized":
+            w = _quantize_rows(qtype, rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+        else:
+            w = random_blocks(int(qtype), n, k, rng)
+        assert w.shape == (n, row_bytes(int(qtype), k))
+        x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 4, size=(t, 1))).astype(np.float32)
+        y = _run(x, w, int(qtype), k)
+        assert y.shape == (t, n) and y.dtype == np.float32
+
+        w_deq = gguf_quants.dequantize(w, qtype).astype(np.float64)
+        exact = x.astype(np.float64) @ w_deq.T
+        amax = np.abs(x.reshape(t, k // 32, 32)).max(-1)  # (t, blocks)
+        wabs = np.abs(w_deq).reshape(n, k // 32, 32).sum(-1)  # (n, blocks)
+        bound = 0.5 * (amax / 127.0) @ wabs.T + 1e-5 * (np.abs(x) @ np.abs(w_deq).T)
+        err = np.abs(y - exact)
+        assert (err <= bound).all(), f"{qtype.name} T={t}: worst error/bound {np.max(err / bound):.3f}"
+
+        # The same integer arithmetic in numpy (f64 sums): agreement to f32 rounding.
+        u, s, c, group = _unpack(kernel, int(qtype), w, k)
+        a, da_g, qa_g = _numpy_activations(x, group)
+        idot = np.einsum("ngi,tgi->tng", u.reshape(n, -1, group).astype(np.int64), a.reshape(t, -1, group).astype(np.int64))
+        model = (s[None] * da_g[:, None] * idot + c[None] * qa_g[:, None]).sum(-1)
+        u_abs_a = np.einsum("ngi,tgi->tng", u.reshape(n, -1, group).astype(np.int64),
+                            np.abs(a.reshape(t, -1, group).astype(np.int64)))
+        scale = (np.abs(s[None] * da_g[:, None]) * u_abs_a + np.abs(c[None] * qa_g[:, None])).sum(-1)
+        assert (np.abs(y - model) <= 4e-6 * scale + 1e-30).all(), (
+            f"{qtype.name} T={t}: kernel vs integer model {np.max(np.abs(y - model) / scale):.2e} of sum |terms|"
+        )
+
+
+def test_leading_axes_and_many_threads_chunks(kernel):
+    """(B, S, K) inputs keep their leading axes; N large enough for every thread to take chunks."""
+    rng = np.random.default_rng(5)
+    k, n = 256, 1029
+    w = random_blocks(int(Q.Q4_K), n, k, rng)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    y = np.asarray(jax.jit(lambda x, w: quant_matmul_cpu(x, w, int(Q.Q4_K), k))(x, w))
+    assert y.shape == (2, 3, n)
+    flat = _run(x.reshape(6, k), w, int(Q.Q4_K), k)
+    np.testing.assert_array_equal(y.reshape(6, n), flat)
+    # Rows are independent: each output row equals a one-row call.
+    for r in (0, 513, n - 1):
+        np.testing.assert_array_equal(flat[:, r], _run(x.reshape(6, k), w[r : r + 1], int(Q.Q4_K), k)[:, 0])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx2+avxvnni"])
+def test_portable_instruction_sets_agree(kernel, isa):
+    """The AVX2 paths (without AVX-512) give the same products as the native build."""
+    needs = {"avx2": {"avx2"}, "avx2+avxvnni": {"avx2", "avx_vnni"}}[isa]
+    if not needs <= build.cpu_flags():
+        not_applicable(f"this CPU lacks {sorted(needs - build.cpu_flags())} to run the {isa} build")
+    other = load_kernel(isa)
+    assert other.isa == isa
+    rng = np.random.default_rng(6)
+    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q4_K):
+        k = 512
+        w = random_blocks(int(qtype), 9, k, rng)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        ours, native = _run(x, w, int(qtype), k, other), _run(x, w, int(qtype), k)
+        np.testing.assert_allclose(ours, native, rtol=1e-5, atol=1e-5 * np.abs(native).max())
+
+
+def test_bad_inputs_are_typed_errors(kernel):
+    w = random_blocks(int(Q.Q4_0), 4, 64, np.random.default_rng(0))
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(NotSupportedError, match="GGML type 1"):
+        quant_matmul_cpu(x, w, int(Q.F16), 64)
+    with pytest.raises(ValueError, match="uint8 \\(N, 36\\)"):
+        quant_matmul_cpu(x, w[:, :30], int(Q.Q4_0), 64)
+    with pytest.raises(ValueError, match="not a multiple"):
+        quant_matmul_cpu(np.ones((1, 80), np.float32), w, int(Q.Q4_0), 80)
+    with pytest.raises(ValueError, match="last axis"):
+        quant_matmul_cpu(np.ones((1, 32), np.float32), w, int(Q.Q4_0), 64)
+
+
+def test_unavailable_kernel_logs_one_line(kernel, monkeypatch, caplog, tmp_path):
+    """No compiler: available() is False with one log line that says why, and nothing raises."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MISTRALRS_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    load_kernel.cache_clear()
+    cpu_kernel._default_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mistralrs_jax.quant.cpu_kernel"):
+            assert cpu_kernel.cpu_kernel_available() is False
+            assert cpu_kernel.supported_types() == set()
+        lines = [r for r in caplog.records if r.name == "mistralrs_jax.quant.cpu_kernel"]
+        assert len(lines) == 1 and "XLA reference" in lines[0].getMessage() and "no-such-compiler" in lines[0].getMessage()
+        with pytest.raises(NotSupportedError, match="unavailable"):
+            quant_matmul_cpu(np.ones((1, 64), np.float32), np.zeros((1, 36), np.uint8), int(Q.Q4_0), 64)
+    finally:
+        load_kernel.cache_clear()
+        cpu_kernel._default_kernel.cache_clear()
+    monkeypatch.undo()
+    assert cpu_kernel.cpu_kernel_available() is True
+    assert cpu_kernel.supported_types() == {int(t) for t in TYPES}
