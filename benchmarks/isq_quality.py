@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from mistralrs_jax import default_model_path
-    from mistralrs_jax.config import ModelConfig
+    from mistralrs_jax.models.model_config import config_from_gguf
     from mistralrs_jax.engine.runner import ModelRunner
     from mistralrs_jax.loading.gguf import GGUFFile
     from mistralrs_jax.loading.tokenizer import Tokenizer
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = os.path.abspath(args.model) if args.model else default_model_path()
     gguf = GGUFFile(model_path)
-    config = ModelConfig.from_gguf_metadata(gguf.metadata, model_path)
+    config = config_from_gguf(gguf.metadata, model_path)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     tokens = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=True)
     prompt = tokens[:8]

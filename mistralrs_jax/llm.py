@@ -22,6 +22,7 @@ from .loading.ggml import open_model_file
 from .loading.hub import resolve_model_files, resolve_tokenizer_source
 from .loading.tokenizer import Tokenizer, load_tokenizer
 from .loading.gguf_weights import build_model_from_gguf
+from .models.model_config import config_from_gguf
 from .models.registry import check_gguf_architecture
 from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
@@ -172,7 +173,7 @@ class LLM:
             gguf = open_model_file(self.model_path, gqa=gqa,
                                    config_path=_config_json_near(tokenizer, self.model_path))
             check_gguf_architecture(self.model_path, gguf.architecture)
-            self.model_config = ModelConfig.from_gguf_metadata(gguf.metadata, self.model_path)
+            self.model_config = config_from_gguf(gguf.metadata, self.model_path)
             self.tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
         self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer, override=chat_template)
         log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", self.model_name, self.model_config.arch,

@@ -255,13 +255,13 @@ def build(path: Path, factory):
     """A model from a GGUF through the registry's own builder, with `factory` making the Linears.
 
     Returns (model, config, the opened GGUFFile)."""
-    from mistralrs_jax.config import ModelConfig
+    from mistralrs_jax.models.model_config import config_from_gguf
     from mistralrs_jax.loading.gguf import GGUFFile
     from mistralrs_jax.models.registry import build_model
     from mistralrs_jax.loading.gguf_weights import GGUFWeights
 
     source = GGUFFile(str(path))
-    config = ModelConfig.from_gguf_metadata(source.metadata, str(path))
+    config = config_from_gguf(source.metadata, str(path))
     return build_model(config, GGUFWeights(source, config, factory)), config, source
 
 
@@ -396,7 +396,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     import jax, jax.numpy as jnp
     import numpy as np
-    from mistralrs_jax.config import ModelConfig
+    from mistralrs_jax.models.model_config import config_from_gguf
     from mistralrs_jax.loading.gguf import GGUFFile
     from mistralrs_jax.loading.gguf_weights import make_linear_factory
     from mistralrs_jax.models.registry import build_model
@@ -413,7 +413,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     path, isq_type = sys.argv[1], sys.argv[2]
     jnp.zeros(4).block_until_ready()  # start the XLA client before the baseline
     source = GGUFFile(path)
-    config = ModelConfig.from_gguf_metadata(source.metadata, path)
+    config = config_from_gguf(source.metadata, path)
     baseline = rss_anon()
     peak = [baseline]
     done = threading.Event()

@@ -551,6 +551,7 @@ def load_draft_model(model: str, gguf_file: str | None = None, *, token_source: 
     from ..loading.tokenizer import load_tokenizer
     from ..loading.gguf_weights import build_model_from_gguf
     from ..loading.safetensors import build_model_from_hf
+    from ..models.model_config import config_from_gguf
     from ..models.registry import check_gguf_architecture
     from ..quant.isq import normalize_isq_type, wrap_factory
 
@@ -572,7 +573,7 @@ def load_draft_model(model: str, gguf_file: str | None = None, *, token_source: 
     else:
         gguf = GGUFFile(resolved.gguf_path)
         check_gguf_architecture(resolved.gguf_path, gguf.architecture)
-        config = ModelConfig.from_gguf_metadata(gguf.metadata, resolved.gguf_path)
+        config = config_from_gguf(gguf.metadata, resolved.gguf_path)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         built = build_model_from_gguf(gguf, config, cpu_weights=cpu_weights, dtype=dtype,
                                       wrap_linear=wrap if isq_type else None)

@@ -100,11 +100,11 @@ def _metadata_overrides(config_path: str | None) -> dict[str, Any]:
     """eps / RoPE base / context / KV heads from a Hugging Face config.json, if given."""
     if config_path is None:
         return {}
-    from ..config import ModelConfig
+    from ..models.model_config import config_from_hf
 
     try:
         with open(config_path, encoding="utf-8") as handle:
-            config = ModelConfig.from_hf_config(json.load(handle), source=config_path)
+            config = config_from_hf(json.load(handle), source=config_path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the model metadata {config_path}: {exc}") from exc
     log.info("legacy GGML metadata (eps, RoPE base, context length) from %s", config_path)

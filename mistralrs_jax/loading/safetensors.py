@@ -22,6 +22,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError
 from ..models.layers import Embedding, Linear
+from ..models.model_config import config_from_hf
 from ..models.registry import build_model, resolve_dtype
 from ..models.weights import WeightSource
 
@@ -102,7 +103,7 @@ def load_hf_config(model_dir: str) -> ModelConfig:
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"{model_dir} has no {CONFIG_FILE}; a Hugging Face model directory needs one")
-    config = ModelConfig.from_hf_config(_read_json(path), source=path)
+    config = config_from_hf(_read_json(path), source=path)
     generation_path = os.path.join(model_dir, GENERATION_CONFIG_FILE)
     if os.path.isfile(generation_path):
         eos = _read_json(generation_path).get("eos_token_id")

@@ -52,6 +52,14 @@ HF_MODEL_TYPES = {
     "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3", "starcoder2": "starcoder2",
 }
 
+# llama.cpp fixes the activation per architecture; everything else is SiLU.
+GGUF_ACTIVATIONS = {"gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh", "gemma3": "gelu_pytorch_tanh",
+                    "phi2": "gelu_new", "starcoder2": "gelu_pytorch_tanh"}
+# HF config classes whose tie_word_embeddings defaults to True.
+HF_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "starcoder2"}
+# HF model_type -> default rope base where it is not 10000.
+HF_DEFAULT_ROPE_THETA = {"mixtral": 1e6, "gemma3": 1e6, "gemma3_text": 1e6}
+
 
 def family_of_hf_config(cfg: dict[str, Any], source: str) -> str:
     names = [a for a in (cfg.get("architectures") or []) if isinstance(a, str)]

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from ...config import ModelConfig
+from ..model_config import config_from_hf
 from ...engine.multimodal import MultiModalInputs, image_cache_salt
 from ...errors import CorruptModelFileError, ImageError, ModelLoadError, \
     UnsupportedArchitectureError
@@ -80,7 +81,7 @@ class Idefics2Config:
         text_raw.pop("architectures", None)
         if "torch_dtype" not in text_raw and "dtype" not in text_raw:
             text_raw["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
-        text = _with_generation_eos(ModelConfig.from_hf_config(text_raw, source=source), model_dir)
+        text = _with_generation_eos(config_from_hf(text_raw, source=source), model_dir)
         vision = SiglipVisionConfig.from_hf(raw.get("vision_config") or {}, source)
         p = raw.get("perceiver_config") or {}
         perceiver = PerceiverConfig(

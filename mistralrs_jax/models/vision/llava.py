@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from ...config import ModelConfig
+from ..model_config import config_from_hf
 from ...engine.multimodal import MultiModalInputs, image_cache_salt
 from ...errors import CorruptModelFileError, ImageError, ModelLoadError, NotSupportedError
 from ..layers import Linear
@@ -86,7 +87,7 @@ class LlavaConfig:
         text_raw.pop("architectures", None)  # the family comes from model_type
         if "torch_dtype" not in text_raw and "dtype" not in text_raw:
             text_raw["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
-        text = ModelConfig.from_hf_config(text_raw, source=source)
+        text = config_from_hf(text_raw, source=source)
         text = _with_generation_eos(text, model_dir)
         vision = CLIPVisionConfig.from_hf(raw.get("vision_config") or {}, source)
         strategy = raw.get("vision_feature_select_strategy", "default")
