@@ -113,6 +113,7 @@ class ConstraintTracker:
         self._free_rows: dict[int, np.ndarray] = {}
         self.mask_seconds = 0.0  # host time spent filling masks (benchmarks read it)
         self.mask_steps = 0
+        self._dry = None
 
     @property
     def words(self) -> int:
@@ -188,6 +189,17 @@ class ConstraintTracker:
         self.mask_seconds += time.perf_counter() - start
         self.mask_steps += 1
         return mask
+
+    def dry_rows(self, seqs: list[Any]) -> list[dict[int, float]]:
+        """Each sequence's DRY penalties for its next token (dry.py); {} for rows without DRY.
+        DRY is host-side work of the same kind as the masks, so the runner gets both from here."""
+        if not any(seq.params.dry_multiplier for seq in seqs):
+            return []
+        if self._dry is None:
+            from .dry import DryBreakers
+
+            self._dry = DryBreakers(self._tokenizer)
+        return [self._dry.penalties(seq.params, seq.token_ids) for seq in seqs]
 
     def advance(self, seq_id: int, token: int) -> str | None:
         """Feed a sampled token to the sequence's matcher. Returns None while the constraint goes on,

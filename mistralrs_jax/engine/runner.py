@@ -25,6 +25,7 @@ from flax import nnx
 from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUNK
 
 from ..config import ModelConfig
+from ..dry import add_dry_bias
 from ..models.llama import AttentionMetadata
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
 from .multimodal import step_input_embeds
@@ -251,6 +252,8 @@ class ModelRunner:
             num_rows=shape_key[1],
             seeds=[seq.seed for seq in seqs],
         )
+        if constraints is not None:  # DRY penalties ride on the logit bias (mistralrs_jax/dry.py)
+            arrays, modes = add_dry_bias(arrays, modes, constraints.dry_rows(seqs))
         arrays, modes = compiled_sampler_variant(arrays, modes)
         embeds = self._step_input_embeds(scheduled, shape_key[0])
         inputs = jax.device_put((input_ids, meta, logits_indices, arrays, embeds))
