@@ -18,7 +18,7 @@ import pytest
 
 from ggml_fixtures import CONFIG, build_llama_checkpoint, convert_to_gguf, llama_cpp_convert_ggml, write_ggml
 from family_fixtures import DATA_DIR, ReferenceUnavailable, load_reference, reference_greedy, reference_logits
-from peers import require_peer, transformers_logits
+from peers import missing_peer, require_peer, transformers_logits
 
 from mistralrs_jax import LLM, SamplingParams, cli
 from mistralrs_jax.errors import CorruptModelFileError, ModelLoadError, NotSupportedError
@@ -64,7 +64,7 @@ def models(tmp_path_factory) -> dict:
     try:
         convert_to_gguf([(checkpoint, gguf_path)])
     except ReferenceUnavailable as exc:
-        pytest.skip(f"llama.cpp's converter is unavailable (the llama-cpp-python sdist could not be fetched): {exc}")
+        missing_peer(f"llama.cpp's converter is unavailable (the llama-cpp-python sdist could not be fetched): {exc}")
     files = root / "files"
     files.mkdir()
     found = {"checkpoint": checkpoint, "gguf": gguf_path}
