@@ -5,6 +5,7 @@
     mistralrs-jax --max-seqs 8 tui gguf -m DIR -f FILE.gguf
 
 Kept light to import: `mistralrs-jax` imports this module to build its parser on every run.
+It takes its flags from mistralrs_jax.cli_args, never from the mistralrs_jax.cli entry point.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mistralrs_jax.cli import add_model_subcommands
+    from mistralrs_jax.cli_args import add_model_subcommands
 
     parser.add_argument("--url", help="attach to the server at URL (e.g. http://127.0.0.1:1234) instead of "
                                       "starting a model in this process")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_in_process(args: argparse.Namespace, settings) -> int:
     from mistralrs_jax import LLM
-    from mistralrs_jax.cli import apply_environment, build_llm_kwargs
+    from mistralrs_jax.cli_kwargs import apply_environment, build_llm_kwargs
     from server.app import create_app
     from server.serving import BackgroundServer
 
