@@ -8,7 +8,7 @@ and its 49152x576 embedding / lm_head) and Llama-3.2-1B (2048x2048, 8192x2048). 
 the table is one jitted call `x (T, K) @ W.T`, with weights passed as arguments (not
 constants) so nothing is folded away: the kernel on raw GGUF blocks, and `jnp.dot` on the
 same weights dequantized to f32. "G w/s" is weights (N * K) per second, so at T = 1 it is
-the GEMV rate; "GB/s" is the bytes of the stored weights per second. Times are medians.
+the GEMV rate; "GB/s" is the bytes of the stored weights per second.
 
 The kernel uses XLA's intra-op threads (all cores unless XLA_FLAGS restricts them), as the
 f32 dot does. Writes `results/cpu_kernel-YYYYmmdd-HHMMSS.json`.
@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def _median_s(fn, args, reps: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def run(types: list[str], tokens: list[int], shape_sets: list[str], reps: int) -> list[dict]:

@@ -34,6 +34,8 @@ namespace ffi = xla::ffi;
 #endif
 
 constexpr int kRows = 4;  // weight rows unpacked and dotted together
+constexpr int kInterleaveMinT = 2;  // tokens from which rows are interleaved (see dot_rows)
+constexpr int kSub = 64;  // output rows gathered before they are written (a multiple of kRows)
 
 // ---------------------------------------------------------------------------------------
 // Activations: 8-bit codes per 32 elements, the scale and the code sum per weight group.
@@ -86,17 +88,58 @@ static void quantize_row(const float* x, int64_t K, int G, int8_t* a, float* da,
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MJ_ISA "avx512vnni"
 
+// Interleaved layout (T > 1): within each run of 16 groups, 4-byte piece j of group l sits at
+// byte 64 j + 4 l, so lane l of vpdpbusd accumulates group l alone and a run of 16 groups
+// costs one int->float conversion and two fused multiply-adds per row instead of several
+// per 64 bytes. The first `kfull` bytes of u and a are in this layout, the rest is not.
+#define MJ_INTERLEAVE 1
+constexpr int kLanes = 16;
+
+// Sums of the 16 lanes of R vectors.
+template <int R>
+static inline void reduce_rows(const __m512* acc, float* out) {
+  if (R == 4) {
+    __m256 h[4];
+    for (int r = 0; r < 4; ++r)
+      h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
+    const __m256 q = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    const __m128 v = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+    out[0] += _mm_cvtss_f32(v);
+    out[1] += _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1));
+    out[2] += _mm_cvtss_f32(_mm_shuffle_ps(v, v, 2));
+    out[3] += _mm_cvtss_f32(_mm_shuffle_ps(v, v, 3));
+  } else {
+    for (int r = 0; r < R; ++r) out[r] += _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
 template <int R, int G>
-static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K,
+static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t kfull,
                             const int8_t* a, const float* da, const float* qa, float* out) {
-  // Chunks of 64 elements: 64 / G groups, each group's scale spread over its 16 / (64 / G) lanes.
-  constexpr int NG = 64 / G;
-  const __m512i spread = NG == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   const int64_t ng_row = K / G;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t e = 0; e < K; e += 64) {
+  for (int64_t base = 0; base < kfull; base += kLanes * G) {
+    const int64_t g0 = base / G;
+    __m512i ai[R][2];
+    for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_setzero_si512();
+    for (int j = 0; j < G / 4; ++j) {
+      const __m512i av = _mm512_loadu_si512(a + base + 64 * j);
+      for (int r = 0; r < R; ++r)
+        ai[r][j & 1] = _mm512_dpbusd_epi32(ai[r][j & 1], _mm512_loadu_si512(u + r * K + base + 64 * j), av);
+    }
+    const __m512 dav = _mm512_loadu_ps(da + g0), qav = _mm512_loadu_ps(qa + g0);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ai[r][0], ai[r][1])),
+                               _mm512_mul_ps(_mm512_loadu_ps(s + r * ng_row + g0), dav), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(c + r * ng_row + g0), qav, acc[r]);
+    }
+  }
+  // The rest in chunks of 64 elements: 64 / G groups, each group's scale spread over its lanes.
+  constexpr int NG = 64 / G;
+  const __m512i spread = NG == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t e = kfull; e < K; e += 64) {
     const bool full = e + 64 <= K;
     const __mmask64 bm = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
     const __mmask8 gm = full ? (__mmask8)((1u << NG) - 1) : (__mmask8)((1u << (NG / 2)) - 1);
@@ -111,15 +154,13 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
                                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m512 corr = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng_row; g += 16) {
-      const __mmask16 m = g + 16 <= ng_row ? (__mmask16)0xffff : (__mmask16)((1u << (ng_row - g)) - 1);
-      corr = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + r * ng_row + g), _mm512_maskz_loadu_ps(m, qa + g),
-                             corr);
-    }
-    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], corr));
+  // Offsets of the groups outside the interleaved runs: c[g] * da[g] * (sum of the group's codes).
+  for (int64_t g = kfull / G; g < ng_row; g += 16) {
+    const __mmask16 m = g + 16 <= ng_row ? (__mmask16)0xffff : (__mmask16)((1u << (ng_row - g)) - 1);
+    const __m512 qav = _mm512_maskz_loadu_ps(m, qa + g);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + r * ng_row + g), qav, acc[r]);
   }
+  reduce_rows<R>(acc, out);
 }
 
 #else  // AVX2
@@ -147,12 +188,12 @@ static inline __m256i mj_dot_u8s8(__m256i u, __m256i a) {
 #endif
 
 template <int R, int G>
-static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K,
+static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t e0,
                             const int8_t* a, const float* da, const float* qa, float* out) {
   const int64_t ng_row = K / G;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t e = 0; e < K; e += 32) {
+  for (int64_t e = e0; e < K; e += 32) {
     const int64_t g = e / G;
     const __m256i av = _mm256_loadu_si256((const __m256i*)(a + e));
     for (int r = 0; r < R; ++r) {
@@ -175,10 +216,27 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-    out[r] = _mm_cvtss_f32(v) + corr;
+    out[r] += _mm_cvtss_f32(v) + corr;
   }
 }
+#define MJ_INTERLEAVE 0
+constexpr int kLanes = 16;
 #endif
+
+// The first `kfull` bytes of a row (whole runs of kLanes groups) into the interleaved layout.
+template <int G>
+static void interleave(uint8_t* p, int64_t kfull) {
+  alignas(64) uint8_t tmp[kLanes * G];
+  for (int64_t base = 0; base < kfull; base += kLanes * G) {
+    std::memcpy(tmp, p + base, sizeof(tmp));
+    for (int j = 0; j < G / 4; ++j)
+      for (int l = 0; l < kLanes; ++l) std::memcpy(p + base + 64 * j + 4 * l, tmp + l * G + 4 * j, 4);
+  }
+}
+
+static inline int64_t interleaved_bytes(int64_t T, int64_t K, int G) {
+  return MJ_INTERLEAVE && T >= kInterleaveMinT ? K / (kLanes * G) * (kLanes * G) : 0;
+}
 
 // ---------------------------------------------------------------------------------------
 // One chunk of output rows: unpack four rows at a time, dot them with every activation row.
@@ -198,30 +256,40 @@ template <class F>
 static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t>& buf) {
   constexpr int G = F::group, BPG = F::block / F::group;  // groups per block
   const int64_t K = job.K, T = job.act->T, ng = K / G, nb = K / F::block;
+  const int64_t kfull = interleaved_bytes(T, K, G);
   buf.resize(kRows * (K + 2 * ng * sizeof(float)) + 64);
   uint8_t* u = buf.data();
   float* s = reinterpret_cast<float*>(u + kRows * K + (64 - (kRows * K) % 64) % 64);
   float* c = s + kRows * ng;
   const Activations& A = *job.act;
+  // Outputs of kSub rows gather here and go out one contiguous run per activation row:
+  // writing y[t][r..r+3] directly for every t thrashes L1 when N * 4 bytes is a multiple of 4 KiB.
+  thread_local std::vector<float> ybuf;
+  ybuf.resize(T * kSub);
   for (int64_t r = r0; r < r1; r += kRows) {
-    const int64_t R = std::min<int64_t>(kRows, r1 - r);
+    const int64_t R = std::min<int64_t>(kRows, r1 - r), sub0 = r0 + (r - r0) / kSub * kSub;
     for (int64_t i = 0; i < R; ++i) {
       const uint8_t* row = job.w + (r + i) * job.row_bytes;
       for (int64_t b = 0; b < nb; ++b)
         F::unpack(row + b * F::bytes, u + i * K + b * F::block, s + i * ng + b * BPG, c + i * ng + b * BPG);
+      if (kfull) interleave<G>(u + i * K, kfull);
     }
     for (int64_t t = 0; t < T; ++t) {
       const int8_t* a = A.a.data() + t * K;
       const float* da = A.da.data() + t * ng;
       const float* qa = A.qa.data() + t * ng;
-      float out[kRows];
+      float out[kRows] = {};
       if (R == kRows) {
-        dot_rows<kRows, G>(u, s, c, K, a, da, qa, out);
+        dot_rows<kRows, G>(u, s, c, K, kfull, a, da, qa, out);
       } else {
-        for (int64_t i = 0; i < R; ++i) dot_rows<1, G>(u + i * K, s + i * ng, c + i * ng, K, a, da, qa, out + i);
+        for (int64_t i = 0; i < R; ++i) dot_rows<1, G>(u + i * K, s + i * ng, c + i * ng, K, kfull, a, da, qa, out + i);
       }
-      float* yt = job.y + t * job.N + r;
+      float* yt = ybuf.data() + t * kSub + (r - sub0);
       for (int64_t i = 0; i < R; ++i) yt[i] = out[i];
+    }
+    if (r + R == r1 || r + R - sub0 == kSub) {
+      const int64_t cnt = r + R - sub0;
+      for (int64_t t = 0; t < T; ++t) std::memcpy(job.y + t * job.N + sub0, ybuf.data() + t * kSub, cnt * sizeof(float));
     }
   }
 }
@@ -265,6 +333,13 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t t = 0; t < T; ++t)
     quantize_row(x.typed_data() + t * K, K, fmt->group, act.a.data() + t * K, act.da.data() + t * K / fmt->group,
                  act.qa.data() + t * K / fmt->group);
+
+  if (const int64_t kfull = interleaved_bytes(T, K, fmt->group)) {
+    for (int64_t t = 0; t < T; ++t) {
+      uint8_t* row = reinterpret_cast<uint8_t*>(act.a.data() + t * K);
+      fmt->group == 32 ? interleave<32>(row, kfull) : interleave<16>(row, kfull);
+    }
+  }
 
   auto job = std::make_shared<Job>();
   job->fmt = fmt, job->w = w.typed_data(), job->row_bytes = wd[1], job->N = N, job->K = K;
