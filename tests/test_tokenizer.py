@@ -12,14 +12,10 @@ import pytest
 
 import _vocab_fixtures as fixtures
 from mistralrs_jax.errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
-from mistralrs_jax.loading.tokenizer import (
-    BPE_PRESETS,
-    TOKEN_TYPE_NORMAL,
-    IncrementalDetokenizer,
-    Tokenizer,
-    load_tokenizer,
-    read_gguf_metadata,
-)
+from mistralrs_jax.loading.detokenizer import IncrementalDetokenizer
+from mistralrs_jax.loading.gguf import read_gguf_metadata
+from mistralrs_jax.loading.gguf_vocab import BPE_PRESETS, TOKEN_TYPE_NORMAL
+from mistralrs_jax.loading.tokenizer import Tokenizer, load_tokenizer
 
 # Every vocab in llama.cpp's models/ folder that comes with test vectors.
 VOCABS_WITH_VECTORS = [

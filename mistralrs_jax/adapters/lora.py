@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidRequestError, ModelLoadError, NotSupportedError
+from ..json_files import read_json_object
 from ..loading.gguf_weights import gguf_module_name
 from .sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, resolve_adapter_dir
 
@@ -108,14 +108,7 @@ class LoraAdapter:
 
 
 def _read_config(path: str, name: str) -> dict[str, Any]:
-    file = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(file, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"LoRA adapter {name}: {file} is not readable JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"LoRA adapter {name}: {file} must hold a JSON object")
+    config = read_json_object(os.path.join(path, CONFIG_FILE))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         hint = " (X-LoRA is not supported yet in mistralrs-jax)" if peft_type == "XLORA" else ""

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import InvalidRequestError, ModelNotFoundError
+from ..json_files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,7 @@ def adapters_from_cli(adapters_model_id: str, order: str | None) -> tuple[list[s
 def base_model_of(spec: str, token_source: str = "cache") -> str:
     """The base model an adapter names in its adapter_config.json (`base_model_name_or_path`)."""
     directory = resolve_adapter_dir(spec, token_source)
-    with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as handle:
-        base = json.load(handle).get("base_model_name_or_path")
+    base = read_json_object(os.path.join(directory, CONFIG_FILE)).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise InvalidRequestError(f"LoRA adapter {spec} does not name its base model (no base_model_name_or_path in "
                                   f"{CONFIG_FILE}); give it with -m/--model-id", param="model_id")

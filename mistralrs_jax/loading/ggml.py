@@ -18,7 +18,6 @@ What the format does not store:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -100,13 +99,10 @@ def _metadata_overrides(config_path: str | None) -> dict[str, Any]:
     """eps / RoPE base / context / KV heads from a Hugging Face config.json, if given."""
     if config_path is None:
         return {}
+    from ..json_files import read_json_object
     from ..models.model_config import config_from_hf
 
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = config_from_hf(json.load(handle), source=config_path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the model metadata {config_path}: {exc}") from exc
+    config = config_from_hf(read_json_object(config_path), source=config_path)
     log.info("legacy GGML metadata (eps, RoPE base, context length) from %s", config_path)
     return {"eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
             "context_length": config.max_position_embeddings, "n_kv_head": config.num_kv_heads}

@@ -22,7 +22,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError
 from ..models.layers import Embedding, Linear
-from ..models.model_config import config_from_hf
+from ..json_files import read_json_object
+from ..models.model_config import config_from_hf, with_generation_eos
 from ..models.registry import build_model, resolve_dtype
 from ..models.weights import WeightSource
 
@@ -86,30 +87,13 @@ class SafetensorsFile:
         self._map = None
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise CorruptModelFileError(f"{path} is not valid JSON ({exc}); download it again") from exc
-    if not isinstance(value, dict):
-        raise CorruptModelFileError(f"{path} should hold a JSON object, found {type(value).__name__}")
-    return value
-
-
 def load_hf_config(model_dir: str) -> ModelConfig:
     """`config.json` of a checkpoint directory as a ModelConfig; `generation_config.json`, when
     present, adds its end-of-sequence ids."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"{model_dir} has no {CONFIG_FILE}; a Hugging Face model directory needs one")
-    config = config_from_hf(_read_json(path), source=path)
-    generation_path = os.path.join(model_dir, GENERATION_CONFIG_FILE)
-    if os.path.isfile(generation_path):
-        eos = _read_json(generation_path).get("eos_token_id")
-        extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-        config.eos_token_ids = list(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
-    return config
+    return with_generation_eos(config_from_hf(read_json_object(path), source=path), model_dir)
 
 
 # generation_config.json keys -> SamplingParams fields.
@@ -120,10 +104,7 @@ GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_
 def generation_defaults(model_dir: str) -> dict[str, Any]:
     """The default sampling a checkpoint's `generation_config.json` asks for, as SamplingParams
     keyword arguments (`do_sample: false` means greedy); {} when there is no such file."""
-    path = os.path.join(model_dir, GENERATION_CONFIG_FILE)
-    if not os.path.isfile(path):
-        return {}
-    generation = _read_json(path)
+    generation = read_json_object(os.path.join(model_dir, GENERATION_CONFIG_FILE), missing_ok=True)
     defaults = {field: generation[key] for key, field in GENERATION_DEFAULT_KEYS.items()
                 if isinstance(generation.get(key), (int, float)) and not isinstance(generation.get(key), bool)}
     if generation.get("do_sample") is False:
@@ -146,7 +127,7 @@ class SafetensorsWeights(WeightSource):
     def _index_shards(self) -> dict[str, str]:
         index_path = os.path.join(self.path, INDEX_FILE)
         if os.path.isfile(index_path):
-            weight_map = _read_json(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CorruptModelFileError(f"{index_path} has no \"weight_map\"; download it again")
             for shard in sorted(set(weight_map.values())):

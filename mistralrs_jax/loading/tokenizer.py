@@ -7,23 +7,23 @@ llama.cpp's reading of them (src/llama-vocab.cpp): its list of split regexes per
 its defaults for adding BOS/EOS, and its way of finding end-of-generation tokens. The rebuilt
 tokenizer is checked against llama.cpp's own vocab test vectors in tests/test_tokenizer.py.
 
-The GGUF vocabulary rebuild lives in gguf_vocab.py; `IncrementalDetokenizer` (detokenizer.py)
-turns a stream of generated ids into text that is safe to send as it comes. Both are re-exported here.
+The GGUF vocabulary rebuild lives in gguf_vocab.py. `IncrementalDetokenizer` (detokenizer.py)
+turns a stream of generated ids into text that is safe to send as it comes; it depends on this
+module, not the other way round.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Any, Iterable, Sequence
 
 import tokenizers
 
-from mistralrs_jax.loading.detokenizer import IncrementalDetokenizer  # noqa: F401  (re-export)
+from mistralrs_jax.json_files import read_json_object
 from mistralrs_jax.loading.gguf import read_gguf_metadata
-from mistralrs_jax.loading.gguf_vocab import (  # noqa: F401  (re-exported names)
+from mistralrs_jax.loading.gguf_vocab import (
     BPE_PRESETS,
     TOKEN_TYPE_NORMAL,
     _byte_level_model,
@@ -175,9 +175,9 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(tokenizer_json)
         except Exception as exc:  # the library raises plain Exception for malformed files
             raise CorruptModelFileError(f"{tokenizer_json} cannot be read: {exc}") from exc
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
-        generation = _read_json(os.path.join(path, "generation_config.json"))
+        config = read_json_object(os.path.join(path, "tokenizer_config.json"), missing_ok=True)
+        special_map = read_json_object(os.path.join(path, "special_tokens_map.json"), missing_ok=True)
+        generation = read_json_object(os.path.join(path, "generation_config.json"), missing_ok=True)
 
         def token_id(name: str) -> int | None:
             text = _token_text(config.get(name)) or _token_text(special_map.get(name))
@@ -279,17 +279,6 @@ class Tokenizer:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptModelFileError(f"{path} is not valid JSON: {exc}") from exc
-    return value if isinstance(value, dict) else {}
-
-
 def _token_text(value: Any) -> str | None:
     """tokenizer_config writes a special token as a string or as an AddedToken dict."""
     if isinstance(value, str):
@@ -313,7 +302,7 @@ def _hf_chat_templates(path: str, config: dict[str, Any]) -> tuple[str | None, d
     if os.path.isfile(jinja_file):
         with open(jinja_file, encoding="utf-8") as handle:
             templates["default"] = handle.read()
-    json_file = _read_json(os.path.join(path, "chat_template.json"))
+    json_file = read_json_object(os.path.join(path, "chat_template.json"), missing_ok=True)
     if isinstance(json_file.get("chat_template"), str):
         templates.setdefault("default", json_file["chat_template"])
     default = templates.pop("default", None)

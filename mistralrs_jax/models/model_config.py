@@ -5,9 +5,11 @@ builder never asks which format its config came from. `source` names the file in
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..config import ModelConfig
+from ..json_files import read_json_object
 from ..errors import CorruptModelFileError, ModelLoadError, NotSupportedError
 from .registry import (GGUF_ACTIVATIONS, HF_DEFAULT_ROPE_THETA, HF_TIED_BY_DEFAULT, check_gguf_architecture,
                        family_of_hf_config)
@@ -160,6 +162,14 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0) if cfg.get("num_local_experts") else 0,
         dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
     )
+
+
+def with_generation_eos(config: ModelConfig, model_dir: str) -> ModelConfig:
+    """`config` with the end-of-sequence ids of the checkpoint's `generation_config.json` added."""
+    generation = read_json_object(os.path.join(model_dir, "generation_config.json"), missing_ok=True)
+    eos = generation.get("eos_token_id")
+    extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    return config.replace(eos_token_ids=list(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)])))
 
 
 def _gguf_layer_windows(arch: str, num_layers: int, get) -> list[int | None]:

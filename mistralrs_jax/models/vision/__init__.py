@@ -8,12 +8,11 @@ architectures with `vision-plain -a ARCH`; these are its names.
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 from ...config import ModelConfig
 from ...errors import NotSupportedError, UnsupportedArchitectureError
+from ...json_files import read_json_object
 
 # mistral.rs `-a` name -> what serves it here (None: not supported yet).
 VISION_ARCHS: dict[str, str | None] = {
@@ -63,22 +62,10 @@ def check_vision_arch(name: str) -> str:
                             f"(supported: {', '.join(SUPPORTED_VISION_ARCHS)})")
 
 
-def _hf_config(model_dir: str) -> dict[str, Any]:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        try:
-            value = json.load(handle)
-        except json.JSONDecodeError:
-            return {}  # load_hf_config reports the broken file with its own message
-    return value if isinstance(value, dict) else {}
-
-
 def vision_architecture(model_dir: str) -> str | None:
     """The mistral.rs vision architecture of a checkpoint directory, None for a text-only model;
     a vision model this build cannot serve raises UnsupportedArchitectureError."""
-    cfg = _hf_config(model_dir)
+    cfg = read_json_object(os.path.join(model_dir, "config.json"), missing_ok=True)
     names = [a for a in (cfg.get("architectures") or []) if isinstance(a, str)]
     if any(name in ORIGINAL_LLAVA_ARCHITECTURES for name in names):
         raise UnsupportedArchitectureError(

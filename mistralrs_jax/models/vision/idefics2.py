@@ -28,16 +28,16 @@ import numpy as np
 from flax import nnx
 
 from ...config import ModelConfig
-from ..model_config import config_from_hf
+from ...json_files import read_json_object
+from ..model_config import config_from_hf, with_generation_eos
 from ...engine.multimodal import MultiModalInputs, image_cache_salt
 from ...errors import CorruptModelFileError, ImageError, ModelLoadError, \
     UnsupportedArchitectureError
-from ...loading.safetensors import _read_json
 from ..layers import GatedMLP, Linear, RMSNorm
 from .clip import vision_activation
-from .image_processing import PREPROCESSOR_CONFIG_FILE, PROCESSOR_CONFIG_FILE, ImageProcessorConfig, load_image, \
-    preprocess_pixels, resize_pixels, rgb_pixels
-from .llava import TEXT_CONFIG_DEFAULTS, ImageEncoder, _read_config, _with_generation_eos
+from .image_processing import PREPROCESSOR_CONFIG_FILE, ImageProcessorConfig, load_image, preprocess_pixels, \
+    read_image_processor_config, resize_pixels, rgb_pixels
+from .llava import TEXT_CONFIG_DEFAULTS, ImageEncoder
 from .siglip import SiglipVisionConfig, SiglipVisionEncoder, build_siglip_encoder, masked_attention, patchify
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,15 @@ class Idefics2Config:
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "Idefics2Config":
-        raw = _read_config(model_dir)
         source = os.path.join(model_dir, "config.json")
+        raw = read_json_object(source)
         text_raw = dict(raw.get("text_config") or {})
         text_type = text_raw.setdefault("model_type", "mistral")
         text_raw = {**TEXT_CONFIG_DEFAULTS.get(text_type, {}), **text_raw}
         text_raw.pop("architectures", None)
         if "torch_dtype" not in text_raw and "dtype" not in text_raw:
             text_raw["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
-        text = _with_generation_eos(config_from_hf(text_raw, source=source), model_dir)
+        text = with_generation_eos(config_from_hf(text_raw, source=source), model_dir)
         vision = SiglipVisionConfig.from_hf(raw.get("vision_config") or {}, source)
         p = raw.get("perceiver_config") or {}
         perceiver = PerceiverConfig(
@@ -131,13 +131,8 @@ class Idefics2ImageProcessor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "Idefics2ImageProcessor":
-        path = os.path.join(model_dir, PREPROCESSOR_CONFIG_FILE)
-        raw: Any = None
-        if os.path.isfile(path):
-            raw = _read_json(path)
-        elif os.path.isfile(os.path.join(model_dir, PROCESSOR_CONFIG_FILE)):  # transformers 5 nests it
-            raw = _read_json(os.path.join(model_dir, PROCESSOR_CONFIG_FILE)).get("image_processor")
-        if not isinstance(raw, dict):
+        raw = read_image_processor_config(model_dir)
+        if raw is None:
             log.warning("%s has no image processor config (%s); using Idefics2's default preprocessing", model_dir,
                         PREPROCESSOR_CONFIG_FILE)
             raw = {}

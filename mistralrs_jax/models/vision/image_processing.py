@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ImageError, ModelLoadError
-from ...loading.safetensors import _read_json  # a JSON object, or a CorruptModelFileError naming the file
+from ...json_files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ def _size_dict(value: Any, default: dict[str, int]) -> dict[str, int]:
     if isinstance(value, dict):
         return {key: int(v) for key, v in value.items() if v is not None}
     raise ModelLoadError(f"{PREPROCESSOR_CONFIG_FILE}: a size should be an int or an object, got {value!r}")
+
+
+def read_image_processor_config(model_dir: str) -> dict[str, Any] | None:
+    """The checkpoint's image preprocessing settings: `preprocessor_config.json`, or the
+    "image_processor" object transformers 5 nests in `processor_config.json`; None when neither has one."""
+    path = os.path.join(model_dir, PREPROCESSOR_CONFIG_FILE)
+    if os.path.isfile(path):
+        return read_json_object(path)
+    nested = read_json_object(os.path.join(model_dir, PROCESSOR_CONFIG_FILE), missing_ok=True).get("image_processor")
+    return nested if isinstance(nested, dict) else None
 
 
 @dataclass
@@ -98,15 +108,8 @@ class ImageProcessorConfig:
     @classmethod
     def from_model_dir(cls, model_dir: str, pad_to_square: bool = False) -> "ImageProcessorConfig":
         """The checkpoint's preprocessor config; `pad_to_square` forces LLaVA's "pad" aspect ratio on."""
-        raw: dict[str, Any] | None = None
-        path = os.path.join(model_dir, PREPROCESSOR_CONFIG_FILE)
-        if os.path.isfile(path):
-            raw = _read_json(path)
-        else:  # transformers 5 nests it in processor_config.json
-            processor_path = os.path.join(model_dir, PROCESSOR_CONFIG_FILE)
-            if os.path.isfile(processor_path):
-                raw = _read_json(processor_path).get("image_processor")
-        if not isinstance(raw, dict):
+        raw = read_image_processor_config(model_dir)
+        if raw is None:
             log.warning("%s has no image processor config (%s); using CLIP's default preprocessing", model_dir,
                         PREPROCESSOR_CONFIG_FILE)
             raw = {}

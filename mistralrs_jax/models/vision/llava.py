@@ -17,7 +17,6 @@ LLaVA-NeXT (llava_next.py) reuses all of this and changes how images become feat
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ import numpy as np
 from flax import nnx
 
 from ...config import ModelConfig
-from ..model_config import config_from_hf
+from ..model_config import config_from_hf, with_generation_eos
 from ...engine.multimodal import MultiModalInputs, image_cache_salt
 from ...errors import CorruptModelFileError, ImageError, ModelLoadError, NotSupportedError
+from ...json_files import read_json_object
 from ..layers import Linear
 from .clip import CLIPVisionConfig, CLIPVisionTower, build_clip_vision_tower, feature_layer_indices, \
     vision_activation, vision_tower_prefix
@@ -57,15 +57,6 @@ TEXT_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _read_config(model_dir: str) -> dict[str, Any]:
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise CorruptModelFileError(f"{path} is not valid JSON ({exc}); download it again") from exc
-
-
 @dataclass
 class LlavaConfig:
     vision: CLIPVisionConfig
@@ -79,8 +70,8 @@ class LlavaConfig:
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "LlavaConfig":
-        raw = _read_config(model_dir)
         source = os.path.join(model_dir, "config.json")
+        raw = read_json_object(source)
         text_raw = dict(raw.get("text_config") or {})
         text_type = text_raw.setdefault("model_type", "llama")
         text_raw = {**TEXT_CONFIG_DEFAULTS.get(text_type, {}), **text_raw}
@@ -88,7 +79,7 @@ class LlavaConfig:
         if "torch_dtype" not in text_raw and "dtype" not in text_raw:
             text_raw["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
         text = config_from_hf(text_raw, source=source)
-        text = _with_generation_eos(text, model_dir)
+        text = with_generation_eos(text, model_dir)
         vision = CLIPVisionConfig.from_hf(raw.get("vision_config") or {}, source)
         strategy = raw.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
@@ -102,17 +93,6 @@ class LlavaConfig:
                    keep_class_token=strategy == "full", pad_to_square=raw.get("image_aspect_ratio") == "pad",
                    image_grid_pinpoints=[(int(h), int(w)) for h, w in raw.get("image_grid_pinpoints") or
                                          LLAVA_NEXT_DEFAULT_PINPOINTS])
-
-
-def _with_generation_eos(config: ModelConfig, model_dir: str) -> ModelConfig:
-    """generation_config.json's end-of-sequence ids join the config's (as loading/safetensors does)."""
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return config
-    with open(path, encoding="utf-8") as handle:
-        eos = json.load(handle).get("eos_token_id")
-    extra = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-    return config.replace(eos_token_ids=list(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)])))
 
 
 class LlavaProjector(nnx.Module):
