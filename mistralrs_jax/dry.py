@@ -4,9 +4,10 @@ For the next token, DRY looks for earlier places where the sequence's last token
 tokens before such a place match the tokens before the end of the sequence for `n` tokens (counting
 the last token itself), the token that followed that place would extend a repeat of length `n`. Every
 such token whose longest repeat reaches `allowed_length` gets `multiplier * base ** (n - allowed_length)`
-subtracted from its logit. A sequence breaker stops a match: a match never runs across a breaker,
-and a breaker is never penalized. Breakers are given as strings and become token ids the way
-mistral.rs turns them: the last token of `"a" + breaker`. Matches are capped at MAX_MATCH tokens
+subtracted from its logit. A sequence breaker stops a match: a match never runs across a breaker
+(nothing is penalized right after one), and a breaker is never penalized. Breakers are given as
+strings and become token ids the way mistral.rs turns them: the last token of `"a" + breaker`
+(llama.cpp also counts every token whose text contains a breaker). Matches are capped at MAX_MATCH tokens
 (mistral.rs' cap against quadratic work) and look at the whole prompt and output.
 
 The host computes these penalties per row each step (a few token ids per row) and the sampler adds
@@ -18,11 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import math
+
 import numpy as np
 
 from .sampling_params import DEFAULT_DRY_SEQUENCE_BREAKERS, MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 
 MAX_MATCH = 50
+_F32_MAX_LOG = 88.7228391
 
 
 def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed_length: int,
@@ -33,6 +37,8 @@ def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed
     ids = np.asarray(tokens, np.int64)
     n = len(ids)
     last = ids[-1]
+    if int(last) in breakers:  # a repeat restarts after a breaker (llama.cpp's rule)
+        return {}
     longest: dict[int, int] = {}
     for i in np.flatnonzero(ids[:-1] == last).tolist():
         following = int(ids[i + 1])
@@ -46,7 +52,9 @@ def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed
             length += 1
         if length > longest.get(following, 0):
             longest[following] = length
-    return {token: multiplier * base ** (length - allowed_length)
+    # As llama.cpp: the exponent is clamped so the penalty stays a finite f32.
+    max_exponent = int(_F32_MAX_LOG / math.log(base)) if base > 1.000001 else 0
+    return {token: multiplier * base ** min(length - allowed_length, max_exponent or length)
             for token, length in longest.items() if length >= allowed_length}
 
 
