@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 
 import jax
@@ -171,6 +172,8 @@ def test_leading_axes_and_many_threads_chunks(kernel):
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     y = np.asarray(jax.jit(lambda x, w: quant_matmul_cpu(x, w, int(Q.Q4_K), k))(x, w))
     assert y.shape == (2, 3, n)
+    # It ran on XLA's intra-op threads: all cores (XLA's default) where there are several.
+    assert kernel.lib.mj_pool_threads() >= min(2, os.cpu_count() or 1)
     flat = _run(x.reshape(6, k), w, int(Q.Q4_K), k)
     np.testing.assert_array_equal(y.reshape(6, n), flat)
     # Rows are independent: each output row equals a one-row call (to f32 summation order:

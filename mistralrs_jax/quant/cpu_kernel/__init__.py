@@ -51,6 +51,7 @@ def load_kernel(isa: str = "native") -> Kernel:
         raise KernelBuildError(f"cannot load {path}: {e}") from e
     lib.mj_isa.restype = ctypes.c_char_p
     lib.mj_supports.argtypes = [ctypes.c_int64]
+    lib.mj_pool_threads.restype = ctypes.c_int64
     target = f"mistralrs_jax_qmatmul_{isa.replace('+', '_')}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.MjQuantMatmul), platform="cpu")
     kernel = Kernel(lib.mj_isa().decode(), target, lib)

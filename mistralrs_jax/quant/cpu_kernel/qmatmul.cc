@@ -312,6 +312,8 @@ static void work(Job& job) {
   }
 }
 
+static std::atomic<int64_t> g_pool_threads{0};  // XLA's intra-op threads seen by the last call
+
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                                   ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t k) {
   const MjFormat* fmt = mj_format(qtype);
@@ -345,6 +347,7 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->fmt = fmt, job->w = w.typed_data(), job->row_bytes = wd[1], job->N = N, job->K = K;
   job->act = &act, job->y = y->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  g_pool_threads.store(threads, std::memory_order_relaxed);
   // ~4 chunks per thread so a thread that starts late still finds work; chunks of whole 4-row tiles.
   const int64_t tiles = (N + kRows - 1) / kRows;
   const int64_t per = std::max<int64_t>(1, tiles / (threads * 4));
@@ -379,6 +382,8 @@ extern "C" {
 const char* mj_isa() { return MJ_ISA; }
 
 int mj_supports(int64_t qtype) { return mj_format(qtype) != nullptr; }
+
+int64_t mj_pool_threads() { return g_pool_threads.load(std::memory_order_relaxed); }
 
 // x: T x K floats -> a (T x K int8), da and qa (T x K/G floats each).
 void mj_quantize_rows(const float* x, int64_t T, int64_t K, int G, int8_t* a, float* da, float* qa) {
