@@ -282,3 +282,31 @@ def test_default_chatml_with_warning_and_override_file(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mistralrs_jax.loading.chat_template"):
         assert ChatTemplate(None).render(CONVERSATIONS[2]) == expected
     assert "no chat template" in caplog.text
+
+
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}<|{{ message.role }}|>{{ message.content }}\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n{% endif %}{% if reasoning_effort %}[effort={{ reasoning_effort }}]{% endif %}{% endif %}"
+)
+
+
+def test_template_variables_from_the_request_match_transformers():
+    """enable_thinking, reasoning_effort and chat_template_kwargs reach the template as variables, as
+    transformers' apply_chat_template(**kwargs) passes them; `reads` tells which a template uses."""
+    from server.schemas import ChatCompletionRequest
+
+    template = ChatTemplate(THINKING_TEMPLATE)
+    assert template.reads("enable_thinking") and template.reads("reasoning_effort") and not template.reads_tools
+    messages = [{"role": "user", "content": "Hi"}]
+    request = ChatCompletionRequest.model_validate({
+        "messages": messages, "enable_thinking": False, "reasoning_effort": "low",
+        "chat_template_kwargs": {"custom": 1}})
+    kwargs = request.template_kwargs(template.reads)
+    assert kwargs == {"enable_thinking": False, "reasoning_effort": "low", "custom": 1}
+    expected = _transformers_render(THINKING_TEMPLATE, messages, add_generation_prompt=True, **kwargs)
+    assert template.render(messages, **kwargs) == expected
+    assert "<think>\n\n</think>" in expected and "[effort=low]" in expected
+    plain = ChatTemplate(DEFAULT_CHATML_TEMPLATE)
+    with pytest.raises(InvalidRequestError, match="reasoning_effort"):
+        request.template_kwargs(plain.reads)
