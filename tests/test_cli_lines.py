@@ -257,3 +257,18 @@ def test_every_readme_command_line_parses():
     for argv in lines:
         parser = verbs.build_parser() if argv[0] == "mistralrs" else cli.build_parser()
         parser.parse_args(argv[1:])  # a usage error would exit 2 here
+
+
+@pytest.mark.slow
+def test_mistralrs_run_answers_one_prompt(smollm2_gguf_path, tmp_path):
+    """`mistralrs run -i TEXT` end to end on the real default model: one answer, then exit 0,
+    the exchange appended to the --log file."""
+    log_file = tmp_path / "requests.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "mistralrs_jax.cli.verbs", "--seed", "0", "--log", str(log_file), "run",
+         "--max-seqs", "1", "--max-num-batched-tokens", "64", "-i", "What is the capital of France?"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Paris" in result.stdout, result.stdout
+    assert "What is the capital of France?" in log_file.read_text()
