@@ -200,6 +200,18 @@ def test_portable_instruction_sets_agree(kernel, isa):
         np.testing.assert_allclose(ours, native, rtol=1e-5, atol=1e-5 * np.abs(native).max())
 
 
+def test_nan_and_inf_inputs_reach_the_output(kernel):
+    """As in an f32 dot: a NaN or infinite activation makes its token's outputs NaN, not finite noise."""
+    rng = np.random.default_rng(8)
+    k = 256
+    w = random_blocks(int(Q.Q4_K), 6, k, rng)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x[0, 40] = np.nan
+    x[2, 255] = np.inf
+    y = _run(x, w, int(Q.Q4_K), k)
+    assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and np.isfinite(y[1]).all()
+
+
 def test_bad_inputs_are_typed_errors(kernel):
     w = random_blocks(int(Q.Q4_0), 4, 64, np.random.default_rng(0))
     x = np.ones((1, 64), np.float32)

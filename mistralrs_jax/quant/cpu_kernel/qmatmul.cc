@@ -35,6 +35,7 @@ namespace ffi = xla::ffi;
 
 constexpr int kRows = 4;  // weight rows unpacked and dotted together
 constexpr int kInterleaveMinT = 2;  // tokens from which rows are interleaved (see dot_rows)
+constexpr int64_t kWorkPerThread = 1 << 18;  // multiply-adds that justify one more thread
 constexpr int kSub = 64;  // output rows gathered before they are written (a multiple of kRows)
 
 // ---------------------------------------------------------------------------------------
@@ -50,14 +51,19 @@ struct Activations {
 // One row of K floats (K a multiple of 32). Exposed for tests (C ABI, see mj_quantize_rows).
 static void quantize_row(const float* x, int64_t K, int G, int8_t* a, float* da, float* qa) {
   for (int64_t b = 0; b < K; b += 32) {
-    __m256 m = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int j = 0; j < 32; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b + j)));
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+    for (int j = 0; j < 32; j += 8) {
+      const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b + j));
+      m = _mm256_max_ps(m, v);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // NaN or infinite
+    }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
     const float amax = _mm_cvtss_f32(m4);
-    const float d = amax / 127.0f;
+    // A NaN or infinite input makes the block's scale NaN, so it reaches the output as in f32.
+    const float d = _mm256_movemask_ps(bad) ? NAN : amax / 127.0f;
     const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m256 idv = _mm256_set1_ps(id);
     int sums[2] = {0, 0};
@@ -353,7 +359,10 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t per = std::max<int64_t>(1, tiles / (threads * 4));
   job->rows_per_chunk = per * kRows;
   job->nchunks = (N + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  const int64_t helpers = std::min<int64_t>(threads, job->nchunks) - 1;
+  // A thread per ~256K multiply-adds at most: waking a thread costs microseconds, so a small
+  // matmul on a many-core machine should not be spread over all of them.
+  const int64_t useful = std::max<int64_t>(1, N * K * T / kWorkPerThread);
+  const int64_t helpers = std::min({threads, job->nchunks, useful}) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job]() { work(*job); });
   work(*job);
   // Chunks are claimed, never handed out, so the only wait is for chunks already running.
