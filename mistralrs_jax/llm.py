@@ -182,9 +182,10 @@ class LLM:
             self.model = self._load_model(
                 lambda wrap: build_model_from_hf(self.model_path, self.model_config, dtype=dtype, wrap_linear=wrap),
                 isq_cache)
+            from .loading.safetensors import SafetensorsWeights
             from .models.vision import load_vision
 
-            self.vision = load_vision(self.model_path, self.tokenizer, dtype)
+            self.vision = load_vision(self.model_path, self.tokenizer, dtype, open_weights=SafetensorsWeights)
         else:
             self.model = self._load_model(
                 lambda wrap: build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype,

@@ -43,6 +43,11 @@ class WeightSource:
         """Stacked expert weights [experts, out, in] of one MoE layer; which: gate | up | down."""
         raise NotImplementedError
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every tensor name the source stores, as stored (vision builders search it for prefixes)."""
+        raise NotImplementedError
+
     def rope_freq_factors(self) -> dict[str, np.ndarray]:
         """GGUF's precomputed rotary divisors ("freqs", "short", "long"); none in HF checkpoints."""
         return {}

@@ -9,10 +9,12 @@ architectures with `vision-plain -a ARCH`; these are its names.
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 from ...config import ModelConfig
 from ...errors import NotSupportedError, UnsupportedArchitectureError
 from ...json_files import read_json_object
+from ..weights import WeightSource
 
 # mistral.rs `-a` name -> what serves it here (None: not supported yet).
 VISION_ARCHS: dict[str, str | None] = {
@@ -97,9 +99,11 @@ def vision_text_config(model_dir: str) -> ModelConfig | None:
     return LlavaConfig.from_model_dir(model_dir).text
 
 
-def load_vision(model_dir: str, tokenizer, dtype: str = "auto"):
-    """The image side (llava.py's `LlavaVision`, llava_next.py's `LlavaNextVision`) of a vision
-    checkpoint, or None for a text-only model."""
+def load_vision(model_dir: str, tokenizer, dtype: str = "auto", *, open_weights: Callable[[str, Any], WeightSource]):
+    """The image side (llava.py's `LlavaVision`, llava_next.py's `LlavaNextVision`, idefics2.py's
+    `Idefics2Vision`) of a vision checkpoint, or None for a text-only model. `open_weights(model_dir,
+    dtype)` opens the checkpoint's tensors as a context-managed WeightSource (the loader passes
+    loading/safetensors.py's `SafetensorsWeights`; models/ never imports loading/)."""
     arch = vision_architecture(model_dir)
     if arch is None:
         return None
@@ -109,7 +113,9 @@ def load_vision(model_dir: str, tokenizer, dtype: str = "auto"):
         from .idefics2 import Idefics2Config, Idefics2Vision
 
         config = Idefics2Config.from_model_dir(model_dir)
-        return Idefics2Vision(model_dir, config, tokenizer, dtype=resolve_dtype(dtype, config.text.dtype))
+        weight_dtype = resolve_dtype(dtype, config.text.dtype)
+        with open_weights(model_dir, weight_dtype) as source:
+            return Idefics2Vision(model_dir, config, tokenizer, source, dtype=weight_dtype)
     from .llava import LlavaConfig, LlavaVision
     from .llava_next import LlavaNextVision
 
@@ -119,4 +125,6 @@ def load_vision(model_dir: str, tokenizer, dtype: str = "auto"):
         raise UnsupportedArchitectureError(
             f"{model_dir}: the tokenizer has no token {config.image_token_id} (the config's image_token_index)")
     vision_class = LlavaNextVision if arch == "llava_next" else LlavaVision
-    return vision_class(model_dir, config, image_token, dtype=resolve_dtype(dtype, config.text.dtype))
+    weight_dtype = resolve_dtype(dtype, config.text.dtype)
+    with open_weights(model_dir, weight_dtype) as source:
+        return vision_class(model_dir, config, image_token, source, dtype=weight_dtype)

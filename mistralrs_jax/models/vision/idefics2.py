@@ -30,13 +30,14 @@ from flax import nnx
 from ...config import ModelConfig
 from ...json_files import read_json_object
 from ..model_config import config_from_hf, with_generation_eos
-from ...engine.multimodal import MultiModalInputs, image_cache_salt
 from ...errors import CorruptModelFileError, ImageError, ModelLoadError, \
     UnsupportedArchitectureError
 from ..layers import GatedMLP, Linear, RMSNorm
+from ..weights import WeightSource
 from .clip import vision_activation
 from .image_processing import PREPROCESSOR_CONFIG_FILE, ImageProcessorConfig, load_image, preprocess_pixels, \
     read_image_processor_config, resize_pixels, rgb_pixels
+from .inputs import MultiModalInputs, image_cache_salt
 from .llava import TEXT_CONFIG_DEFAULTS, ImageEncoder
 from .siglip import SiglipVisionConfig, SiglipVisionEncoder, build_siglip_encoder, masked_attention, patchify
 
@@ -249,41 +250,40 @@ def _prefix_of(names, suffix: str, source: str) -> str:
     return found[0]
 
 
-def build_idefics2_image_model(model_dir: str, config: Idefics2Config, dtype=jnp.float32) -> Idefics2ImageModel:
-    from ...loading.safetensors import SafetensorsWeights
-
-    with SafetensorsWeights(model_dir, dtype) as source:  # no ISQ: the encoder and connector stay dense
-        names = source.tensor_names
-        vision = build_siglip_encoder(config.vision, source,
-                                      _prefix_of(names, "embeddings.patch_embedding.weight", model_dir), dtype=dtype)
-        at = _prefix_of(names, "modality_projection.gate_proj.weight", model_dir)
-        text_act = config.text.hidden_act
-        projection = GatedMLP(source.linear(at + "modality_projection.down_proj"), text_act,
-                              gate=source.linear(at + "modality_projection.gate_proj"),
-                              up=source.linear(at + "modality_projection.up_proj"))
-        if projection.gate_proj.in_features != config.vision.hidden_size or \
-                projection.down_proj.out_features != config.text.hidden_size:
-            raise CorruptModelFileError(
-                f"{model_dir}: the modality projection maps {projection.gate_proj.in_features} -> "
-                f"{projection.down_proj.out_features}, but the config needs {config.vision.hidden_size} -> "
-                f"{config.text.hidden_size}")
-        p = config.perceiver
-        at += "perceiver_resampler."
-        layers = []
-        for i in range(p.depth):
-            layer = f"{at}layers.{i}."
-            mlp = GatedMLP(source.linear(layer + "mlp.down_proj"), p.hidden_act,
-                           gate=source.linear(layer + "mlp.gate_proj"), up=source.linear(layer + "mlp.up_proj"))
-            layers.append(PerceiverLayer(
-                source.rms_norm(layer + "input_latents_norm", p.rms_norm_eps),
-                source.rms_norm(layer + "input_context_norm", p.rms_norm_eps),
-                *(source.linear(layer + "self_attn." + name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                source.rms_norm(layer + "post_attention_layernorm", p.rms_norm_eps), mlp, p))
-        latents = source.array(at + "latents")
-        if latents.shape != (p.n_latents, p.hidden_size):
-            raise CorruptModelFileError(f"{model_dir}: the perceiver latents have shape {latents.shape}, the config "
-                                        f"needs ({p.n_latents}, {p.hidden_size})")
-        connector = Idefics2Connector(projection, latents, layers, source.rms_norm(at + "norm", p.rms_norm_eps))
+def build_idefics2_image_model(model_dir: str, config: Idefics2Config, source: WeightSource,
+                               dtype=jnp.float32) -> Idefics2ImageModel:
+    """The SigLIP encoder and the connector from `source`, the checkpoint's weights (dense: no ISQ here)."""
+    names = source.tensor_names
+    vision = build_siglip_encoder(config.vision, source,
+                                  _prefix_of(names, "embeddings.patch_embedding.weight", model_dir), dtype=dtype)
+    at = _prefix_of(names, "modality_projection.gate_proj.weight", model_dir)
+    text_act = config.text.hidden_act
+    projection = GatedMLP(source.linear(at + "modality_projection.down_proj"), text_act,
+                          gate=source.linear(at + "modality_projection.gate_proj"),
+                          up=source.linear(at + "modality_projection.up_proj"))
+    if projection.gate_proj.in_features != config.vision.hidden_size or \
+            projection.down_proj.out_features != config.text.hidden_size:
+        raise CorruptModelFileError(
+            f"{model_dir}: the modality projection maps {projection.gate_proj.in_features} -> "
+            f"{projection.down_proj.out_features}, but the config needs {config.vision.hidden_size} -> "
+            f"{config.text.hidden_size}")
+    p = config.perceiver
+    at += "perceiver_resampler."
+    layers = []
+    for i in range(p.depth):
+        layer = f"{at}layers.{i}."
+        mlp = GatedMLP(source.linear(layer + "mlp.down_proj"), p.hidden_act,
+                       gate=source.linear(layer + "mlp.gate_proj"), up=source.linear(layer + "mlp.up_proj"))
+        layers.append(PerceiverLayer(
+            source.rms_norm(layer + "input_latents_norm", p.rms_norm_eps),
+            source.rms_norm(layer + "input_context_norm", p.rms_norm_eps),
+            *(source.linear(layer + "self_attn." + name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            source.rms_norm(layer + "post_attention_layernorm", p.rms_norm_eps), mlp, p))
+    latents = source.array(at + "latents")
+    if latents.shape != (p.n_latents, p.hidden_size):
+        raise CorruptModelFileError(f"{model_dir}: the perceiver latents have shape {latents.shape}, the config "
+                                    f"needs ({p.n_latents}, {p.hidden_size})")
+    connector = Idefics2Connector(projection, latents, layers, source.rms_norm(at + "norm", p.rms_norm_eps))
     return Idefics2ImageModel(vision, connector)
 
 
@@ -295,7 +295,7 @@ class Idefics2Vision:
 
     arch = "idefics2"
 
-    def __init__(self, model_dir: str, config: Idefics2Config, tokenizer, dtype=jnp.float32):
+    def __init__(self, model_dir: str, config: Idefics2Config, tokenizer, source: WeightSource, dtype=jnp.float32):
         self.config = config
         self.tokenizer = tokenizer
         self.image_token_id = config.image_token_id
@@ -308,7 +308,7 @@ class Idefics2Vision:
         self.processor = Idefics2ImageProcessor.from_model_dir(model_dir)
         self.crops_per_image = 5 if self.processor.do_image_splitting else 1
         self.tokens_per_image = config.perceiver.n_latents  # per crop
-        self.image_model = build_idefics2_image_model(model_dir, config, dtype)
+        self.image_model = build_idefics2_image_model(model_dir, config, source, dtype)
         v = config.vision
         self.encoder = ImageEncoder(self.image_model, (v.num_positions, v.num_channels * v.patch_size ** 2 + 2),
                                     buckets=CROP_BATCH_BUCKETS)

@@ -7,7 +7,7 @@ jitted per image-count bucket (`ImageEncoder`).
 
 Text side: the language model is the existing family builder's (models/registry.py) reading
 the nested `language_model.` tensors, served by the ordinary engine; placeholder positions
-take the projected features instead of token embeddings (engine/multimodal.py).
+take the projected features instead of token embeddings (inputs.py, engine/multimodal.py).
 
 The prompt carries one `<image>` placeholder per image, which `LlavaVision.prepare` expands
 to `tokens_per_image` copies, as transformers' LlavaProcessor does:
@@ -29,13 +29,14 @@ from flax import nnx
 
 from ...config import ModelConfig
 from ..model_config import config_from_hf, with_generation_eos
-from ...engine.multimodal import MultiModalInputs, image_cache_salt
 from ...errors import CorruptModelFileError, ImageError, ModelLoadError, NotSupportedError
 from ...json_files import read_json_object
 from ..layers import Linear
+from ..weights import WeightSource
 from .clip import CLIPVisionConfig, CLIPVisionTower, build_clip_vision_tower, feature_layer_indices, \
     vision_activation, vision_tower_prefix
 from .image_processing import ImageProcessorConfig, load_image, preprocess_image
+from .inputs import MultiModalInputs, image_cache_salt
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +159,15 @@ def _module_named(names, suffix: str, source: str) -> str:
     return found[0]
 
 
-def build_llava_image_model(model_dir: str, config: LlavaConfig, dtype=jnp.float32) -> LlavaImageModel:
-    from ...loading.safetensors import SafetensorsWeights
-
-    with SafetensorsWeights(model_dir, dtype) as source:  # no ISQ: the tower and projector stay dense
-        names = source.tensor_names
-        tower = build_clip_vision_tower(config.vision, source, vision_tower_prefix(names, model_dir),
-                                        config.feature_layers, config.keep_class_token, dtype=dtype)
-        projector = LlavaProjector(source.linear(_module_named(names, "multi_modal_projector.linear_1", model_dir)),
-                                   source.linear(_module_named(names, "multi_modal_projector.linear_2", model_dir)),
-                                   config.projector_act)
+def build_llava_image_model(model_dir: str, config: LlavaConfig, source: WeightSource,
+                            dtype=jnp.float32) -> LlavaImageModel:
+    """The tower and projector from `source`, the checkpoint's weights (dense: no ISQ here)."""
+    names = source.tensor_names
+    tower = build_clip_vision_tower(config.vision, source, vision_tower_prefix(names, model_dir),
+                                    config.feature_layers, config.keep_class_token, dtype=dtype)
+    projector = LlavaProjector(source.linear(_module_named(names, "multi_modal_projector.linear_1", model_dir)),
+                               source.linear(_module_named(names, "multi_modal_projector.linear_2", model_dir)),
+                               config.projector_act)
     expected_in = config.vision.hidden_size * len(config.feature_layers)
     if projector.linear_1.in_features != expected_in or projector.linear_2.out_features != config.text.hidden_size:
         raise CorruptModelFileError(
@@ -182,7 +182,8 @@ class LlavaVision:
 
     arch = "llava"
 
-    def __init__(self, model_dir: str, config: LlavaConfig, image_token: str, dtype=jnp.float32):
+    def __init__(self, model_dir: str, config: LlavaConfig, image_token: str, source: WeightSource,
+                 dtype=jnp.float32):
         self.config = config
         self.image_token_id = config.image_token_id
         self.image_token = image_token  # its text, for templates that take text only
@@ -191,7 +192,7 @@ class LlavaVision:
         if (height, width) != (config.vision.image_size,) * 2:
             raise ModelLoadError(f"{model_dir}: the image processor makes {height}x{width} images but the vision "
                                  f"tower takes {config.vision.image_size}x{config.vision.image_size}")
-        self.image_model = build_llava_image_model(model_dir, config, dtype)
+        self.image_model = build_llava_image_model(model_dir, config, source, dtype)
         self.tokens_per_image = self.image_model.vision_tower.num_tokens  # per tower input (LLaVA-NeXT: per tile)
         self.encoder = ImageEncoder(self.image_model, (config.vision.num_channels, height, width))
         log.info("%s vision: CLIP %d/%d layers at %dpx (patch %d), %d tokens per %s, image token %r", self.arch,

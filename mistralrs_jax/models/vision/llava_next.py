@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...errors import ModelLoadError, NotSupportedError
+from ..weights import WeightSource
 from .image_processing import load_image, preprocess_pixels, resize_pixels, rgb_pixels
 from .llava import LlavaConfig, LlavaVision
 
@@ -90,18 +91,16 @@ def pack_features(views: np.ndarray, height: int, width: int, resolutions, tile:
 class LlavaNextVision(LlavaVision):
     arch = "llava_next"
 
-    def __init__(self, model_dir: str, config: LlavaConfig, image_token: str, dtype=jnp.float32):
+    def __init__(self, model_dir: str, config: LlavaConfig, image_token: str, source: WeightSource,
+                 dtype=jnp.float32):
         if config.keep_class_token:
             raise NotSupportedError(f"{model_dir}: LLaVA-NeXT with vision_feature_select_strategy \"full\" is not "
                                     "supported (transformers' feature layout assumes \"default\")")
-        super().__init__(model_dir, config, image_token, dtype=dtype)
-        from ...loading.safetensors import SafetensorsWeights
-
-        with SafetensorsWeights(model_dir) as source:
-            names = [n for n in source.tensor_names if n == "image_newline" or n.endswith(".image_newline")]
-            if not names:
-                raise ModelLoadError(f"{model_dir}: a LLaVA-NeXT checkpoint needs an image_newline tensor")
-            self.image_newline = source.array(sorted(names)[0]).reshape(-1)
+        super().__init__(model_dir, config, image_token, source, dtype=dtype)
+        names = [n for n in source.tensor_names if n == "image_newline" or n.endswith(".image_newline")]
+        if not names:
+            raise ModelLoadError(f"{model_dir}: a LLaVA-NeXT checkpoint needs an image_newline tensor")
+        self.image_newline = source.array(sorted(names)[0]).reshape(-1)
         processor = self.processor
         self.tile = processor.crop_size["height"] if processor.do_center_crop else processor.size.get(
             "height", processor.size.get("shortest_edge"))
