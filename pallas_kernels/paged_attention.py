@@ -25,12 +25,34 @@ is present (see the Pallas issue) and this reference otherwise.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
 DECODE_CHUNK_TOKENS = 128  # keys gathered per loop iteration of the decode path
 PREFILL_KEY_CHUNK = 256  # keys per prefill-path iteration
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class AttentionMetadata:
+    """The kernel contract: per-step arrays describing the ragged batch, built by the runner on
+    the host and read by both attention paths here (and the Pallas kernel).
+
+    Decode tokens (one per sequence) come first in the token axis; see the module docstring
+    for how the two groups are attended.
+    """
+
+    positions: jax.Array  # [T] absolute position of each token
+    slot_mapping: jax.Array  # [T] flat KV-cache slot each token's K/V is written to
+    token_seq: jax.Array  # [T] sequence row of each token
+    block_tables: jax.Array  # [S, max_blocks]
+    num_decode_tokens: jax.Array  # scalar: tokens [0, n) are one-token decodes
+    num_decode_chunks: jax.Array  # scalar: loop bound of the decode path
+    chunk_seq: jax.Array  # [C] sequence row of each prefill key chunk
+    chunk_start: jax.Array  # [C] first key position of each prefill key chunk
+    num_prefill_chunks: jax.Array  # scalar: chunks in use
 
 
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
@@ -116,7 +138,7 @@ def paged_attention_reference(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks * block_size, kv_heads, head_dim]
     v_cache: jax.Array,
-    meta,  # AttentionMetadata (see mistralrs_jax/models/llama.py)
+    meta: AttentionMetadata,
     *,
     block_size: int,
     scale: float,

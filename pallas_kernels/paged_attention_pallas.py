@@ -199,7 +199,7 @@ def paged_attention_pallas(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks * block_size, kv_heads, head_dim]
     v_cache: jax.Array,
-    meta,  # AttentionMetadata (mistralrs_jax/models/llama.py)
+    meta,  # AttentionMetadata (paged_attention.py)
     *,
     block_size: int,
     scale: float,

@@ -252,7 +252,8 @@ class TestTritonLowering:
 def _tiny_llama(seed: int = 0):
     """A 2-layer llama with GQA 4, a sliding window and quantized projections (random weights)."""
     from mistralrs_jax.models.layers import Embedding, Linear, RMSNorm
-    from mistralrs_jax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+    from mistralrs_jax.models.llama import LlamaDecoderLayer
+    from mistralrs_jax.models.transformer import CausalLM
 
     config = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=1, head_dim=16, sliding_window=24, max_position_embeddings=256)
@@ -273,7 +274,7 @@ def _tiny_llama(seed: int = 0):
         weights["post_attention_layernorm"] = RMSNorm(1.0 + 0.1 * rng.standard_normal(64), 1e-5)
         layers.append(LlamaDecoderLayer(config, weights))
     embed = Embedding(rng.standard_normal((96, 64)).astype(np.float32))
-    model = LlamaForCausalLM(config, embed, layers, RMSNorm(np.ones(64, np.float32), 1e-5), lm_head=None)
+    model = CausalLM(config, embed, layers, RMSNorm(np.ones(64, np.float32), 1e-5), lm_head=None)
     return model, config
 
 

@@ -26,7 +26,7 @@ from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUN
 
 from ..config import ModelConfig
 from ..dry import add_dry_bias
-from ..models.llama import AttentionMetadata
+from pallas_kernels.paged_attention import AttentionMetadata
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
 from .multimodal import step_input_embeds
 from .sampler import (HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW, SamplerModes, SamplingArrays, build_sampling_arrays,

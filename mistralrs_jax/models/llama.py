@@ -4,14 +4,13 @@ Served here: Llama 2/3 (rope scaling), Mistral (sliding window), Mixtral (sparse
 mixtral.py), Qwen2/2.5 (QKV biases: any projection with a bias tensor gets one), Phi-3/3.5
 (fused qkv_proj and gate_up_proj, LongRoPE) and Starcoder2 (LayerNorm and a plain GELU MLP,
 built in starcoder2.py from this layer). Weights follow the Hugging Face layout; GGUF files
-reach the same builder through loading/gguf_weights.py.
+reach the same builder through loading/gguf_weights.py. Every family returns the shared
+transformer.CausalLM shell (embed -> layers -> norm -> logits) around its own layers.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -20,26 +19,6 @@ from .layers import GatedMLP, RotaryEmbedding
 from .transformer import Attention, CausalLM
 
 log = logging.getLogger(__name__)
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class AttentionMetadata:
-    """Per-step arrays describing the ragged batch (built by the runner on the host).
-
-    Decode tokens (one per sequence) come first in the token axis; see
-    pallas_kernels/paged_attention.py for how the two groups are attended.
-    """
-
-    positions: jax.Array  # [T] absolute position of each token
-    slot_mapping: jax.Array  # [T] flat KV-cache slot each token's K/V is written to
-    token_seq: jax.Array  # [T] sequence row of each token
-    block_tables: jax.Array  # [S, max_blocks]
-    num_decode_tokens: jax.Array  # scalar: tokens [0, n) are one-token decodes
-    num_decode_chunks: jax.Array  # scalar: loop bound of the decode path
-    chunk_seq: jax.Array  # [C] sequence row of each prefill key chunk
-    chunk_start: jax.Array  # [C] first key position of each prefill key chunk
-    num_prefill_chunks: jax.Array  # scalar: chunks in use
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -70,10 +49,6 @@ class LlamaDecoderLayer(nnx.Module):
         return x, kv
 
 
-class LlamaForCausalLM(CausalLM):
-    """The shared embed -> layers -> norm -> logits shell (transformer.CausalLM) under its llama name."""
-
-
 def attention_weights(source, prefix: str) -> dict:
     """q/k/v/o projections of one layer, fused (Phi-3) or not; biases come with them when present."""
     if source.has_module(prefix + "self_attn.qkv_proj"):
@@ -84,7 +59,7 @@ def attention_weights(source, prefix: str) -> dict:
     return weights
 
 
-def build(config: ModelConfig, source, progress=None, dtype=None) -> LlamaForCausalLM:
+def build(config: ModelConfig, source, progress=None, dtype=None) -> CausalLM:
     """Llama, Mistral, Mixtral, Qwen2 and Phi-3 from a WeightSource (models/weights.py)."""
     from .mixtral import build_moe
 
@@ -107,5 +82,5 @@ def build(config: ModelConfig, source, progress=None, dtype=None) -> LlamaForCau
             progress(1)
     rope = RotaryEmbedding.from_config(config.rotary_dim, config.rope_theta, config.rope_scaling,
                                        config.max_position_embeddings, source.rope_freq_factors())
-    return LlamaForCausalLM(config, source.embedding("model.embed_tokens"), layers,
+    return CausalLM(config, source.embedding("model.embed_tokens"), layers,
                             source.rms_norm("model.norm", config.rms_norm_eps), source.lm_head(config), rope=rope)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from .layers import PlainMLP, RotaryEmbedding
-from .llama import LlamaDecoderLayer, LlamaForCausalLM, attention_weights
+from .llama import LlamaDecoderLayer, attention_weights
+from .transformer import CausalLM
 
 
-def build(config: ModelConfig, source, progress=None, dtype=None) -> LlamaForCausalLM:
+def build(config: ModelConfig, source, progress=None, dtype=None) -> CausalLM:
     eps = config.rms_norm_eps
     layers = []
     for i in range(config.num_layers):
@@ -23,5 +24,5 @@ def build(config: ModelConfig, source, progress=None, dtype=None) -> LlamaForCau
             progress(1)
     rope = RotaryEmbedding.from_config(config.rotary_dim, config.rope_theta, config.rope_scaling,
                                        config.max_position_embeddings, source.rope_freq_factors())
-    return LlamaForCausalLM(config, source.embedding("model.embed_tokens"), layers,
+    return CausalLM(config, source.embedding("model.embed_tokens"), layers,
                             source.layer_norm("model.norm", eps), source.lm_head(config), rope=rope)
