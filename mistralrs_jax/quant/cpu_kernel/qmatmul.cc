@@ -169,6 +169,55 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
   reduce_rows<R>(acc, out);
 }
 
+// T = 1 on 32-element block formats: two blocks are decoded straight into one 512-bit
+// register and dotted, with no unpacked copy of the row in memory.
+#define MJ_FUSED_GEMV 1
+template <class F, int R, bool Full>
+static inline void gemv32_step(const uint8_t* const* rows, int64_t e, __m512i av, __m128 dav, __m128 qav,
+                               __m512* acc, __m128* corr) {
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* b = rows[r] + e / 32 * F::bytes;
+    __m128 sv, cv;
+    __m256i hi = _mm256_setzero_si256();
+    if (Full) {
+      MjBlock32<F>::sc2(b, &sv, &cv);
+      hi = MjBlock32<F>::codes(b + F::bytes);
+    } else {
+      float s0, c0;
+      MjBlock32<F>::sc(b, &s0, &c0);
+      sv = _mm_set_ss(s0), cv = _mm_set_ss(c0);
+    }
+    const __m512i uv = _mm512_inserti64x4(_mm512_castsi256_si512(MjBlock32<F>::codes(b)), hi, 1);
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                             _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sv, dav))), acc[r]);
+    corr[r] = _mm_fmadd_ps(cv, qav, corr[r]);
+  }
+}
+
+template <class F, int R>
+static inline void gemv32(const uint8_t* const* rows, int64_t K, const int8_t* a, const float* da, const float* qa,
+                          float* out) {
+  __m512 acc[R];
+  __m128 corr[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), corr[r] = _mm_setzero_ps();
+  int64_t e = 0;
+  for (; e + 64 <= K; e += 64) {
+    const __m512i av = _mm512_loadu_si512(a + e);
+    const __m128 dav = _mm_castpd_ps(_mm_load_sd((const double*)(da + e / 32)));
+    const __m128 qav = _mm_castpd_ps(_mm_load_sd((const double*)(qa + e / 32)));
+    gemv32_step<F, R, true>(rows, e, av, dav, qav, acc, corr);
+  }
+  if (e < K) {  // one block left
+    const __m512i av = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(a + e)));
+    const __m512i av0 = _mm512_inserti64x4(av, _mm256_setzero_si256(), 1);
+    gemv32_step<F, R, false>(rows, e, av0, _mm_load_ss(da + e / 32), _mm_load_ss(qa + e / 32), acc, corr);
+  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_castps128_ps512(corr[r]));
+  reduce_rows<R>(acc, out);
+}
+
 #else  // AVX2
 #if defined(__AVXVNNI__)
 #define MJ_ISA "avx2+avxvnni"
@@ -226,7 +275,10 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
   }
 }
 #define MJ_INTERLEAVE 0
+#define MJ_FUSED_GEMV 0
 constexpr int kLanes = 16;
+template <class F, int R>
+static inline void gemv32(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*) {}
 #endif
 
 // The first `kfull` bytes of a row (whole runs of kLanes groups) into the interleaved layout.
@@ -272,8 +324,24 @@ static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t
   // writing y[t][r..r+3] directly for every t thrashes L1 when N * 4 bytes is a multiple of 4 KiB.
   thread_local std::vector<float> ybuf;
   ybuf.resize(T * kSub);
+  constexpr bool fused = MJ_FUSED_GEMV && MjBlock32<F>::ok;
   for (int64_t r = r0; r < r1; r += kRows) {
     const int64_t R = std::min<int64_t>(kRows, r1 - r), sub0 = r0 + (r - r0) / kSub * kSub;
+    if constexpr (fused) {
+      if (T == 1) {
+      const uint8_t* rows[kRows];
+      for (int64_t i = 0; i < kRows; ++i) rows[i] = job.w + (r + std::min<int64_t>(i, R - 1)) * job.row_bytes;
+      float out[kRows] = {};
+      if (R == kRows) {
+        gemv32<F, kRows>(rows, K, A.a.data(), A.da.data(), A.qa.data(), out);
+      } else {
+        for (int64_t i = 0; i < R; ++i) gemv32<F, 1>(rows + i, K, A.a.data(), A.da.data(), A.qa.data(), out + i);
+      }
+      std::memcpy(ybuf.data() + (r - sub0), out, R * sizeof(float));
+      if (r + R == r1 || r + R - sub0 == kSub) std::memcpy(job.y + sub0, ybuf.data(), (r + R - sub0) * sizeof(float));
+      continue;
+      }
+    }
     for (int64_t i = 0; i < R; ++i) {
       const uint8_t* row = job.w + (r + i) * job.row_bytes;
       for (int64_t b = 0; b < nb; ++b)

@@ -46,17 +46,12 @@ static inline float mj_f16(const uint8_t* p) {
 }
 #endif
 
-// IQ4 codebook (ggml's kvalues_iq4nl): -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113.
 
 // Low nibbles of 16 bytes then their high nibbles: 32 codes, ggml's order for 32-blocks.
 static inline __m256i mj_nibbles32v(const uint8_t* qs) {
   const __m128i q = _mm_loadu_si128((const __m128i*)qs);
   const __m128i m = _mm_set1_epi8(0x0f);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
-}
-
-static inline void mj_nibbles32(const uint8_t* qs, uint8_t* u) {
-  _mm256_storeu_si256((__m256i*)u, mj_nibbles32v(qs));
 }
 
 // 32 bits -> 32 bytes holding 0x10 where the bit is set (Q5's fifth bit).
@@ -70,60 +65,84 @@ static inline __m256i mj_bits32v(const uint8_t* qh4) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
 }
 
-static inline void mj_fifth_bit(const uint8_t* qh4, uint8_t* u) {
-  const __m256i v = _mm256_loadu_si256((const __m256i*)u);
-  _mm256_storeu_si256((__m256i*)u, _mm256_or_si256(v, mj_bits32v(qh4)));
-}
+// ---- 32-element blocks: 32 codes in one register, and the block's scale and offset ----
+// mj_codes_X(b) -> the 32 u8 codes; mj_sc_X(b, &s, &c). The fused GEMV (qmatmul.cc) reads
+// blocks through these without a trip through memory; mj_unpack_X stores them.
 
-// IQ4 codebook lookup of 32 nibbles, shifted to unsigned (+128).
-static inline void mj_iq4_32(const uint8_t* qs, uint8_t* u) {
+static inline __m256i mj_codes_q4_0(const uint8_t* b) { return mj_nibbles32v(b + 2); }
+static inline __m256i mj_codes_q4_1(const uint8_t* b) { return mj_nibbles32v(b + 4); }
+static inline __m256i mj_codes_q5_0(const uint8_t* b) { return _mm256_or_si256(mj_nibbles32v(b + 6), mj_bits32v(b + 2)); }
+static inline __m256i mj_codes_q5_1(const uint8_t* b) { return _mm256_or_si256(mj_nibbles32v(b + 8), mj_bits32v(b + 4)); }
+static inline __m256i mj_codes_q8_0(const uint8_t* b) {  // int8 q -> q + 128
+  return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(b + 2)), _mm256_set1_epi8((char)0x80));
+}
+// IQ4 codebook (ggml's kvalues_iq4nl: -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113)
+// + 128, looked up for the 32 nibbles of 16 bytes.
+static inline __m256i mj_iq4_codes(const uint8_t* qs) {
   const __m128i tab = _mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
                                     (char)166, (char)181, (char)197, (char)217, (char)241);
-  const __m256i t2 = _mm256_set_m128i(tab, tab);
-  _mm256_storeu_si256((__m256i*)u, _mm256_shuffle_epi8(t2, mj_nibbles32v(qs)));
+  return _mm256_shuffle_epi8(_mm256_set_m128i(tab, tab), mj_nibbles32v(qs));
 }
+static inline __m256i mj_codes_iq4_nl(const uint8_t* b) { return mj_iq4_codes(b + 2); }
 
-static inline void mj_unpack_q4_0(const uint8_t* b, uint8_t* u, float* s, float* c) {
-  const float d = mj_f16(b);
-  mj_nibbles32(b + 2, u);
-  s[0] = d;
-  c[0] = -8.0f * d;
+// Symmetric blocks: s = d, c = -zero_point * d. Affine ones: s = d, c = m.
+#define MJ_SC_SYM(name, zero)                                              \
+  static inline void mj_sc_##name(const uint8_t* b, float* s, float* c) { \
+    const float d = mj_f16(b);                                             \
+    *s = d;                                                                \
+    *c = -(zero) * d;                                                      \
+  }
+#define MJ_SC_AFFINE(name)                                                 \
+  static inline void mj_sc_##name(const uint8_t* b, float* s, float* c) { \
+    *s = mj_f16(b);                                                        \
+    *c = mj_f16(b + 2);                                                    \
+  }
+// Two consecutive blocks at once: s = [s0, s1, 0, 0], c = [c0, c1, 0, 0].
+static inline __m128 mj_f16x2(const uint8_t* p0, const uint8_t* p1) {
+  uint16_t h0, h1;
+  std::memcpy(&h0, p0, 2);
+  std::memcpy(&h1, p1, 2);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128((int)h0 | ((int)h1 << 16)));
 }
+#define MJ_SC2_SYM(name, zero)                                                                       \
+  static inline void mj_sc2_##name(const uint8_t* b, int bytes, __m128* s, __m128* c) {             \
+    *s = mj_f16x2(b, b + bytes);                                                                     \
+    *c = _mm_mul_ps(*s, _mm_set1_ps(-(zero)));                                                       \
+  }
+#define MJ_SC2_AFFINE(name)                                                                          \
+  static inline void mj_sc2_##name(const uint8_t* b, int bytes, __m128* s, __m128* c) {             \
+    uint32_t p0, p1; /* (d, m) of each block */                                                      \
+    std::memcpy(&p0, b, 4);                                                                          \
+    std::memcpy(&p1, b + bytes, 4);                                                                  \
+    const __m128 v = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)p1, (int)p0)); /* d0 m0 d1 m1 */          \
+    *s = _mm_shuffle_ps(v, _mm_setzero_ps(), _MM_SHUFFLE(0, 0, 2, 0));                               \
+    *c = _mm_shuffle_ps(v, _mm_setzero_ps(), _MM_SHUFFLE(0, 0, 3, 1));                               \
+  }
+MJ_SC2_SYM(q4_0, 8.0f)
+MJ_SC2_AFFINE(q4_1)
+MJ_SC2_SYM(q5_0, 16.0f)
+MJ_SC2_AFFINE(q5_1)
+MJ_SC2_SYM(q8_0, 128.0f)
+MJ_SC2_SYM(iq4_nl, 128.0f)
 
-static inline void mj_unpack_q4_1(const uint8_t* b, uint8_t* u, float* s, float* c) {
-  s[0] = mj_f16(b);
-  c[0] = mj_f16(b + 2);
-  mj_nibbles32(b + 4, u);
-}
+MJ_SC_SYM(q4_0, 8.0f)
+MJ_SC_AFFINE(q4_1)
+MJ_SC_SYM(q5_0, 16.0f)
+MJ_SC_AFFINE(q5_1)
+MJ_SC_SYM(q8_0, 128.0f)
+MJ_SC_SYM(iq4_nl, 128.0f)
 
-static inline void mj_unpack_q5_0(const uint8_t* b, uint8_t* u, float* s, float* c) {
-  const float d = mj_f16(b);
-  mj_nibbles32(b + 6, u);
-  mj_fifth_bit(b + 2, u);
-  s[0] = d;
-  c[0] = -16.0f * d;
-}
-
-static inline void mj_unpack_q5_1(const uint8_t* b, uint8_t* u, float* s, float* c) {
-  s[0] = mj_f16(b);
-  c[0] = mj_f16(b + 2);
-  mj_nibbles32(b + 8, u);
-  mj_fifth_bit(b + 4, u);
-}
-
-static inline void mj_unpack_q8_0(const uint8_t* b, uint8_t* u, float* s, float* c) {
-  const float d = mj_f16(b);
-  for (int j = 0; j < 32; ++j) u[j] = (uint8_t)(b[2 + j] ^ 0x80u);  // int8 q -> q + 128
-  s[0] = d;
-  c[0] = -128.0f * d;
-}
-
-static inline void mj_unpack_iq4_nl(const uint8_t* b, uint8_t* u, float* s, float* c) {
-  const float d = mj_f16(b);
-  mj_iq4_32(b + 2, u);
-  s[0] = d;
-  c[0] = -128.0f * d;
-}
+#define MJ_UNPACK32(name)                                                                         \
+  static inline void mj_unpack_##name(const uint8_t* b, uint8_t* u, float* s, float* c) {         \
+    _mm256_storeu_si256((__m256i*)u, mj_codes_##name(b));                                         \
+    mj_sc_##name(b, s, c);                                                                        \
+  }
+MJ_UNPACK32(q4_0)
+MJ_UNPACK32(q4_1)
+MJ_UNPACK32(q5_0)
+MJ_UNPACK32(q5_1)
+MJ_UNPACK32(q8_0)
+MJ_UNPACK32(iq4_nl)
 
 // ---- K-quants: 256-element super-blocks ----
 
@@ -257,7 +276,7 @@ static inline void mj_unpack_iq4_xs(const uint8_t* b, uint8_t* u, float* s, floa
     const int ls = ((scales_l[g / 2] >> (4 * (g % 2))) & 0x0f) | (((scales_h >> (2 * g)) & 3) << 4);
     s[g] = d * (float)(ls - 32);
     c[g] = -128.0f * s[g];
-    mj_iq4_32(qs + 16 * g, u + 32 * g);
+    _mm256_storeu_si256((__m256i*)(u + 32 * g), mj_iq4_codes(qs + 16 * g));
   }
 }
 
@@ -293,6 +312,29 @@ struct MjFormat {
   };
 MJ_FORMATS(MJ_TRAITS)
 #undef MJ_TRAITS
+
+// The 32-element block formats also read block by block, for the fused GEMV.
+template <class F>
+struct MjBlock32 {
+  static constexpr bool ok = false;
+};
+#define MJ_BLOCK32(name)                                                                   \
+  template <>                                                                              \
+  struct MjBlock32<Fmt_##name> {                                                           \
+    static constexpr bool ok = true;                                                       \
+    static inline __m256i codes(const uint8_t* b) { return mj_codes_##name(b); }           \
+    static inline void sc(const uint8_t* b, float* s, float* c) { mj_sc_##name(b, s, c); } \
+    static inline void sc2(const uint8_t* b, __m128* s, __m128* c) {                       \
+      mj_sc2_##name(b, Fmt_##name::bytes, s, c);                                           \
+    }                                                                                      \
+  };
+MJ_BLOCK32(q4_0)
+MJ_BLOCK32(q4_1)
+MJ_BLOCK32(q5_0)
+MJ_BLOCK32(q5_1)
+MJ_BLOCK32(q8_0)
+MJ_BLOCK32(iq4_nl)
+#undef MJ_BLOCK32
 
 static const MjFormat* mj_format(int64_t type) {
 #define MJ_ROW(name, id, blk, nbytes, grp) {id, blk, nbytes, grp},
