@@ -55,7 +55,8 @@ def _add_model_selection(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip("`").strip(),
+    parser = argparse.ArgumentParser(prog=PROG, description="today's mistral.rs command line (serve, run, bench) "
+                                                             "on mistralrs-jax",
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_shared_options(parser, top=True)
