@@ -65,6 +65,26 @@ static inline __m256i mj_bits32v(const uint8_t* qh4) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
 }
 
+// 32 bytes, each shifted right by `k` bits (0..7) and masked: no bits cross between bytes.
+static inline __m256i mj_srl8(__m256i v, int k, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(k)), _mm256_set1_epi8((char)mask));
+}
+static inline __m256i mj_load32(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void mj_store32(uint8_t* p, __m256i v) { _mm256_storeu_si256((__m256i*)p, v); }
+
+// s[g] = scale * bytes[g] and, unless c is null, c[g] = offset_ratio * s[g] for 16 groups
+// (bytes read as u8 or i8).
+template <bool Signed>
+static inline void mj_group_scales16(__m128i bytes, float scale, float offset_ratio, float* s, float* c) {
+  for (int g = 0; g < 16; g += 8) {
+    const __m128i b8 = g ? _mm_srli_si128(bytes, 8) : bytes;
+    const __m256i i32 = Signed ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
+    const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(i32));
+    _mm256_storeu_ps(s + g, sv);
+    if (c) _mm256_storeu_ps(c + g, _mm256_mul_ps(sv, _mm256_set1_ps(offset_ratio)));
+  }
+}
+
 // ---- 32-element blocks: 32 codes in one register, and the block's scale and offset ----
 // mj_codes_X(b) -> the 32 u8 codes; mj_sc_X(b, &s, &c). The fused GEMV (qmatmul.cc) reads
 // blocks through these without a trip through memory; mj_unpack_X stores them.
@@ -146,24 +166,22 @@ MJ_UNPACK32(iq4_nl)
 
 // ---- K-quants: 256-element super-blocks ----
 
-// Q4_K / Q5_K: eight 6-bit (scale, min) pairs packed in 12 bytes (ggml's get_scale_min_k4).
-static inline void mj_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
+// Q4_K / Q5_K: eight 6-bit (scale, min) pairs packed in 12 bytes (ggml's get_scale_min_k4),
+// unpacked for all eight groups at once with 32-bit masks, then s = d * scale, c = -dmin * min.
 static inline void mj_scales_k4(float d, float dmin, const uint8_t* scales, float* s, float* c) {
-  for (int g = 0; g < 8; ++g) {
-    uint8_t sc, m;
-    mj_scale_min_k4(g, scales, &sc, &m);
-    s[g] = d * sc;
-    c[g] = -dmin * m;
-  }
+  uint32_t w[4];
+  std::memcpy(w, scales, 12);
+  const uint32_t m6 = 0x3f3f3f3fu, m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
+  w[3] = ((w[2] >> 4) & m4) | (((w[1] >> 6) & m2) << 4);  // mins 4-7
+  const uint32_t mins03 = w[1] & m6;
+  w[1] = (w[2] & m4) | (((w[0] >> 6) & m2) << 4);  // scales 4-7
+  w[2] = mins03;
+  w[0] &= m6;  // scales 0-3
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)w);
+  const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+  _mm256_storeu_ps(s, _mm256_mul_ps(sc, _mm256_set1_ps(d)));
+  _mm256_storeu_ps(c, _mm256_mul_ps(mn, _mm256_set1_ps(-dmin)));
 }
 
 static inline void mj_unpack_q4_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
@@ -184,12 +202,13 @@ static inline void mj_unpack_q5_k(const uint8_t* b, uint8_t* u, float* s, float*
   const uint8_t* scales = b + 4;
   const uint8_t* qh = b + 16;
   const uint8_t* qs = b + 48;
+  const __m256i h = mj_load32(qh);
   for (int p = 0; p < 4; ++p) {
-    const int lo = 2 * p, hi = 2 * p + 1;
-    for (int l = 0; l < 32; ++l) {
-      u[64 * p + l] = (uint8_t)((qs[32 * p + l] & 0x0f) | (((qh[l] >> lo) & 1) << 4));
-      u[64 * p + 32 + l] = (uint8_t)((qs[32 * p + l] >> 4) | (((qh[l] >> hi) & 1) << 4));
-    }
+    const __m256i q = mj_load32(qs + 32 * p);
+    // bit 2p (then 2p + 1) of qh[l] becomes bit 4 of the code
+    const __m256i b_lo = _mm256_slli_epi16(mj_srl8(h, 2 * p, 1), 4), b_hi = _mm256_slli_epi16(mj_srl8(h, 2 * p + 1, 1), 4);
+    mj_store32(u + 64 * p, _mm256_or_si256(_mm256_and_si256(q, _mm256_set1_epi8(0x0f)), b_lo));
+    mj_store32(u + 64 * p + 32, _mm256_or_si256(mj_srl8(q, 4, 0x0f), b_hi));
   }
   mj_scales_k4(d, dmin, scales, s, c);
 }
@@ -204,17 +223,17 @@ static inline void mj_unpack_q6_k(const uint8_t* b, uint8_t* u, float* s, float*
     const uint8_t* l8 = ql + 64 * h;
     const uint8_t* h8 = qh + 32 * h;
     uint8_t* o = u + 128 * h;
-    for (int l = 0; l < 32; ++l) {
-      o[l] = (uint8_t)((l8[l] & 0x0f) | ((h8[l] & 3) << 4));
-      o[l + 32] = (uint8_t)((l8[l + 32] & 0x0f) | (((h8[l] >> 2) & 3) << 4));
-      o[l + 64] = (uint8_t)((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4));
-      o[l + 96] = (uint8_t)((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4));
-    }
+    const __m256i q1 = mj_load32(l8), q2 = mj_load32(l8 + 32), hh = mj_load32(h8);
+    const __m256i lo = _mm256_set1_epi8(0x0f);
+    // two bits of qh per code, shifted to bits 4-5: (h & 3) << 4, (h >> 2 & 3) << 4, ...
+    const __m256i h0 = _mm256_slli_epi16(mj_srl8(hh, 0, 3), 4), h1 = _mm256_slli_epi16(mj_srl8(hh, 2, 3), 4);
+    const __m256i h2 = _mm256_slli_epi16(mj_srl8(hh, 4, 3), 4), h3 = _mm256_slli_epi16(mj_srl8(hh, 6, 3), 4);
+    mj_store32(o, _mm256_or_si256(_mm256_and_si256(q1, lo), h0));
+    mj_store32(o + 32, _mm256_or_si256(_mm256_and_si256(q2, lo), h1));
+    mj_store32(o + 64, _mm256_or_si256(mj_srl8(q1, 4, 0x0f), h2));
+    mj_store32(o + 96, _mm256_or_si256(mj_srl8(q2, 4, 0x0f), h3));
   }
-  for (int g = 0; g < 16; ++g) {
-    s[g] = d * sc[g];
-    c[g] = -32.0f * s[g];
-  }
+  mj_group_scales16<true>(_mm_loadu_si128((const __m128i*)sc), d, -32.0f, s, c);
 }
 
 // Q2_K: groups of 16, 4-bit scale and 4-bit min per group, 2-bit codes.
@@ -225,15 +244,13 @@ static inline void mj_unpack_q2_k(const uint8_t* b, uint8_t* u, float* s, float*
   for (int h = 0; h < 2; ++h) {
     const uint8_t* q = qs + 32 * h;
     uint8_t* o = u + 128 * h;
-    for (int j = 0; j < 4; ++j) {
-      const int shift = 2 * j;
-      for (int l = 0; l < 32; ++l) o[32 * j + l] = (q[l] >> shift) & 3;
-    }
+    const __m256i qv = mj_load32(q);
+    for (int j = 0; j < 4; ++j) mj_store32(o + 32 * j, mj_srl8(qv, 2 * j, 3));
   }
-  for (int g = 0; g < 16; ++g) {
-    s[g] = d * (scales[g] & 0x0f);
-    c[g] = -dmin * (scales[g] >> 4);
-  }
+  // low nibble: the group's scale (times d); high nibble: its min (times dmin)
+  const __m128i sb = _mm_loadu_si128((const __m128i*)scales), m4 = _mm_set1_epi8(0x0f);
+  mj_group_scales16<false>(_mm_and_si128(sb, m4), d, 0.0f, s, nullptr);
+  mj_group_scales16<false>(_mm_and_si128(_mm_srli_epi16(sb, 4), m4), -dmin, 0.0f, c, nullptr);
 }
 
 // Q3_K: groups of 16, 6-bit signed scales (stored + 32), codes 0..7 = 2 low bits + high bit.
@@ -248,21 +265,16 @@ static inline void mj_unpack_q3_k(const uint8_t* b, uint8_t* u, float* s, float*
   aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
   aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
   aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
-  int8_t sc[16];
-  std::memcpy(sc, aux, 16);
+
   for (int h = 0; h < 2; ++h) {
     const uint8_t* q = qs + 32 * h;
     uint8_t* o = u + 128 * h;
-    for (int j = 0; j < 4; ++j) {
-      const int shift = 2 * j, bit = 4 * h + j;
-      for (int l = 0; l < 32; ++l)
-        o[32 * j + l] = (uint8_t)(((q[l] >> shift) & 3) | (((hm[l] >> bit) & 1) << 2));
-    }
+    const __m256i qv = mj_load32(q), hv = mj_load32(hm);
+    for (int j = 0; j < 4; ++j)
+      mj_store32(o + 32 * j, _mm256_or_si256(mj_srl8(qv, 2 * j, 3), _mm256_slli_epi16(mj_srl8(hv, 4 * h + j, 1), 2)));
   }
-  for (int g = 0; g < 16; ++g) {
-    s[g] = d * (float)(sc[g] - 32);
-    c[g] = -4.0f * s[g];
-  }
+  const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i*)aux), _mm_set1_epi8(32));  // 6-bit scales - 32
+  mj_group_scales16<true>(sc, d, -4.0f, s, c);
 }
 
 // IQ4_XS: eight 32-groups with 6-bit scales (stored + 32), non-linear 4-bit codebook.
