@@ -104,11 +104,11 @@ def _xlora_message(args: argparse.Namespace, command: str) -> str:
 
 
 def _lora_kwargs(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Model and adapters of `lora` / `lora-gguf` (adapters/sources.py reads the ordering file).
+    """Model and adapters of `lora` / `lora-gguf` (loading/adapters/sources.py reads the ordering file).
 
     `lora` without -m takes the base model from the ordering file's base_model_id, else from
     the first adapter's adapter_config.json, as mistral.rs does."""
-    from .adapters.sources import adapters_from_cli, base_model_of
+    from .loading.adapters.sources import adapters_from_cli, base_model_of
 
     specs, weights, ordering_base = adapters_from_cli(args.adapters_model_id, args.order)
     kwargs: dict[str, Any] = {"lora_adapters": specs, "lora_weights": weights}

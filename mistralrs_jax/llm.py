@@ -93,7 +93,7 @@ def _load_lora(adapters: list[str] | str | None, weights: list[float] | None, to
         if weights:
             raise NotSupportedError("lora_weights were given without lora_adapters")
         return None
-    from .adapters.lora import LoraMerger
+    from .loading.adapters.lora import LoraMerger
 
     return LoraMerger.load([adapters] if isinstance(adapters, str) else list(adapters), weights, token_source)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from family_fixtures import COMMON, UNK_ID, write_tokenizer
-from test_vision import _randomize, data_url, random_images
+from vision_fixtures import data_url, random_images, randomize
 
 FAKE_ID, IMAGE_ID, END_ID = 128, 129, 130  # added after the 128-piece family_fixtures vocabulary
 TEXT_VOCAB = 136
@@ -67,7 +67,7 @@ def build_idefics2_checkpoint(directory: Path, seed: int = 0) -> Path:
                               resampler_n_heads=4, resampler_head_dim=16, num_key_value_heads=2),
         text_config=transformers.MistralConfig(**dict(COMMON, vocab_size=TEXT_VOCAB, sliding_window=None)),
         image_token_id=IMAGE_ID))
-    _randomize(model, seed)
+    randomize(model, seed)
     with torch.no_grad():  # the latents start at 1 in transformers: draw them like the other weights
         model.model.connector.perceiver_resampler.latents.normal_(generator=torch.Generator().manual_seed(seed))
     model.save_pretrained(directory)

@@ -335,7 +335,7 @@ def lora_pair(module: str, rank: int = 4, fan_in: int = 64, fan_out: int = 64) -
 
 def test_module_the_model_lacks_is_refused(checkpoint, tmp_path):
     from mistralrs_jax import LLM
-    from mistralrs_jax.adapters import AdapterMismatchError
+    from mistralrs_jax.loading.adapters import AdapterMismatchError
 
     directory = write_adapter(tmp_path / "deep", lora_pair("model.layers.5.self_attn.q_proj"))
     with pytest.raises(AdapterMismatchError, match=r"targets model\.layers\.5\.self_attn\.q_proj, which this model "
@@ -345,7 +345,7 @@ def test_module_the_model_lacks_is_refused(checkpoint, tmp_path):
 
 def test_shape_mismatch_is_refused(checkpoint, tmp_path):
     from mistralrs_jax import LLM
-    from mistralrs_jax.adapters import AdapterMismatchError
+    from mistralrs_jax.loading.adapters import AdapterMismatchError
 
     directory = write_adapter(tmp_path / "narrow", lora_pair("model.layers.0.self_attn.q_proj", fan_in=32))
     with pytest.raises(AdapterMismatchError, match=r"narrow: model\.layers\.0\.self_attn\.q_proj has lora_B \[64, 4\] "
@@ -371,7 +371,7 @@ def test_unsupported_adapters_are_refused_before_loading(config, tensors, messag
 
 
 def test_dora_from_peft_is_refused(checkpoint, tmp_path):
-    from mistralrs_jax.adapters import load_adapter
+    from mistralrs_jax.loading.adapters import load_adapter
     from mistralrs_jax.errors import NotSupportedError
 
     directory = make_adapter(checkpoint, tmp_path / "dora", seed=6, r=4, lora_alpha=8, use_dora=True,
@@ -384,7 +384,7 @@ def test_pickled_adapter_reads_like_safetensors(checkpoint, adapter, tmp_path):
     """Older adapters ship adapter_model.bin (a torch pickle): the same factors and scales."""
     from peft import PeftModel
 
-    from mistralrs_jax.adapters import load_adapter
+    from mistralrs_jax.loading.adapters import load_adapter
 
     PeftModel.from_pretrained(load_reference(checkpoint), str(adapter)).save_pretrained(
         tmp_path / "pickled", safe_serialization=False)
@@ -402,7 +402,7 @@ def test_hub_adapter_folder_from_the_cache(adapter, tmp_path, monkeypatch):
     lays it out) and lands on the folder inside the snapshot."""
     import shutil
 
-    from mistralrs_jax.adapters import load_adapter
+    from mistralrs_jax.loading.adapters import load_adapter
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--org--loras"
@@ -416,7 +416,7 @@ def test_hub_adapter_folder_from_the_cache(adapter, tmp_path, monkeypatch):
 
 
 def test_missing_adapter_directory(tmp_path):
-    from mistralrs_jax.adapters import load_adapter
+    from mistralrs_jax.loading.adapters import load_adapter
     from mistralrs_jax.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="LoRA adapter not found"):

@@ -201,12 +201,12 @@ def resolve_model_files(
         return _local_gguf(local)
     if os.path.isdir(local):
         return _local_dir(local, gguf_file, kind)
-    if _looks_local(model):
+    if looks_local(model):
         raise ModelNotFoundError(f"model path not found: {model} (no such file or directory)")
     return _from_hub(model, gguf_file, token_source, revision, kind)
 
 
-def _looks_local(model: str) -> bool:
+def looks_local(model: str) -> bool:
     """A string that cannot be a Hub repo id, so it must have been meant as a path."""
     if model.startswith(("/", "./", "../", "~", ".\\")) or model in (".", ".."):
         return True
@@ -376,7 +376,7 @@ def resolve_tokenizer_source(tokenizer: str | None, token_source: str = "cache")
     if tokenizer is None:
         return None
     local = os.path.expanduser(tokenizer)
-    if os.path.exists(local) or _looks_local(tokenizer):
+    if os.path.exists(local) or looks_local(tokenizer):
         return local  # load_tokenizer names a missing path
     from huggingface_hub import snapshot_download
 

@@ -38,9 +38,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidRequestError, ModelLoadError, NotSupportedError
-from ..json_files import read_json_object
-from ..loading.gguf_weights import gguf_module_name
+from ...errors import InvalidRequestError, ModelLoadError, NotSupportedError
+from ...json_files import read_json_object
+from ..gguf_weights import gguf_module_name
 from .sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, resolve_adapter_dir
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _read_config(path: str, name: str) -> dict[str, Any]:
 
 def _read_tensors(path: str, name: str) -> dict[str, np.ndarray]:
     """Every tensor of the adapter as f32 numpy."""
-    from ..loading.safetensors import SafetensorsFile
+    from ..safetensors import SafetensorsFile
 
     file = os.path.join(path, SAFETENSORS_FILE)
     if os.path.isfile(file):

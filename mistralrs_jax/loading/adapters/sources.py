@@ -22,8 +22,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ..errors import InvalidRequestError, ModelNotFoundError
-from ..json_files import read_json_object
+from ...errors import InvalidRequestError, ModelNotFoundError
+from ...json_files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ def resolve_adapter_dir(spec: str, token_source: str = "cache") -> str:
     local = os.path.expanduser(spec)
     if os.path.isdir(local):
         return _check_adapter_dir(os.path.abspath(local), spec)
-    from ..loading.hub import _looks_local
+    from ..hub import looks_local
 
     parts = spec.strip("/").split("/")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
-    if len(parts) < 2 or _looks_local(repo_id) or os.path.isabs(local) or spec.startswith("."):
+    if len(parts) < 2 or looks_local(repo_id) or os.path.isabs(local) or spec.startswith("."):
         raise ModelNotFoundError(f"LoRA adapter not found: {spec} (no such directory, and not a Hugging Face "
                                  "repo id such as owner/name or owner/name/sub-folder)")
     return _check_adapter_dir(_download(repo_id, subfolder, token_source), spec)
@@ -71,7 +71,7 @@ def resolve_adapter_dir(spec: str, token_source: str = "cache") -> str:
 def _download(repo_id: str, subfolder: str, token_source: str) -> str:
     from huggingface_hub import snapshot_download
 
-    from ..loading.hub import fetch_from_hub
+    from ..hub import fetch_from_hub
 
     prefix = f"{subfolder}/" if subfolder else ""
 
