@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from .guidance import GuidedDecoding
 
 # DRY's default sequence breakers (llama.cpp's and mistral.rs'): a repeat never spans one of these.
 DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")
@@ -41,7 +38,7 @@ class SamplingParams:
     dry_allowed_length: int = 2
     dry_sequence_breakers: list[str] | None = None  # None: DEFAULT_DRY_SEQUENCE_BREAKERS
     # A grammar the output must match (mistralrs_jax/guidance.py), applied as a token mask.
-    guided_decoding: "GuidedDecoding | None" = None
+    guided_decoding: Any = None  # a guidance.GuidedDecoding (a plain value here: guidance sits above this module)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
