@@ -82,8 +82,8 @@ def decode_tokens_per_second(model, config, prompt: list[int], tg: int) -> float
         start = time.perf_counter()
         output = scheduler.schedule()
         result = runner.execute(output.scheduled)
-        sampled = {s.seq_id: int(tok) for (s, _), tok in zip(output.scheduled, result.token_ids)}
-        for s in scheduler.update_after_step(output, sampled):
+        sampled = {s.seq_id: result.tokens(row) for row, (s, _) in enumerate(output.scheduled)}
+        for s, _ in scheduler.update_after_step(output, sampled):
             if s.num_output_tokens >= tg and not s.is_finished:
                 scheduler.finish(s, "length")
         step_times.append(time.perf_counter() - start)

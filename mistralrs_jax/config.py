@@ -60,19 +60,28 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Sequences in flight at most (mistral.rs' --max-seqs default): the one default, for the
+# CLI and the Python API alike.
+DEFAULT_MAX_SEQS = 16
+# Draft tokens per speculative step (-g/--gamma); see engine/speculative.py for why so few.
+DEFAULT_SPECULATIVE_GAMMA = 4
+
+
 @dataclass
 class EngineConfig:
-    """Scheduler and KV-cache settings; names follow the mistralrs-server flags."""
+    """Scheduler, KV-cache and speculation settings; names follow the mistralrs-server flags.
+    `engine.factory.build_engine` turns them into an engine."""
 
-    max_seqs: int = 32
+    max_seqs: int = DEFAULT_MAX_SEQS
     max_num_batched_tokens: int | None = None  # None -> chosen per backend
-    pa_blk_size: int = 16
-    pa_ctxt_len: int | None = None  # max tokens per sequence; None -> model's context (capped)
+    max_model_len: int | None = None  # None -> the model's context, capped (and never past the KV pool)
+    pa_blk_size: int = 16  # tokens per KV block: 8, 16 or 32
+    pa_ctxt_len: int | None = None  # KV cache budget in tokens (per model under speculation)
     pa_gpu_mem: int | None = None  # MB for the KV cache
     pa_gpu_mem_usage: float | None = None  # fraction of device (or host) memory for the KV cache
-    prefix_cache_n: int = 16
-    no_paged_attn: bool = False
-    cpu_weights: str = "f32"  # "f32" | "quantized"
-    token_buckets: list[int] | None = None
-    seq_buckets: list[int] | None = None
-    warmup: bool = True
+    prefix_cache_n: int = 16  # released sequences whose blocks stay cached; 0 disables prefix caching
+    no_paged_attn: bool = False  # one contiguous slot per sequence instead of paged blocks
+    token_buckets: list[int] | None = None  # padded step sizes (tokens); None -> the runner's defaults
+    seq_buckets: list[int] | None = None  # padded step sizes (sequences)
+    speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA  # draft tokens per step, when a draft model is given
+    warmup: bool = True  # compile every step shape before serving

@@ -1,39 +1,32 @@
-"""`LLM`: the offline Python API (vLLM's shape) over the engine."""
+"""`LLM`: the offline Python API (vLLM's shape) over the engine.
+
+`LLM(...)` loads the model (`loading.model_loader.load_model`), builds the engine
+(`engine.factory.build_engine`), warms it up and starts its loop; the rest of this class
+turns prompts (text, token ids, chat messages, images) into requests.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
-import psutil
 
-from .config import EngineConfig, ModelConfig
-from .engine.block_manager import BlockManager
-from .engine.contiguous_cache import ContiguousBlockManager, contiguous_pool_layout
+from .config import DEFAULT_MAX_SEQS, DEFAULT_SPECULATIVE_GAMMA, EngineConfig
 from .engine.engine import Engine
-from .engine.runner import ModelRunner
-from .engine.scheduler import Scheduler
-from .engine.speculative import DEFAULT_GAMMA
+from .engine.factory import build_engine, check_engine_config
 from .errors import ImageError, InvalidRequestError, NotSupportedError
 from .loading.chat_template import ChatTemplate
-from .loading.ggml import open_model_file
-from .loading.hub import resolve_model_files, resolve_tokenizer_source
-from .loading.tokenizer import Tokenizer, load_tokenizer
-from .loading.gguf_weights import build_model_from_gguf
-from .models.model_config import config_from_gguf
-from .models.registry import check_gguf_architecture
+from .loading.model_loader import LoadedModel, ModelSpec, load_model
 from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_BYTES = 512 << 20  # host memory for the KV cache when no budget flag is given
-CPU_DEFAULT_MAX_BATCHED_TOKENS = 256
-GPU_DEFAULT_MAX_BATCHED_TOKENS = 2048
-DEFAULT_MAX_MODEL_LEN_CAP = 8192
+VISION_DRAFT_REFUSED = "speculative decoding (a draft model) is not supported for vision models yet"
 
 
 def _enable_compilation_cache() -> None:
@@ -49,55 +42,6 @@ def _enable_compilation_cache() -> None:
         log.debug("persistent compilation cache unavailable: %s", exc)
 
 
-def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, bytes_per_elem: int = 4) -> int:
-    """Blocks in the pool, from --pa-gpu-mem (MB), --pa-gpu-mem-usage (fraction) or --pa-ctxt-len (tokens)."""
-    import jax
-
-    per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * bytes_per_elem
-    per_block = per_token * engine.pa_blk_size
-    if engine.pa_gpu_mem is not None:
-        budget = engine.pa_gpu_mem * (1 << 20)
-    elif engine.pa_gpu_mem_usage is not None:
-        if not 0 < engine.pa_gpu_mem_usage <= 1:
-            raise NotSupportedError(f"--pa-gpu-mem-usage must be in (0, 1], got {engine.pa_gpu_mem_usage}")
-        device = jax.devices()[0]
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        total = (stats or {}).get("bytes_limit") or psutil.virtual_memory().total
-        budget = engine.pa_gpu_mem_usage * total
-    elif engine.pa_ctxt_len is not None:
-        budget = engine.pa_ctxt_len * per_token
-    elif jax.default_backend() == "cpu":
-        budget = min(CPU_DEFAULT_KV_BYTES, psutil.virtual_memory().available // 8)
-    else:
-        stats = jax.devices()[0].memory_stats() or {}
-        budget = 0.8 * max(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0), per_block * 64)
-    # +1: block 0 is the trash block padding tokens write into.
-    return max(2, int(budget // per_block)) + 1
-
-
-def _config_json_near(*sources: str | None) -> str | None:
-    """The first config.json beside one of `sources` (a directory, or a file in one)."""
-    for source in sources:
-        if not source:
-            continue
-        directory = source if os.path.isdir(source) else os.path.dirname(source)
-        path = os.path.join(directory, "config.json")
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _load_lora(adapters: list[str] | str | None, weights: list[float] | None, token_source: str):
-    """The LoraMerger of `LLM(lora_adapters=..., lora_weights=...)`, or None without adapters."""
-    if not adapters:
-        if weights:
-            raise NotSupportedError("lora_weights were given without lora_adapters")
-        return None
-    from .loading.adapters.lora import LoraMerger
-
-    return LoraMerger.load([adapters] if isinstance(adapters, str) else list(adapters), weights, token_source)
-
-
 class LLM:
     def __init__(
         self,
@@ -107,7 +51,7 @@ class LLM:
         token_source: str = "cache",
         revision: str | None = None,
         dtype: str = "auto",
-        max_seqs: int = 32,
+        max_seqs: int = DEFAULT_MAX_SEQS,
         max_num_batched_tokens: int | None = None,
         pa_blk_size: int = 16,
         pa_ctxt_len: int | None = None,
@@ -128,155 +72,103 @@ class LLM:
         draft_model: str | None = None,
         draft_gguf_file: str | None = None,
         draft_isq: str | int | None = None,
-        speculative_gamma: int = DEFAULT_GAMMA,
+        speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA,
         warmup: bool = True,
     ):
-        import jax
+        """Keywords as the mistralrs-server flags; `LLM.from_specs` takes the same as a
+        `ModelSpec` (target), an `EngineConfig` and an optional draft `ModelSpec`."""
+        if draft_model is None and (draft_gguf_file is not None or draft_isq is not None):
+            raise NotSupportedError("draft_gguf_file / draft_isq were given without draft_model")
+        engine_config = EngineConfig(
+            max_seqs=max_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            pa_blk_size=pa_blk_size, pa_ctxt_len=pa_ctxt_len, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
+            prefix_cache_n=prefix_cache_n, no_paged_attn=no_paged_attn, token_buckets=token_buckets,
+            seq_buckets=seq_buckets, speculative_gamma=speculative_gamma, warmup=warmup)
+        target = ModelSpec(model=model, gguf_file=gguf_file, tokenizer=tokenizer, token_source=token_source,
+                           revision=revision, dtype=dtype, cpu_weights=cpu_weights, chat_template=chat_template,
+                           gqa=gqa, isq=isq, isq_cache=isq_cache, lora_adapters=lora_adapters,
+                           lora_weights=lora_weights)
+        draft = None
+        if draft_model is not None:
+            draft = ModelSpec(model=draft_model, gguf_file=draft_gguf_file, token_source=token_source,
+                              revision=revision, dtype=dtype, cpu_weights=cpu_weights, isq=draft_isq)
+        self._start(target, engine_config, draft)
 
-        from .quant.isq import normalize_isq_type
+    @classmethod
+    def from_specs(cls, target: ModelSpec, engine_config: EngineConfig | None = None,
+                   draft: ModelSpec | None = None) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._start(target, engine_config or EngineConfig(), draft)
+        return llm
 
+    def _start(self, target: ModelSpec, engine_config: EngineConfig, draft: ModelSpec | None) -> None:
         _enable_compilation_cache()
-        # Normalized before anything loads, so a bad --isq fails at once.
-        self.isq_type: str | None = normalize_isq_type(isq) if isq is not None else None
-        self._isq_factory = None  # the ISQFactory every GGUF projection was built through (re_isq uses it)
+        check_engine_config(engine_config, speculative=draft is not None)  # before anything loads
+        self.engine_config = engine_config
         self._re_isq_lock = threading.Lock()
-        # LoRA adapters are read (and checked) before the base model, so a bad adapter fails at once.
-        self.lora = _load_lora(lora_adapters, lora_weights, token_source)
-        if pa_blk_size not in (8, 16, 32):
-            raise NotSupportedError(f"--pa-blk-size must be 8, 16 or 32, got {pa_blk_size}")
-        self.engine_config = EngineConfig(
-            max_seqs=max_seqs, max_num_batched_tokens=max_num_batched_tokens, pa_blk_size=pa_blk_size,
-            pa_ctxt_len=pa_ctxt_len, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
-            prefix_cache_n=prefix_cache_n, no_paged_attn=no_paged_attn, cpu_weights=cpu_weights,
-            token_buckets=token_buckets, seq_buckets=seq_buckets, warmup=warmup,
-        )
-        resolved = resolve_model_files(model, gguf_file=gguf_file, token_source=token_source, revision=revision,
-                                       kind="gguf" if gguf_file or model is None or str(model).endswith(".gguf") else "auto")
-        self.model_name = resolved.display_name
-        tokenizer = resolve_tokenizer_source(tokenizer, token_source)  # a repo id -> its downloaded files
-        self.vision = None  # the image side of a vision-language checkpoint (models/vision), else None
-        if resolved.kind == "plain":  # a Hugging Face directory: config.json + *.safetensors
-            from .loading.safetensors import build_model_from_hf, load_hf_config
-            from .models.vision import vision_text_config
-
-            self.model_path = resolved.model_dir
-            # A vision-language checkpoint is served as its language model plus `self.vision`.
-            vision_config = vision_text_config(self.model_path)
-            if vision_config is not None and draft_model is not None:  # refused before any weight loads
-                raise NotSupportedError("speculative decoding (a draft model) is not supported for vision models yet")
-            self.model_config = vision_config or load_hf_config(self.model_path)
-            self.tokenizer: Tokenizer = load_tokenizer(tokenizer or self.model_path)
-        else:
-            self.model_path = resolved.gguf_path
-            # A legacy GGML file lacks eps / RoPE base / context: a config.json beside the
-            # tokenizer or the file supplies them (llama.cpp's --model-metadata-dir).
-            gguf = open_model_file(self.model_path, gqa=gqa,
-                                   config_path=_config_json_near(tokenizer, self.model_path))
-            check_gguf_architecture(self.model_path, gguf.architecture)
-            self.model_config = config_from_gguf(gguf.metadata, self.model_path)
-            self.tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
-        self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer, override=chat_template)
-        log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", self.model_name, self.model_config.arch,
-                 self.model_config.num_layers, cpu_weights if resolved.kind == "gguf" else "dense", dtype)
-        if resolved.kind == "plain":
-            self.model = self._load_model(
-                lambda wrap: build_model_from_hf(self.model_path, self.model_config, dtype=dtype, wrap_linear=wrap),
-                isq_cache)
-            from .loading.safetensors import SafetensorsWeights
-            from .models.vision import load_vision
-
-            self.vision = load_vision(self.model_path, self.tokenizer, dtype, open_weights=SafetensorsWeights)
-        else:
-            self.model = self._load_model(
-                lambda wrap: build_model_from_gguf(gguf, self.model_config, cpu_weights=cpu_weights, dtype=dtype,
-                                                   wrap_linear=wrap),
-                isq_cache)
-
-        # Speculative decoding: a draft model proposes, this one verifies (engine/speculative.py).
-        self.draft = self._load_draft(draft_model, draft_gguf_file, draft_isq, speculative_gamma,
-                                      token_source=token_source, revision=revision, dtype=dtype, cpu_weights=cpu_weights)
-        self.speculative_gamma = speculative_gamma if self.draft is not None else None
-
-        ec = self.engine_config
-        num_blocks = kv_cache_num_blocks(self.model_config, ec)
-        if self.draft is not None:  # the draft's KV cache shares the budget (and the block tables)
-            from .engine.speculative import shared_pool_num_blocks
-
-            num_blocks = shared_pool_num_blocks(num_blocks, self.model_config, self.draft.config, pa_ctxt_len is not None)
-        default_cap = min(self.model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
-        if no_paged_attn:
-            # One contiguous slot of max_model_len tokens per sequence (engine/contiguous_cache.py).
-            # Without an explicit max_model_len the KV budget is split between the max_seqs slots.
-            slot_tokens = max_model_len or min(default_cap, (num_blocks - 1) // max_seqs * pa_blk_size)
-            if slot_tokens < 2:
-                raise NotSupportedError(
-                    f"--no-paged-attn splits the KV cache into {max_seqs} slots, leaving each under 2 tokens: "
-                    f"lower --max-seqs or give the KV cache more memory")
-            num_blocks, slot_blocks = contiguous_pool_layout(max_seqs, slot_tokens, pa_blk_size)
-            self.max_model_len = slot_tokens
-            self.block_manager = ContiguousBlockManager(max_seqs, slot_blocks, pa_blk_size)
-        else:
-            self.max_model_len = min(max_model_len or default_cap, (num_blocks - 1) * pa_blk_size)
-            self.block_manager = BlockManager(num_blocks, pa_blk_size, enable_prefix_caching=prefix_cache_n > 0,
-                                              prefix_cache_n=prefix_cache_n)
-        backend = jax.default_backend()
-        batched = max_num_batched_tokens or (CPU_DEFAULT_MAX_BATCHED_TOKENS if backend == "cpu"
-                                             else GPU_DEFAULT_MAX_BATCHED_TOKENS)
-        batched = max(batched, max_seqs)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
-                                   max_model_len=self.max_model_len)
-        self.runner = ModelRunner(self.model, self.model_config, num_blocks, pa_blk_size, self.max_model_len,
-                                  max_seqs, batched + self._lookahead_tokens(max_seqs), token_buckets=token_buckets,
-                                  seq_buckets=seq_buckets, input_embeds=self.vision is not None)
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB), max model len %d, buckets tokens=%s seqs=%s",
-                 num_blocks - 1, pa_blk_size, self.runner.kv_cache_bytes / 2**20, self.max_model_len,
-                 self.runner.token_buckets, self.runner.seq_buckets)
-        eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
-        if self.draft is None:
-            self.engine = Engine(self.runner, self.scheduler, self.tokenizer, eos, self.model_config.vocab_size)
-        else:
-            self.engine = self._speculative_engine(eos)
-        if warmup:
+        if draft is not None:
+            target.refuse_vision = VISION_DRAFT_REFUSED
+            draft.refuse_vision = VISION_DRAFT_REFUSED
+        self.loaded: LoadedModel = load_model(target)
+        self.draft: LoadedModel | None = load_model(draft) if draft is not None else None
+        self.isq_type: str | None = self.loaded.isq_type
+        self.engine: Engine = build_engine(engine_config, self.loaded, self.draft)
+        self.speculative_gamma = engine_config.speculative_gamma if self.draft is not None else None
+        if engine_config.warmup:
             self._warmup()
-        self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
+        self.engine.metrics.compiles_at_start = self.engine.stats()["compiles"]
         self.engine.start()
 
-    def _load_model(self, build, isq_cache: str | None):
-        """`build(wrap_linear)` the model with every projection going through an ISQFactory
-        (even without ISQ, so `re_isq` can re-quantize later), reading and filling the ISQ
-        cache. GGUF files and safetensors directories alike. LoRA adapters (`self.lora`) are
-        merged outside ISQ, so ISQ and re-ISQ quantize the merged weights."""
-        from .quant.isq import wrap_factory
-        from .quant.isq_cache import isq_cache_key, load_isq_cache, save_isq_cache
+    # -- what was loaded -----------------------------------------------------------------
 
-        key = cached = None
-        if isq_cache is not None and self.isq_type is not None:
-            key = isq_cache_key(self.model_path, self.isq_type,
-                                **({"lora": self.lora.fingerprint()} if self.lora is not None else {}))
-            cached = load_isq_cache(isq_cache, key)
-            log.info("ISQ cache %s: %s", isq_cache, "hit" if cached is not None else "miss")
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
 
-        def wrap(make_linear):
-            self._isq_factory = wrap_factory(make_linear, self.isq_type, cache=cached)
-            if self.lora is not None:
-                return self.lora.wrap(self._isq_factory, self.model_config)
-            return self._isq_factory
+    @property
+    def model_path(self) -> str:
+        return self.loaded.path
 
-        model = build(wrap)
-        if self.lora is not None:
-            self.lora.finish()
-        factory = self._isq_factory
-        factory.close()
-        if self.isq_type is not None:
-            log.info("ISQ %s: %s (%d tensors from the cache)", self.isq_type, factory.summary(), factory.cache_hits)
-        if key is not None and cached is None:
-            save_isq_cache(isq_cache, key, factory.quantized_arrays())
-        return model
+    @property
+    def model_config(self):
+        return self.loaded.config
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def vision(self):
+        """The image side of a vision-language checkpoint (models/vision), else None."""
+        return self.loaded.vision
+
+    @property
+    def lora(self):
+        return self.loaded.lora
 
     @property
     def isq_factory(self):
         """The ISQFactory the projections were built through."""
-        return self._isq_factory
+        return self.loaded.isq_factory
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.limits.max_model_len
+
+    # The engine's parts, for tests and tools that inspect them; serving code uses `engine`.
+    @property
+    def block_manager(self):
+        return self.engine.block_manager
+
+    @property
+    def runner(self):
+        return self.engine.runner
+
+    # -- runtime re-quantization -----------------------------------------------------------
 
     def re_isq(self, isq_type: str | int) -> str:
         """Re-quantize the loaded model to `isq_type` while serving; returns the normalized type.
@@ -288,68 +180,28 @@ class LLM:
         from .quant.isq import normalize_isq_type
 
         new_type = normalize_isq_type(isq_type)
-        if self._isq_factory is None:
+        if self.isq_factory is None:
             raise NotSupportedError("re-quantizing (re_isq) is only available for GGUF models in mistralrs-jax")
         with self._re_isq_lock:
-            self.engine.run_exclusive(lambda: self._requantize_now(new_type))
+            self.engine.swap_weights(lambda: self._requantize(new_type), self.model, warmup=self.engine_config.warmup)
         return new_type
 
-    def _requantize_now(self, new_type: str) -> None:
-        """On the engine loop thread, with no sequence in flight."""
-        import time
-
-        old_type = self._isq_factory.isq_type
+    def _requantize(self, new_type: str) -> None:
+        """On the engine loop thread, with no sequence in flight and the runner's weights dropped."""
+        factory = self.isq_factory
+        old_type = factory.isq_type
         start = time.perf_counter()
-        self.runner.state_leaves = None  # drop the runner's references so old arrays can go tensor by tensor
         try:
-            self._isq_factory.requantize(new_type)
+            factory.requantize(new_type)
         except BaseException:
             log.exception("re-ISQ to %s failed; restoring %s", new_type, old_type)
-            self._isq_factory.requantize(old_type)
+            factory.requantize(old_type)
             raise
         else:
             self.isq_type = new_type
         finally:
-            self._isq_factory.close()
-            self.runner.rebind_model(self.model)
-            self.block_manager.reset_prefix_cache()  # cached KV was computed with the old weights
-            if self.engine_config.warmup:
-                self._warmup()
-            self.engine.metrics.compiles_at_start = self.engine.metrics.snapshot()["compiles"]
-        log.info("re-ISQ %s -> %s in %.1fs: %s", old_type, new_type, time.perf_counter() - start,
-                 self._isq_factory.summary())
-
-    # -- speculative decoding ----------------------------------------------------------
-
-    def _load_draft(self, draft_model: str | None, draft_gguf_file: str | None, draft_isq, gamma: int, **load):
-        """The draft model (checked to share the target's vocabulary), or None without one."""
-        from .engine.speculative import check_draft_vocabulary, load_draft_model
-
-        if draft_model is None:
-            if draft_gguf_file is not None or draft_isq is not None:
-                raise NotSupportedError("draft_gguf_file / draft_isq were given without draft_model")
-            return None
-        if not isinstance(gamma, int) or gamma < 1:
-            raise NotSupportedError(f"speculative_gamma (-g/--gamma) must be a positive integer, got {gamma!r}")
-        draft = load_draft_model(draft_model, draft_gguf_file, isq=draft_isq, **load)
-        check_draft_vocabulary(self.tokenizer, self.model_config, draft)
-        log.info("speculative decoding: draft %s (%s, %d layers%s), gamma %d", draft.name, draft.config.arch,
-                 draft.config.num_layers, f", ISQ {draft.isq_type}" if draft.isq_type else "", gamma)
-        return draft
-
-    def _lookahead_tokens(self, max_seqs: int) -> int:
-        """Extra step tokens speculation needs beyond the scheduler's budget: gamma per sequence."""
-        return 0 if self.draft is None else max_seqs * self.speculative_gamma
-
-    def _speculative_engine(self, eos: set[int]):
-        from .engine.speculative import SpeculativeEngine
-
-        draft_runner = ModelRunner(self.draft.model, self.draft.config, self.runner.num_blocks, self.runner.block_size,
-                                   self.max_model_len, self.runner.seq_buckets[-1], self.runner.token_buckets[-1],
-                                   token_buckets=self.runner.token_buckets, seq_buckets=self.runner.seq_buckets)
-        log.info("draft KV cache: %.0f MiB", draft_runner.kv_cache_bytes / 2**20)
-        return SpeculativeEngine(self.runner, draft_runner, self.scheduler, self.tokenizer, eos,
-                                 self.model_config.vocab_size, self.speculative_gamma)
+            factory.close()
+        log.info("re-ISQ %s -> %s in %.1fs: %s", old_type, new_type, time.perf_counter() - start, factory.summary())
 
     def _warmup(self) -> None:
         from tqdm.auto import tqdm
@@ -361,7 +213,7 @@ class LLM:
             bar.update(1)
             bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]}")
 
-        (self.runner.warmup if self.draft is None else self.engine.warmup)(progress)
+        self.engine.warmup(progress)
         bar.close()
         if self.vision is not None:
             self.vision.warmup()  # the vision tower, once per image-count bucket
@@ -369,7 +221,7 @@ class LLM:
     # -- prompts -----------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.loaded.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _prompt_ids(self, prompt) -> tuple[list[int], str | None, Any]:
         """(ids, text, image inputs or None) of a string, token ids, or a vLLM-style dict prompt
@@ -385,7 +237,7 @@ class LLM:
                 return ids, text, None
             ids, multimodal = self._require_vision().prepare(
                 ids, list(images) if isinstance(images, (list, tuple)) else [images],
-                check_length=self.scheduler.check_prompt_fits)
+                check_length=self.engine.check_prompt_fits)
             return ids, text, multimodal
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True), prompt, None
@@ -400,7 +252,7 @@ class LLM:
 
     @property
     def chat_template(self) -> ChatTemplate:
-        return self._chat_template
+        return self.loaded.chat_template
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
                     local_images: bool | str = True, **template_kwargs) -> tuple[list[int], str, Any]:
@@ -421,7 +273,7 @@ class LLM:
                                                                      **template_kwargs),
                                   template_messages, len(images), vision.image_token)
         ids, multimodal = vision.prepare(self.tokenizer.encode_prompt(text), images,
-                                         check_length=self.scheduler.check_prompt_fits)
+                                         check_length=self.engine.check_prompt_fits)
         return ids, text, multimodal
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -481,14 +333,14 @@ class LLM:
         if images:
             token_ids, multimodal = self._require_vision().prepare(token_ids, images)
         with self._re_isq_lock:  # re_isq swaps the runner's weights; score runs on the caller's thread
-            return self.runner.score(list(token_ids), multimodal=multimodal)
+            return self.engine.score(list(token_ids), multimodal=multimodal)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""
         self.engine.reset_prefix_cache()
 
     def metrics(self) -> dict:
-        return self.engine.metrics.snapshot()
+        return self.engine.stats()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

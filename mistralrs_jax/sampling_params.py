@@ -1,6 +1,7 @@
 """Per-request generation settings (vLLM's names and defaults)."""
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
+# Temperatures below this are greedy (as in vLLM): dividing by them would overflow.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -51,7 +54,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Greedy decoding (the argmax), as the sampler decides it."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> None:
         def bad(param: str, message: str):
@@ -108,3 +112,17 @@ class SamplingParams:
         return (
             self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
         )
+
+
+def resolve_seed(params: SamplingParams | None, sequence_index: int = 0) -> int:
+    """The u32 seed a sequence samples with; call once per sequence and store the result.
+
+    A seeded request keeps its seed (the `n` parallel sequences get seed + index, as in
+    vLLM, so they differ); seeds of any size (64-bit, negative) are folded into 32 bits
+    by xor of their halves, so every seed below 2**32 is used as it is. An unseeded one
+    draws a fresh random seed.
+    """
+    if params is None or params.seed is None:
+        return secrets.randbits(32)
+    seed = (params.seed + sequence_index) & 0xFFFFFFFFFFFFFFFF
+    return (seed ^ (seed >> 32)) & 0xFFFFFFFF

@@ -41,7 +41,7 @@ async def retrieve_model(model_id: str) -> Response:
 @blueprint.get("/health")
 async def health() -> Response:
     state = server_state()
-    if not state.llm.engine.is_alive():
+    if not state.engine.is_alive():
         return json_response({"status": "error", "model": state.model_name, "detail": "engine loop is not running"},
                              status=503)
     return json_response({"status": "ok", "model": state.model_name})
@@ -69,13 +69,14 @@ def _plain(value: Any) -> Any:
 async def status() -> Response:
     """One JSON document for dashboards: model, engine settings, the metrics snapshot, server counters."""
     state = server_state()
-    llm = state.llm
+    llm, engine = state.llm, state.engine
+    limits = engine.limits
     return json_response({
-        "model": {"id": state.model_name, "path": llm.model_path, "max_model_len": llm.max_model_len,
+        "model": {"id": state.model_name, "path": llm.model_path, "max_model_len": limits.max_model_len,
                   "isq_type": getattr(llm, "isq_type", None), "config": _plain(llm.model_config)},
-        "engine": {"config": _plain(llm.engine_config), "token_buckets": _plain(llm.runner.token_buckets),
-                   "seq_buckets": _plain(llm.runner.seq_buckets)},
-        "metrics": _plain(llm.metrics()),
+        "engine": {"config": _plain(engine.config), "token_buckets": list(limits.token_buckets),
+                   "seq_buckets": list(limits.seq_buckets)},
+        "metrics": _plain(engine.stats()),
         "runtime": _runtime(),
         "memory": read_local_memory().as_dict(),
         "server": {"api_key_required": state.api_key is not None,

@@ -35,6 +35,8 @@ class ServerState:
 
     @property
     def engine(self) -> Any:
+        """The engine interface (mistralrs_jax.engine.engine.Engine): add_request, abort, stats(),
+        limits, config, is_alive(). Routes use it, never the engine's scheduler or runner."""
         return self.llm.engine
 
     def check_model(self, requested: str | None) -> None:
@@ -51,7 +53,7 @@ class ServerState:
     @property
     def context_len(self) -> int:
         """Tokens a sequence may hold (prompt + output): the model length, or the KV pool if smaller."""
-        return min(self.llm.max_model_len, self.llm.block_manager.num_token_slots)
+        return self.engine.limits.context_len
 
 
 def server_state() -> ServerState:

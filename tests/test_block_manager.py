@@ -313,3 +313,20 @@ def test_reset_prefix_cache_forgets_every_prefix_and_frees_cached_blocks():
     assert manager.num_free_blocks == manager.num_total_blocks
     # Caching goes on as before after a reset.
     assert admit_and_compute(manager, make_seq(SYSTEM_PROMPT + [5])) == 64
+
+
+def test_both_kv_caches_implement_the_one_protocol():
+    from mistralrs_jax.engine.contiguous_cache import ContiguousBlockManager
+    from mistralrs_jax.engine.kv_cache import KVCacheManager
+
+    paged, slots = BlockManager(num_blocks=9, block_size=4), ContiguousBlockManager(2, 4, 4)
+    for manager in (paged, slots):
+        assert isinstance(manager, KVCacheManager)
+        seq = make_seq(list(range(1, 7)))
+        assert manager.allocate_for(seq, 6 + 5)  # 6 tokens and 5 draft slots
+        seq.num_computed_tokens = 6
+        seq.append_token(7)
+        manager.trim(seq)  # drafts rejected: the paged pool takes back the block only they used
+        assert len(seq.block_table) == (2 if manager is paged else 4)
+        manager.free(seq)
+        assert manager.num_free_blocks == manager.num_total_blocks

@@ -62,6 +62,19 @@ def test_different_seeds_give_different_samples(llm):
     assert len(texts) >= 2, "five seeds at temperature 0.8 all produced the same 24 tokens"
 
 
+def test_seeds_from_2_31_up_are_their_own_and_repeat(llm):
+    """One seed rule for the engine and the sampler (sampling_params.resolve_seed): a seed >= 2**31
+    is used as it is; the engine once folded it onto seed - 2**31, so seed 2**31 + 1 sampled
+    exactly what seed 1 did. 64-bit seeds fold by xor of their halves."""
+    prompt = llm.apply_chat_template([{"role": "user", "content": STORY_PROMPT}])
+    small, large = [1, 2, 3], [2**31 + 1, 2**31 + 2, 2**31 + 3]
+    outputs = llm.generate([prompt] * 7, [_sampled(seed) for seed in small + large + [2**40 + 3]])
+    tokens = [output.outputs[0].token_ids for output in outputs]
+    assert any(tokens[i] != tokens[i + 3] for i in range(3)), "seeds s and 2**31 + s sampled the same text"
+    again = llm.generate([prompt] * 2, [_sampled(large[0]), _sampled(2**40 + 3)])
+    assert [output.outputs[0].token_ids for output in again] == [tokens[3], tokens[6]]
+
+
 # --------------------------------------------------------------------------- stop rules
 
 

@@ -293,8 +293,8 @@ def _greedy_generate(runner: ModelRunner, prompts: list[list[int]], max_new: int
     while scheduler.has_unfinished():
         output = scheduler.schedule()
         result = runner.execute(output.scheduled)
-        sampled = {seq.seq_id: int(tok) for (seq, _), tok in zip(output.scheduled, result.token_ids)}
-        for seq in scheduler.update_after_step(output, sampled):
+        sampled = {seq.seq_id: result.tokens(row) for row, (seq, _) in enumerate(output.scheduled)}
+        for seq, _ in scheduler.update_after_step(output, sampled):
             if seq.num_output_tokens >= max_new and not seq.is_finished:
                 scheduler.finish(seq, "length")
     return [list(seq.output_token_ids) for seq in seqs]

@@ -400,7 +400,7 @@ def test_logprobs_are_raw_log_softmax_at_the_sampled_token_and_sorted_top_k():
 
 def test_blocked_top_k_equals_lax_top_k_on_wide_rows():
     values = jnp.asarray(np.random.default_rng(13).standard_normal((3, 49152)), jnp.float32)
-    got_values, got_ids = jax.jit(lambda v: sampler._top_k(v, 20, block=64))(values)
+    got_values, got_ids = jax.jit(lambda v: sampler.largest_k(v, 20, block=64))(values)
     want_values, want_ids = jax.lax.top_k(values, 20)
     np.testing.assert_array_equal(got_values, want_values)
     np.testing.assert_array_equal(got_ids, want_ids)

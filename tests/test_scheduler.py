@@ -54,7 +54,7 @@ class FakeModel:
         assert block != NULL_BLOCK
         return block, position % self.manager.block_size
 
-    def step(self, output: SchedulerOutput) -> dict[int, int]:
+    def step(self, output: SchedulerOutput) -> dict[int, list[int]]:
         sampled = {}
         for seq, num_new in output.scheduled:
             start = seq.num_computed_tokens
@@ -73,7 +73,7 @@ class FakeModel:
                     block, offset = self.slot(seq, position)
                     assert self.positions[block, offset] == position
                     context.append(int(self.tokens[block, offset]))
-                sampled[seq.seq_id] = next_token(context)
+                sampled[seq.seq_id] = [next_token(context)]
         return sampled
 
 
@@ -83,8 +83,6 @@ def check_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None:
     assert output.num_batched_tokens <= scheduler.max_num_batched_tokens
     assert len({seq.seq_id for seq, _ in output.scheduled}) == len(output.scheduled)
     assert len(scheduler.running) <= scheduler.max_num_seqs
-    counts = [n for _, n in output.scheduled]
-    assert counts[: output.num_decodes] == [1] * output.num_decodes and 1 not in counts[output.num_decodes :]
     assert all(seq.status is SequenceStatus.RUNNING for seq, _ in output.scheduled)
     holders = [0] * manager.num_blocks
     owners: dict[int, tuple[Sequence, int]] = {}
@@ -109,7 +107,8 @@ def check_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None:
 
 
 class Driver:
-    """The engine loop in miniature: schedule, run the fake model, update, stop checks."""
+    """The engine loop in miniature: schedule, run the fake model, update. The scheduler
+    applies EOS (when it knows the id) and max_tokens itself; otherwise EOS is finished here."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
@@ -124,14 +123,11 @@ class Driver:
         check_invariants(self.scheduler, output)
         if output.preempted:  # a step short of blocks admits nobody new
             assert not any(seq in waiting_before for seq, _ in output.scheduled)
-        self.finished.extend(output.finished_aborted)
-        appended = self.scheduler.update_after_step(output, self.model.step(output))
-        for seq in appended:
-            token = seq.last_token_id
-            if token == EOS and not seq.params.ignore_eos:
+        self.finished.extend(output.finished_over_capacity)
+        for seq, tokens in self.scheduler.update_after_step(output, self.model.step(output)):
+            assert tokens == [seq.last_token_id]
+            if seq.last_token_id == EOS and not seq.params.ignore_eos and seq.finish_reason != "stop":
                 self.scheduler.finish(seq, "stop", EOS)
-            elif seq.num_output_tokens >= seq.params.max_tokens:
-                self.scheduler.finish(seq, "length")
             if seq.is_finished:
                 self.finished.append(seq)
         self.outputs.append(output)
@@ -177,6 +173,7 @@ def test_random_workload_produces_the_reference_outputs(seed):
     scheduler = Scheduler(
         manager, config["max_num_seqs"], config["budget"], max_model_len,
         enable_chunked_prefill=config["chunked"], long_prefill_token_threshold=config["threshold"],
+        eos_token_ids=[EOS] if seed % 2 else (),  # check_stop's EOS, or the driver's
     )
     driver = Driver(scheduler)
     system_prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(0, 30))] for _ in range(3)]
@@ -206,7 +203,7 @@ def test_random_workload_produces_the_reference_outputs(seed):
     assert len(driver.finished) == len({seq.seq_id for seq in driver.finished})
     # Sequences too long for the whole pool end early with "length"; their output so
     # far must still be right.
-    over_capacity = {seq for output in driver.outputs for seq in output.finished_aborted}
+    over_capacity = {seq for output in driver.outputs for seq in output.finished_over_capacity}
     assert all(seq.finish_reason == "length" for seq in over_capacity)
     for seq in driver.finished:
         assert seq.is_finished and seq.block_table == []
@@ -270,7 +267,7 @@ def test_chunked_prefill_respects_the_token_budget_next_to_decodes():
     while long_prompt.num_output_tokens == 0:
         output = driver.step()
         scheduled = dict(output.scheduled)
-        assert scheduled[decoder] == 1 and output.scheduled[0][0] is decoder  # decodes lead the batch
+        assert scheduled[decoder] == 1 and output.scheduled[0][0] is decoder  # running (older) first
         assert output.num_batched_tokens <= 16
         chunks.append(scheduled[long_prompt])
     assert chunks == [15, 15, 15, 5]
@@ -289,7 +286,7 @@ def test_prefill_chunk_shrinks_to_the_free_blocks_instead_of_preempting():
     driver = Driver(scheduler)
     assert dict(driver.step().scheduled) == {prompt: 8, chat: 8}
     second = driver.step()
-    assert second.scheduled == [(chat, 1), (prompt, 8)] and second.num_decodes == 1  # decodes lead
+    assert second.scheduled == [(prompt, 8), (chat, 1)]  # oldest first (the runner puts decodes first)
     assert manager.num_free_blocks == 1
     third = driver.step()  # 8 more prompt tokens need 2 blocks; 1 is free
     assert dict(third.scheduled) == {prompt: 4, chat: 1} and third.preempted == []
@@ -454,7 +451,7 @@ def test_sequence_outgrowing_the_whole_pool_finishes_instead_of_livelocking():
     scheduler.add(neighbour)
     driver = Driver(scheduler)
     driver.run(max_steps=300)
-    capacity_finished = [seq for output in driver.outputs for seq in output.finished_aborted]
+    capacity_finished = [seq for output in driver.outputs for seq in output.finished_over_capacity]
     assert grower in capacity_finished and grower.finish_reason == "length"
     assert grower.num_tokens == 17  # ran while 16 KV slots sufficed, then stopped
     assert_matches_reference(grower, 100, truncated_ok=True)
@@ -464,9 +461,13 @@ def test_sequence_outgrowing_the_whole_pool_finishes_instead_of_livelocking():
 
 
 def test_sequence_keeps_prompt_and_output_in_one_list_and_resolves_seeds():
+    from mistralrs_jax.engine.sampler import resolve_seed as sampler_seed
+
     params = SamplingParams(n=3, seed=2**31 + 5, max_tokens=4)
     seqs = [Sequence("r", np.array([5, 6, 7]), params, index=i) for i in range(3)]
-    assert [seq.seed for seq in seqs] == [5, 6, 7]  # seed + index, folded into int32 range
+    # seed + index; every u32 seed is used as it is (not folded onto seed - 2**31).
+    assert [seq.seed for seq in seqs] == [2**31 + 5, 2**31 + 6, 2**31 + 7]
+    assert [sampler_seed(params, i) for i in range(3)] == [seq.seed for seq in seqs]  # one rule
     assert len({seq.seq_id for seq in seqs}) == 3
     seq = seqs[0]
     assert seq.token_ids == [5, 6, 7] and all(type(t) is int for t in seq.token_ids)
@@ -478,7 +479,7 @@ def test_sequence_keeps_prompt_and_output_in_one_list_and_resolves_seeds():
     seq.num_computed_tokens = 4
     assert seq.is_decoding and seq.num_uncomputed_tokens == 1
     unseeded = Sequence("u", [1], SamplingParams())
-    assert 0 <= unseeded.seed < 2**31
+    assert 0 <= unseeded.seed < 2**32
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -514,3 +515,54 @@ def test_contiguous_slots_serve_a_random_workload_without_preemption(seed):
         assert_matches_reference(seq, max_model_len, truncated_ok=seq in aborted)
     assert any(seq.num_tokens == max_model_len and seq.finish_reason == "length" for seq in driver.finished)
     assert manager.num_free_blocks == manager.num_total_blocks
+
+
+def test_lookahead_slots_for_speculation_are_the_schedulers_and_rejected_ones_go_back():
+    """vLLM v1's shape: the scheduler reserves KV slots for draft tokens (capped by max_tokens,
+    never for a partial prefill chunk), update_after_step appends the accepted run one token at
+    a time through check_stop, and the blocks only rejected drafts used go back to the pool."""
+    manager = BlockManager(num_blocks=40, block_size=2)
+    scheduler = Scheduler(manager, 4, 8, 64, num_lookahead_tokens=3, eos_token_ids=[EOS])
+    seq = make_seqs("spec", [1, 2, 3, 4, 5], 7, ignore_eos=True)[0]
+    chunked = make_seqs("long", list(range(1, 12)), 4, arrival=seq.arrival_time + 1)[0]
+    scheduler.add(seq)
+    scheduler.add(chunked)
+    first = scheduler.schedule()
+    assert first.scheduled == [(seq, 5), (chunked, 3)]  # the 8-token budget cuts the second prompt
+    assert first.lookahead == {seq.seq_id: 3}  # a partial chunk samples nothing, so drafts nothing
+    assert len(seq.block_table) == 4 and len(chunked.block_table) == 2  # 5 + 3 slots; 3 slots
+    appended = scheduler.update_after_step(first, {seq.seq_id: [7, 8, 9], chunked.seq_id: [42]})
+    assert appended == [(seq, [7, 8, 9])]  # two drafts accepted, then the final token
+    assert (seq.num_tokens, seq.num_computed_tokens) == (8, 7) and len(seq.block_table) == 4
+    assert chunked.num_computed_tokens == 3 and chunked.num_output_tokens == 0
+
+    free_before = manager.num_free_blocks
+    second = scheduler.schedule()
+    assert second.lookahead[seq.seq_id] == 3
+    assert len(seq.block_table) == 6  # 7 computed + 1 + 3 slots
+    scheduler.update_after_step(second, {seq.seq_id: [10], chunked.seq_id: [0]})  # both drafts rejected
+    assert (seq.num_tokens, seq.num_computed_tokens) == (9, 8) and len(seq.block_table) == 5  # one block back
+    assert manager.num_free_blocks == free_before - 1 - (len(chunked.block_table) - 2)
+
+    third = scheduler.schedule()
+    assert third.lookahead == {seq.seq_id: 2, chunked.seq_id: 3}  # max_tokens 7: 4 out, so 2 drafts + 1
+    tokens = {seq.seq_id: [11, 12, 13], chunked.seq_id: [EOS, 13, 14]}
+    appended = dict(scheduler.update_after_step(third, tokens))
+    assert appended[seq] == [11, 12, 13] and seq.finish_reason == "length" and seq.num_output_tokens == 7
+    # EOS accepted inside a run ends it there (check_stop), the tokens after it are dropped.
+    assert appended[chunked] == [EOS] and chunked.finish_reason == "stop" and chunked.stop_reason == EOS
+    assert seq.block_table == chunked.block_table == [] and manager.num_free_blocks == manager.num_total_blocks
+
+
+def test_prefix_cache_takes_blocks_only_up_to_what_every_model_cached():
+    manager = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(manager, 4, 32, 64, num_lookahead_tokens=2)
+    seq = make_seqs("r", list(range(1, 9)), 8, ignore_eos=True)[0]
+    scheduler.add(seq)
+    output = scheduler.schedule()
+    # The target computed 8 tokens (two full blocks) but the draft model only 7: one block.
+    scheduler.update_after_step(output, {seq.seq_id: [20]}, cacheable={seq.seq_id: 7})
+    assert len(seq.block_hashes) == 1
+    output = scheduler.schedule()
+    scheduler.update_after_step(output, {seq.seq_id: [21]}, cacheable={seq.seq_id: 9})
+    assert len(seq.block_hashes) == 2

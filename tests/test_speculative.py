@@ -240,6 +240,40 @@ def test_speculative_sampling_preserves_the_target_distribution(noisy_spec, refe
     assert total_variation < 0.06  # sampling noise here is ~0.03; the broken rules gave 0.19-0.34
 
 
+def test_a_second_verification_step_continues_where_the_first_left_off(self_spec, plain, reference, text_ids):
+    """With the target as its own draft (p == q up to rounding) every draft is accepted, so a
+    10-token request takes exactly two verification steps of 4 drafts + 1: the first leaves the
+    draft's KV one token behind (its last draft was never fed to it), the second must catch up
+    (draft pass 1 runs two tokens) and verify with the right penalty history, seeds and output
+    indices. Any slip there shows up as a rejection, a third step, or a token the target's
+    filters exclude."""
+    prompt = [1] + text_ids[60:71]
+    cases = {
+        "greedy": greedy(10),
+        "sampled": SamplingParams(temperature=0.9, top_k=3, max_tokens=10, ignore_eos=True, seed=11),
+        "penalized": SamplingParams(temperature=0.9, top_k=3, repetition_penalty=0.6, max_tokens=10,
+                                    ignore_eos=True, seed=12),
+    }
+    for name, params in cases.items():
+        before = self_spec.metrics()
+        out = self_spec.generate([prompt], params)[0].outputs[0]
+        after = self_spec.metrics()
+        tokens = out.token_ids
+        assert len(tokens) == 10 and out.finish_reason == "length", name
+        assert after["steps_total"] - before["steps_total"] == 2, name
+        assert after["spec_draft_tokens_total"] - before["spec_draft_tokens_total"] == 8, name
+        assert after["spec_accepted_tokens_total"] - before["spec_accepted_tokens_total"] == 8, name
+        logits = reference_logits(reference, prompt + tokens)
+        if name == "greedy":
+            assert tokens == plain.generate([prompt], params)[0].outputs[0].token_ids
+            assert_greedy_trajectory(logits, prompt, tokens)
+        elif name == "sampled":  # every token inside the target's top 3 at its position
+            for i, token in enumerate(tokens):
+                row = logits[len(prompt) - 1 + i]
+                assert (row > row[token]).sum() < 3, f"{name}: token {i} is outside the top 3"
+    assert_all_blocks_free(self_spec)
+
+
 # --------------------------------------------------------------------------- (c) stops, aborts
 
 

@@ -38,30 +38,16 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from .kv_cache import NULL_BLOCK, PrefixCacheStats  # noqa: F401  (NULL_BLOCK: the pool's layout, documented above)
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-NULL_BLOCK = 0
-
-
-@dataclass
-class PrefixCacheStats:
-    prefix_cache_queries: int = 0  # tokens
-    prefix_cache_hits: int = 0  # tokens
-    prefix_cache_block_queries: int = 0
-    prefix_cache_block_hits: int = 0
-    evicted_blocks: int = 0  # cached blocks reused for new data (LRU)
-    dropped_blocks: int = 0  # cached blocks dropped by the prefix_cache_n bound
-
-    @property
-    def hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
 
 class BlockManager:
+    """The paged `kv_cache.KVCacheManager`."""
+
     def __init__(
         self,
         num_blocks: int,
@@ -191,6 +177,14 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past what ``seq``'s tokens need (after speculative decoding,
+        those only rejected drafts used; none of them is in the prefix cache)."""
+        keep = self.blocks_needed(seq.num_tokens)
+        if len(seq.block_table) > keep:
+            self.release_blocks(seq.block_table[keep:], owner=seq)
+            del seq.block_table[keep:]
+
     def release_blocks(self, blocks: list[int], owner: object = None) -> None:
         """Drop one hold on each of `blocks` (a block table or its tail, in table order)."""
         newly_cached = []
@@ -316,11 +310,12 @@ class BlockManager:
         seq.num_cached_prefix_tokens = num_cached
         return num_cached
 
-    def commit_full_blocks(self, seq: Sequence) -> None:
-        """After a step: register ``seq``'s blocks that are now full and computed."""
+    def commit_full_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """After a step: register ``seq``'s blocks that are now full and computed, among its
+        first `num_tokens` positions (default: ``num_computed_tokens``)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = (seq.num_computed_tokens if num_tokens is None else num_tokens) // self.block_size
         parent = seq.block_hashes[-1] if seq.block_hashes else self._root_hash(seq)
         for index in range(len(seq.block_hashes), num_full):
             tokens = self._block_token_ids(seq, index)

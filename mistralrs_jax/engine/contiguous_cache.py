@@ -14,7 +14,7 @@ memory and is never preempted); a sequence can never grow past its slot, so the
 scheduler's ``max_model_len`` must not exceed ``slot_tokens`` and a sequence reaching it
 finishes with ``"length"``.
 
-The class offers the interface the scheduler and the engine use of `BlockManager`.
+Both implement `kv_cache.KVCacheManager`, the interface the scheduler and the engine use.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Iterable
 
-from .block_manager import NULL_BLOCK, PrefixCacheStats
+from .kv_cache import NULL_BLOCK, PrefixCacheStats
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,9 @@ class ContiguousBlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def trim(self, seq: Sequence) -> None:
+        """Nothing to give back: a slot belongs to its sequence for its whole life."""
+
     # -- prefix cache (absent) -----------------------------------------------------
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
@@ -155,7 +158,7 @@ class ContiguousBlockManager:
         seq.num_cached_prefix_tokens = 0
         return 0
 
-    def commit_full_blocks(self, seq: Sequence) -> None:
+    def commit_full_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
         pass
 
     def reset_prefix_cache(self) -> int:

@@ -1,9 +1,18 @@
-"""The engine loop: schedule -> prepare/run (runner) -> postprocess, on a background thread.
+"""The engine loop: schedule -> (propose) -> run (runner) -> update -> stream, on a background thread.
+
+One step (`Engine.step`): the scheduler decides ``{sequence: tokens}``; with a draft model
+the `proposer` (speculative.DraftProposer) proposes tokens for the slots the scheduler
+reserved; the runner runs the model once and samples (or verifies the drafts); the
+scheduler appends the new tokens and applies the token-level stops; the engine turns
+tokens into text, applies stop strings and grammars, and pushes deltas to each request's
+handle.
 
 `add_request` and `abort` are thread-safe: they queue a command that the loop thread
-applies at the start of its next iteration, so the scheduler and block manager are only
-ever touched by the loop thread. `run_exclusive(fn)` runs work (re-quantization) on the
-loop thread once every sequence in flight has finished, holding new requests back meanwhile.
+applies at the start of its next iteration, so the scheduler and KV cache bookkeeping are
+only ever touched by the loop thread. `run_exclusive(fn)` runs work (re-quantization) on
+the loop thread once every sequence in flight has finished, holding new requests back
+meanwhile. Callers outside the engine (the LLM API, the server) use the methods here,
+never the runner or the scheduler directly.
 """
 from __future__ import annotations
 
@@ -14,8 +23,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config import EngineConfig
 from ..errors import ImageError, InvalidRequestError, NotSupportedError
 from ..guidance import ConstraintTracker
 from ..loading.detokenizer import IncrementalDetokenizer
@@ -26,10 +37,23 @@ from .metrics import EngineMetrics
 from .multimodal import MultiModalInputs
 from .request import CompletionDelta, RequestHandle
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .scheduler import LENGTH, STOP, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request may ask of this engine (for validation and /v1/status)."""
+
+    max_model_len: int  # prompt + output tokens of one sequence
+    context_len: int  # the same, capped by what the KV pool holds
+    max_seqs: int
+    token_buckets: tuple[int, ...]  # padded step sizes compiled at start
+    seq_buckets: tuple[int, ...]
+    kv_blocks_total: int
+    block_size: int
 
 
 class _SeqState:
@@ -48,14 +72,19 @@ class _SeqState:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer, eos_token_ids: set[int],
-                 vocab_size: int):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer, vocab_size: int,
+                 proposer=None, config: EngineConfig | None = None):
+        """`proposer`: a speculative.DraftProposer (the runner then verifies its drafts every
+        step), or None. `config`: the settings the engine was built from (reported in /v1/status).
+        The EOS ids are the scheduler's (it applies them)."""
         self.runner = runner
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
         self.tokenizer = tokenizer
-        self.eos_token_ids = set(eos_token_ids)
+        self.eos_token_ids = set(scheduler.eos_token_ids)
         self.vocab_size = vocab_size
+        self.proposer = proposer
+        self.config = config or EngineConfig()
         self.metrics = EngineMetrics()
         # Grammar-constrained sequences (response_format, grammar, forced tool calls): their matchers.
         self.constraints = ConstraintTracker(tokenizer, vocab_size, self.eos_token_ids)
@@ -84,6 +113,58 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+    @property
+    def limits(self) -> EngineLimits:
+        kv = self.block_manager
+        return EngineLimits(
+            max_model_len=self.scheduler.max_model_len,
+            context_len=min(self.scheduler.max_model_len, kv.num_token_slots),
+            max_seqs=self.scheduler.max_num_seqs, token_buckets=tuple(self.runner.token_buckets),
+            seq_buckets=tuple(self.runner.seq_buckets), kv_blocks_total=kv.num_total_blocks, block_size=kv.block_size)
+
+    def stats(self) -> dict:
+        """The metrics snapshot (counters, gauges, histograms) dashboards and /metrics read."""
+        return self.metrics.snapshot()
+
+    def check_prompt_fits(self, num_prompt_tokens: int) -> None:
+        """Raise PromptTooLongError if a prompt this long could never be served."""
+        self.scheduler.check_prompt_fits(num_prompt_tokens)
+
+    def warmup(self, progress: Callable | None = None) -> None:
+        """Compile every step shape (the runner's, and the draft model's) so no request waits on
+        a compile; `progress(done, total, shape)` after each."""
+        parts = [self.runner] + ([self.proposer] if self.proposer is not None else [])
+        sizes = [len(self.runner.shape_pairs())] + ([self.proposer.num_warmup_shapes()] if self.proposer else [])
+        total, done = sum(sizes), 0
+        for part, size in zip(parts, sizes):
+            offset = done
+            part.warmup(None if progress is None else lambda i, n, shape: progress(offset + i, total, shape))
+            done += size
+        self.metrics.compiles_at_start = self.metrics.snapshot()["compiles"]
+
+    def swap_weights(self, update: Callable[[], None], model, warmup: bool = True) -> None:
+        """Run `update()` (which changes `model`'s weights in place, e.g. re-quantization) on the
+        loop thread with nothing in flight, then serve `model`: new step functions, an empty
+        prefix cache (cached KV came from the old weights) and, with `warmup`, every shape
+        compiled again. The runner's old weights are dropped first so they can be freed tensor
+        by tensor; whatever `update` raises is re-raised after the model is rebound."""
+        def swap():
+            self.runner.state_leaves = None
+            try:
+                update()
+            finally:
+                self.runner.rebind_model(model)
+                self.block_manager.reset_prefix_cache()
+                if warmup:
+                    self.warmup()
+                self.metrics.compiles_at_start = self.metrics.snapshot()["compiles"]
+
+        self.run_exclusive(swap)
+
+    def score(self, token_ids: list[int], multimodal=None):
+        """Teacher-forced f32 logits [len, vocab] of the target model (runner.score)."""
+        return self.runner.score(list(token_ids), multimodal=multimodal)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:
@@ -127,7 +208,7 @@ class Engine:
         """One grammar matcher per sequence of a constrained request (none for a free one)."""
         if params.guided_decoding is None:
             return []
-        if type(self).step is not Engine.step:  # speculative decoding does not verify under a mask
+        if self.proposer is not None:  # speculative decoding does not verify under a mask
             raise NotSupportedError(
                 f"{params.guided_decoding.param}: constrained output (a grammar, a JSON response_format or a "
                 "forced tool call) is not supported with speculative decoding; serve without a draft model")
@@ -252,56 +333,55 @@ class Engine:
 
     def step(self) -> None:
         output = self.scheduler.schedule()
-        for seq in output.finished_aborted:
-            self._finish(seq, seq.finish_reason or "length", None, already_freed=True)
+        for seq in output.finished_over_capacity:
+            self._finish(seq, seq.finish_reason or LENGTH, None, already_freed=True)
         if output.is_empty:
             self._update_gauges()
             return
-        result = self.runner.execute(output.scheduled, self.constraints)
-        sampled = {seq.seq_id: int(tok) for (seq, _), tok in zip(output.scheduled, result.token_ids)}
-        rows = {seq.seq_id: i for i, (seq, _) in enumerate(output.scheduled)}
         prompt_tokens = sum(n for seq, n in output.scheduled if not seq.is_decoding)
-        appended = self.scheduler.update_after_step(output, sampled)
-        for seq in appended:
-            self._postprocess(seq, result, rows[seq.seq_id])
-        self.metrics.record_step(prompt_tokens, len(appended))
+        proposal = self.proposer.propose(output) if self.proposer is not None else None
+        result = self.runner.execute(output.scheduled, self.constraints, proposal=proposal)
+        new_tokens = {seq.seq_id: result.tokens(row) for row, (seq, _) in enumerate(output.scheduled)}
+        cacheable = self.proposer.after_step(output, new_tokens) if self.proposer is not None else None
+        rows = {seq.seq_id: row for row, (seq, _) in enumerate(output.scheduled)}
+        generated = 0
+        for seq, tokens in self.scheduler.update_after_step(output, new_tokens, cacheable):
+            for position, token in enumerate(tokens):
+                generated += 1
+                if self._postprocess(seq, token, position == len(tokens) - 1, (result, rows[seq.seq_id], position)):
+                    break  # a stop string or grammar ended it inside a speculative run
+        if self.proposer is not None:
+            self.proposer.retain({seq.seq_id for seq in self.scheduler.running})
+        self.metrics.record_step(prompt_tokens, generated)
         self._update_gauges()
 
-    def _postprocess(self, seq: Sequence, result, row: int) -> None:
+    def _postprocess(self, seq: Sequence, token: int, last: bool, logprob_source: tuple) -> bool:
+        """Stream one appended token of `seq`: text, stop strings, the grammar, the finish.
+        `last`: the last token the scheduler appended this step (when it finished the sequence,
+        it did so at this token). Returns whether the sequence is finished now."""
         state = self._states[seq.seq_id]
         params = seq.params
-        token = seq.last_token_id
         now = time.monotonic()
         if state.last_token_time is None:
             self.metrics.observe("ttft", now - seq.arrival_time)
         else:
             self.metrics.observe("itl", now - state.last_token_time)
         state.last_token_time = now
-        finish, stop_reason = None, None
+        # The scheduler's stops (EOS / stop token -> "stop"; max_tokens / max_model_len -> "length").
+        finish, stop_reason = (seq.finish_reason, seq.stop_reason) if last and seq.is_finished else (None, None)
         grammar = self.constraints.advance(seq.seq_id, token)  # None, "done" or "error"
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if is_eos or token in params.stop_token_ids:
-            finish, stop_reason = "stop", token
-        else:
+        if finish != STOP:  # a stop token's text is never shown
             state.text += state.detok.push(token)
-        if finish is None and params.stop:
-            search_from = max(0, state.emitted - state.max_stop_len)
-            hits = [(state.text.find(s, search_from), s) for s in params.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                index, stop_str = min(hits)
-                end = index + len(stop_str) if params.include_stop_str_in_output else index
-                state.text = state.text[:end]
-                finish, stop_reason = "stop", stop_str
-        if finish is None and grammar is not None:  # the constraint is complete (or broken): nothing may follow
-            finish = "stop"
-        if finish is None and params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            finish = "length"
-        if finish is None and seq.is_finished:  # the scheduler ended it (context full)
-            finish = seq.finish_reason or "length"
+            stop_str = self._find_stop_string(state, params)
+            if stop_str is not None:
+                finish, stop_reason = STOP, stop_str
+            elif grammar is not None:  # the constraint is complete (or broken): nothing may follow
+                finish, stop_reason = STOP, None
+            if finish == STOP:
+                self.scheduler.finish(seq, finish, stop_reason)  # also replaces a "length" at this token
         if finish is not None and not isinstance(stop_reason, str):
             state.text += state.detok.flush()  # bytes held back for a UTF-8 sequence still open
-        logprobs = self._logprobs(seq, token, result, row) if params.logprobs is not None else None
+        logprobs = self._logprobs(seq, token, *logprob_source) if params.logprobs is not None else None
         if finish is None:
             # Hold back text that could still become a stop string.
             safe = len(state.text) - (state.max_stop_len - 1 if state.max_stop_len else 0)
@@ -313,18 +393,32 @@ class Engine:
         state.emitted = safe
         if finish is not None:
             delta.finish_reason, delta.stop_reason = finish, stop_reason
-            if not seq.is_finished:
-                self.scheduler.finish(seq, finish, stop_reason)
             self._retire(seq)
         state.handle._push(delta)
+        return finish is not None
 
-    def _logprobs(self, seq, token, result, row) -> list[dict[int, Logprob]]:
+    @staticmethod
+    def _find_stop_string(state: _SeqState, params: SamplingParams) -> str | None:
+        """The first stop string in the text (which is cut there, or after it when it is kept)."""
+        if not params.stop:
+            return None
+        search_from = max(0, state.emitted - state.max_stop_len)
+        hits = [(state.text.find(s, search_from), s) for s in params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return None
+        index, stop_str = min(hits)
+        state.text = state.text[:index + len(stop_str) if params.include_stop_str_in_output else index]
+        return stop_str
+
+    def _logprobs(self, seq, token, result, row, position) -> list[dict[int, Logprob]]:
         entry = {}
         if result.logprobs is not None:
-            entry[token] = Logprob(token, float(result.logprobs[row]), self.tokenizer.decode([token], skip_special_tokens=False))
+            entry[token] = Logprob(token, float(result.logprobs[row, position]),
+                                   self.tokenizer.decode([token], skip_special_tokens=False))
             k = seq.params.logprobs
             if result.top_ids is not None and k:
-                for tid, lp in zip(result.top_ids[row][:k], result.top_logprobs[row][:k]):
+                for tid, lp in zip(result.top_ids[row, position][:k], result.top_logprobs[row, position][:k]):
                     tid = int(tid)
                     if tid not in entry:
                         entry[tid] = Logprob(tid, float(lp), self.tokenizer.decode([tid], skip_special_tokens=False))
@@ -377,6 +471,7 @@ class Engine:
             prefix_cache_hits=stats.prefix_cache_hits,
             prefix_cache_queries=stats.prefix_cache_queries,
             requests=self._request_rows(),
+            **(self.proposer.gauges() if self.proposer is not None else {}),
         )
 
     def _request_rows(self) -> list[dict]:

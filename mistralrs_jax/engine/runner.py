@@ -9,7 +9,6 @@ request asks) come back to the host (rule 6).
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import math
@@ -28,7 +27,9 @@ from ..config import ModelConfig
 from ..dry import add_dry_bias
 from pallas_kernels.paged_attention import AttentionMetadata
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
+from .buckets import round_up_to_bucket
 from .multimodal import step_input_embeds
+from .rejection_sampler import verify
 from .sampler import (HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW, SamplerModes, SamplingArrays, build_sampling_arrays,
                       sample)
 from .sequence import Sequence
@@ -43,7 +44,7 @@ DEFAULT_SEQ_BUCKETS = [1, 8, 32, 128]
 # the trash block); the extra matmul row is free in a memory-bound step.
 MIN_TOKEN_BUCKET = 2
 # build_sampling_arrays gives penalized rows their last PENALTY_WINDOW tokens, in this width.
-FULL_VARIANT_HISTORY_WIDTH = HISTORY_WIDTH_BUCKETS[bisect.bisect_left(HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW)]
+FULL_VARIANT_HISTORY_WIDTH = round_up_to_bucket(HISTORY_WIDTH_BUCKETS, PENALTY_WINDOW)
 # One request per compiled sampler variant (see compiled_sampler_variant).
 SAMPLER_WARMUP_PARAMS = (
     SamplingParams(temperature=0.0),
@@ -96,19 +97,51 @@ def _embeds_kwargs(input_embeds) -> dict:
     return {"input_embeds": embeds, "embeds_mask": mask}
 
 
-def _bucket(buckets: list[int], n: int) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]
+def step_sampling_arrays(params, histories, steps, seeds, num_rows: int) -> tuple[SamplingArrays, SamplerModes]:
+    """`build_sampling_arrays` mapped onto its compiled variant (see `compiled_sampler_variant`)."""
+    return compiled_sampler_variant(*build_sampling_arrays(params, histories, steps, num_rows=num_rows, seeds=seeds))
+
+
+def penalty_history(seq: Sequence, extra: list[int] = ()) -> tuple[list[int], int]:
+    """(tokens, number of prompt tokens among them) for `build_sampling_arrays`: the tail of
+    ``seq``'s tokens the penalty window can see, followed by `extra` (draft) tokens."""
+    if not seq.params.uses_penalties:
+        return [], 0
+    tail = seq.token_ids[-PENALTY_WINDOW:]
+    return tail + list(extra), seq.num_prompt_tokens - (seq.num_tokens - len(tail))
+
+
+def decode_first(run_lengths: list[int]) -> list[int]:
+    """The batch order of a step's runs: one-token runs first (the attention kernels' decode
+    section), the rest after, each group in the given order. The one place this is decided."""
+    return sorted(range(len(run_lengths)), key=lambda i: run_lengths[i] != 1)
 
 
 @dataclass
 class StepResult:
-    token_ids: np.ndarray  # [num scheduled seqs]
-    logprobs: np.ndarray | None = None  # [n] sampled-token logprob
-    top_ids: np.ndarray | None = None  # [n, k]
-    top_logprobs: np.ndarray | None = None
+    """What one step produced for each scheduled row, in the order of `scheduled`.
+
+    Row i's new tokens are ``token_ids[i, :num_tokens[i]]``: the sampled token, or under
+    speculative decoding the accepted draft tokens followed by the final one. Logprobs
+    (only when some row asked for them) are indexed the same way. A partial prefill
+    chunk's row holds a token too, which the scheduler ignores.
+    """
+
+    token_ids: np.ndarray  # i32[n, P]
+    num_tokens: np.ndarray  # i32[n], 1 <= num_tokens <= P
+    logprobs: np.ndarray | None = None  # f32[n, P]: the token's log_softmax(raw logits)
+    top_ids: np.ndarray | None = None  # i32[n, P, k]
+    top_logprobs: np.ndarray | None = None  # f32[n, P, k]
+
+    def tokens(self, row: int) -> list[int]:
+        return [int(t) for t in self.token_ids[row, :self.num_tokens[row]]]
+
+    @classmethod
+    def one_token_per_row(cls, token_ids, logprobs=None, top_ids=None, top_logprobs=None) -> "StepResult":
+        token_ids = np.asarray(token_ids)
+        expand = (lambda a: None if a is None else np.asarray(a)[:, None])
+        return cls(token_ids[:, None], np.ones(len(token_ids), np.int32), expand(logprobs), expand(top_ids),
+                   expand(top_logprobs))
 
 
 class ModelRunner:
@@ -125,10 +158,14 @@ class ModelRunner:
         seq_buckets: list[int] | None = None,
         kv_dtype=jnp.float32,
         input_embeds: bool = False,
+        num_lookahead_tokens: int = 0,
     ):
         """`input_embeds`: the model also takes image features in place of token embeddings
-        (vision models): a second step variant, compiled at warm-up too (engine/multimodal.py)."""
+        (vision models): a second step variant, compiled at warm-up too (engine/multimodal.py).
+        `num_lookahead_tokens` (gamma) > 0: every step verifies draft tokens (speculative
+        decoding, `execute(..., proposal=...)`), and warm-up compiles that step instead."""
         self.config = config
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.input_embeds = input_embeds
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -139,6 +176,7 @@ class ModelRunner:
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
         self._sample_fn = jax.jit(sample, static_argnames=("modes",))
+        self._verify_fn = jax.jit(verify, static_argnames=("modes",))
         self._free_bitmasks: dict[int, jax.Array] = {}  # num_rows -> all-ones token bitmask
         self.rebind_model(model)
 
@@ -184,8 +222,11 @@ class ModelRunner:
         return num_seq_rows * math.ceil(self.max_blocks_per_seq * self.block_size / PREFILL_KEY_CHUNK)
 
     def build_metadata(self, runs: list[tuple[list[int], int, list[int]]], t_pad: int, s_pad: int):
-        """Arrays for one step. `runs` holds, per sequence row in batch order, (tokens to
-        run, position of the first, block table); one-token runs must come first."""
+        """Arrays for one step: (input_ids [t_pad], AttentionMetadata, logits_indices [s_pad]).
+
+        `runs` holds, per sequence, (tokens to run, position of the first, block table), in
+        any order: they are laid out in `decode_first` order. ``logits_indices[i]`` is the
+        flat index of run i's last token (0 for padding rows), so a sampler row i belongs to run i."""
         bs = self.block_size
         input_ids = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
@@ -200,7 +241,8 @@ class ModelRunner:
         max_decode_position = -1
         window = self.config.sliding_window
         offset = 0
-        for row, (tokens, start, table) in enumerate(runs):
+        for row, run_index in enumerate(decode_first([len(run[0]) for run in runs])):
+            tokens, start, table = runs[run_index]
             n = len(tokens)
             pos = np.arange(start, start + n, dtype=np.int32)
             table = np.asarray(table, np.int32)
@@ -210,7 +252,7 @@ class ModelRunner:
             token_seq[offset:offset + n] = row
             block_tables[row, :len(table)] = table
             offset += n
-            logits_indices[row] = offset - 1
+            logits_indices[run_index] = offset - 1
             if n == 1 and num_decodes == row:
                 num_decodes += 1
                 max_decode_position = max(max_decode_position, start)
@@ -228,22 +270,24 @@ class ModelRunner:
         )
         return input_ids, meta, logits_indices
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]):
-        num_tokens = sum(n for _, n in scheduled)
-        t_pad = _bucket(self.token_buckets, num_tokens)
-        s_pad = self.seq_bucket_for(t_pad, len(scheduled))
-        runs = [(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n], seq.num_computed_tokens,
-                 seq.block_table) for seq, n in scheduled]
-        return (*self.build_metadata(runs, t_pad, s_pad), (t_pad, s_pad))
+    @staticmethod
+    def _runs(scheduled: list[tuple[Sequence, int]], drafts: list[list[int]] | None = None):
+        """`build_metadata` runs: each sequence's next `n` uncomputed tokens (then its draft tokens)."""
+        return [(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n] + (drafts[i] if drafts else []),
+                 seq.num_computed_tokens, seq.block_table) for i, (seq, n) in enumerate(scheduled)]
 
     # -- running ---------------------------------------------------------------------
 
-    def execute(self, scheduled: list[tuple[Sequence, int]], constraints=None) -> StepResult:
+    def execute(self, scheduled: list[tuple[Sequence, int]], constraints=None, proposal=None) -> StepResult:
         """Run one step; results come back in the order of `scheduled`. `constraints`: the engine's
-        guidance.ConstraintTracker, whose grammar masks the sampler applies."""
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i][1] != 1)  # decodes first
-        scheduled = [scheduled[i] for i in order]
-        input_ids, meta, logits_indices, shape_key = self.prepare(scheduled)
+        guidance.ConstraintTracker, whose grammar masks the sampler applies. `proposal` (a
+        `speculative.DraftProposal`; required when ``num_lookahead_tokens`` > 0): draft tokens
+        to verify after each sequence's chunk."""
+        if self.num_lookahead_tokens:
+            return self._execute_verify(scheduled, proposal)
+        runs = self._runs(scheduled)
+        shape_key = self.padded_shape(sum(len(run[0]) for run in runs), len(runs))
+        input_ids, meta, logits_indices = self.build_metadata(runs, *shape_key)
         seqs = [seq for seq, _ in scheduled]
         arrays, modes = build_sampling_arrays(
             [seq.params for seq in seqs],
@@ -262,11 +306,55 @@ class ModelRunner:
         # The grammar masks are computed here, on the host, while the device runs the forward.
         bitmask = self._token_bitmask([seq.seq_id for seq in seqs], shape_key[1], constraints)
         out = self._sample_fn(logits, dataclasses.replace(inputs[3], token_bitmask=bitmask), modes=modes)
-        rows = np.argsort(order)  # batch row of each original entry
+        n = len(seqs)
         if modes.num_logprobs or any(seq.params.logprobs is not None for seq in seqs):
             host = jax.device_get(out)
-            return StepResult(host.token_ids[rows], host.logprobs[rows], host.top_ids[rows], host.top_logprobs[rows])
-        return StepResult(np.asarray(jax.device_get(out.token_ids))[rows])
+            return StepResult.one_token_per_row(host.token_ids[:n], host.logprobs[:n], host.top_ids[:n],
+                                                host.top_logprobs[:n])
+        return StepResult.one_token_per_row(np.asarray(jax.device_get(out.token_ids))[:n])
+
+    def num_verify_logits(self, num_tokens_padded: int, num_seqs_padded: int) -> int:
+        """Logits rows of a verification step: one per draft token plus one per row, never
+        more than the step has tokens."""
+        return min(num_tokens_padded, num_seqs_padded * (self.num_lookahead_tokens + 1))
+
+    def _execute_verify(self, scheduled: list[tuple[Sequence, int]], proposal) -> StepResult:
+        """One target step over each sequence's chunk followed by its draft tokens, keeping the
+        logits of the chunk's last token and of every draft token; then `verify` on the device.
+        Every row's sampling settings apply at every position, with the draft tokens before a
+        position in its penalty history."""
+        gamma = self.num_lookahead_tokens
+        drafts = [proposal.drafts.get(seq.seq_id, []) for seq, _ in scheduled]
+        runs = self._runs(scheduled, drafts)
+        shape = self.padded_shape(sum(len(run[0]) for run in runs), len(runs))
+        num_rows = shape[1]
+        logit_rows = np.zeros((num_rows, gamma + 1), np.int32)
+        q_rows = np.zeros(num_rows, np.int32)
+        draft_ids = np.zeros((num_rows, gamma), np.int32)
+        num_draft = np.zeros(num_rows, np.int32)
+        params, histories, steps, seeds = [], [], [], []
+        for i, ((seq, num_new), row_drafts) in enumerate(zip(scheduled, drafts)):
+            samples = seq.num_computed_tokens + num_new == seq.num_tokens  # not a partial prefill chunk
+            for j in range(len(row_drafts) + 1):
+                logit_rows[i, j:] = len(params)
+                params.append(seq.params if samples else None)
+                histories.append(penalty_history(seq, row_drafts[:j]) if samples else None)
+                steps.append(seq.num_output_tokens + j)
+                seeds.append(seq.seed)
+            q_rows[i] = proposal.q_rows.get(seq.seq_id, 0)
+            draft_ids[i, :len(row_drafts)] = row_drafts
+            num_draft[i] = len(row_drafts)
+        num_logits = self.num_verify_logits(*shape)
+        logits = self.forward(runs, shape, [len(d) + 1 for d in drafts], num_logits)
+        arrays, modes = step_sampling_arrays(params, histories, steps, seeds, num_logits)
+        inputs = jax.device_put((arrays, q_rows, logit_rows, draft_ids, num_draft))
+        result = self._verify_fn(logits, inputs[0], proposal.q_buffer, *inputs[1:], modes=modes)
+        n = len(scheduled)
+        if any(seq.params.logprobs is not None for seq, _ in scheduled):
+            num_accepted, token_ids, logprobs, top_ids, top_logprobs = jax.device_get(result)
+            return StepResult(token_ids[:n], num_accepted[:n] + 1, logprobs[:n], top_ids[:n], top_logprobs[:n])
+        num_accepted, token_ids = jax.device_get(result[:2])
+        return StepResult(token_ids[:n], num_accepted[:n] + 1)
 
     def _token_bitmask(self, seq_ids: list[int], num_rows: int, constraints=None) -> jax.Array:
         """The sampler's fixed-shape grammar mask: the constrained rows' masks, or a cached all-ones
@@ -280,20 +368,23 @@ class ModelRunner:
             free = self._free_bitmasks[num_rows] = jax.device_put(np.full((num_rows, words), -1, np.int32))
         return free
 
-    # -- for callers that sample themselves (speculative decoding) ------------------------
+    # -- for callers that sample themselves (the draft model) -----------------------------
 
     def padded_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """The (tokens, seqs) bucket pair a step of this many tokens and sequences runs in."""
-        t_pad = _bucket(self.token_buckets, num_tokens)
+        t_pad = round_up_to_bucket(self.token_buckets, num_tokens, "step tokens")
         return t_pad, self.seq_bucket_for(t_pad, num_seqs)
 
     def forward(self, runs: list[tuple[list[int], int, list[int]]], shape: tuple[int, int],
-                logits_indices: np.ndarray) -> jax.Array:
+                logits_per_run: list[int], num_logits: int) -> jax.Array:
         """One model step over `runs` (as `build_metadata` takes them) padded to `shape`, writing
-        their KV; returns the f32 logits at the flat token positions `logits_indices`, left on
-        the device ([len(logits_indices), V]). No sampling: the caller samples."""
-        input_ids, meta, _ = self.build_metadata(runs, *shape)
-        inputs = jax.device_put((input_ids, meta, np.asarray(logits_indices, np.int32)))
+        their KV; returns the f32 logits of the last ``logits_per_run[i]`` tokens of each run i,
+        run after run, padded to `num_logits` rows and left on the device. No sampling."""
+        input_ids, meta, last_token = self.build_metadata(runs, *shape)
+        logits_indices = np.zeros(num_logits, np.int32)
+        indices = [last_token[i] - count + 1 + j for i, count in enumerate(logits_per_run) for j in range(count)]
+        logits_indices[:len(indices)] = indices
+        inputs = jax.device_put((input_ids, meta, logits_indices))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs)
         return logits
 
@@ -301,7 +392,7 @@ class ModelRunner:
         """Compile `forward` for every bucket pair (t, s) with `num_logits(t, s)` logits rows."""
         pairs = self.shape_pairs()
         for i, (t, s) in enumerate(pairs):
-            jax.block_until_ready(self.forward([], (t, s), np.zeros(num_logits(t, s), np.int32)))
+            jax.block_until_ready(self.forward([], (t, s), [], num_logits(t, s)))
             if progress is not None:
                 progress(i + 1, len(pairs), (t, s))
 
@@ -314,7 +405,7 @@ class ModelRunner:
         variant for single-sequence steps."""
         if num_seqs == 1 and num_tokens_padded == self.token_buckets[0] and self.seq_buckets[0] == 1:
             return 1
-        return _bucket(self.seq_buckets, min(num_tokens_padded, self.seq_buckets[-1]))
+        return round_up_to_bucket(self.seq_buckets, min(num_tokens_padded, self.seq_buckets[-1]), "step sequences")
 
     def shape_pairs(self) -> list[tuple[int, int]]:
         pairs = [(t, self.seq_bucket_for(t)) for t in self.token_buckets]
@@ -326,6 +417,13 @@ class ModelRunner:
         seqs bucket, now so no request waits on a compile."""
         pairs = self.shape_pairs()
         start = time.perf_counter()
+        if self.num_lookahead_tokens:
+            for i, (t, s) in enumerate(pairs):
+                self._warm_verify(t, s)
+                if progress is not None:
+                    progress(i + 1, len(pairs), (t, s))
+            log.info("compiled %d verification step shapes in %.1fs", len(pairs), time.perf_counter() - start)
+            return
         warmed_samplers: set[int] = set()
         for i, (t, s) in enumerate(pairs):
             self._run_dummy(t, s, warm_sampler=s not in warmed_samplers)
@@ -352,12 +450,26 @@ class ModelRunner:
             arrays = dataclasses.replace(jax.device_put(arrays), token_bitmask=self._token_bitmask([], num_seqs))
             jax.block_until_ready(self._sample_fn(logits, arrays, modes=modes))
 
+    def _warm_verify(self, num_tokens: int, num_seqs: int) -> None:
+        """A padding-only verification step, and `verify` in each compiled sampler variant."""
+        gamma = self.num_lookahead_tokens
+        num_logits = self.num_verify_logits(num_tokens, num_seqs)
+        logits = self.forward([], (num_tokens, num_seqs), [], num_logits)
+        # The draft distributions' buffer as the proposer holds it: one row per possible sequence.
+        q_buffer = jnp.zeros((self.seq_buckets[-1], gamma, self.config.vocab_size), jnp.float32)
+        for params in SAMPLER_WARMUP_PARAMS:
+            arrays, modes = step_sampling_arrays([params], [([0], 1)], [0], [0], num_logits)
+            inputs = jax.device_put((arrays, np.zeros(num_seqs, np.int32), np.zeros((num_seqs, gamma + 1), np.int32),
+                                     np.zeros((num_seqs, gamma), np.int32), np.zeros(num_seqs, np.int32)))
+            jax.block_until_ready(self._verify_fn(logits, inputs[0], q_buffer, *inputs[1:], modes=modes))
+
     def _step_input_embeds(self, scheduled: list[tuple[Sequence, int]], num_tokens_padded: int):
         """(embeds, mask) for the image positions this step runs, or None (the text-only variant)."""
         if not self.input_embeds:
             return None
-        return step_input_embeds([(seq.multimodal, seq.num_computed_tokens, n) for seq, n in scheduled],
-                                 num_tokens_padded, self.config.hidden_size)
+        order = decode_first([n for _, n in scheduled])  # the flat token order build_metadata lays out
+        return step_input_embeds([(scheduled[i][0].multimodal, scheduled[i][0].num_computed_tokens, scheduled[i][1])
+                                  for i in order], num_tokens_padded, self.config.hidden_size)
 
     def _run_dummy_embeds(self, num_tokens: int, num_seqs: int) -> None:
         """One padding-only step of the image-features variant (mask all false)."""

@@ -14,7 +14,7 @@ Reported logprobs are vLLM's default ("raw_logprobs", also what OpenAI reports):
 log-softmax of the model's raw logits, before bias, penalties, temperature and filters.
 
 Why the filters avoid a full sort: on XLA:CPU a sort of a 49152-wide row costs ~20 ms
-(S=32: ~1 s), while the 128 largest logits cost ~0.07 ms a row (`_top_k`: the largest
+(S=32: ~1 s), while the 128 largest logits cost ~0.07 ms a row (`largest_k`: the largest
 block maxima first, then the top-k within those blocks). Each row's top-k/top-p
 thresholds are read off its `CANDIDATES` largest logits; a row whose top-k or nucleus
 does not fit inside them gets its threshold from an exact bisection over the float bit
@@ -34,8 +34,6 @@ row-local, so the same seed and step give the same token whatever else is in the
 """
 from __future__ import annotations
 
-import bisect
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,10 +44,10 @@ import numpy as np
 from jax import lax
 
 from ..errors import InvalidRequestError
-from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
+from ..sampling_params import (  # noqa: F401  (resolve_seed: the one seed rule, re-exported for callers here)
+    GREEDY_TEMPERATURE, MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams, resolve_seed)
+from .buckets import round_up_to_bucket
 
-# Temperatures below this are greedy (as in vLLM): dividing by them would overflow.
-GREEDY_TEMPERATURE = 1e-5
 # Largest logits read for the top-k/top-p thresholds; see the module docstring.
 CANDIDATES = 128
 # Penalties look at the last PENALTY_WINDOW tokens of prompt+output: the `repeat_last_n`
@@ -119,19 +117,26 @@ def sample(logits: jax.Array, arrays: SamplingArrays, modes: SamplerModes) -> Sa
     penalized logits; the others draw from the filtered softmax(logits / temperature)
     with the row's own key. `logprobs` and `top_logprobs` are log_softmax(raw logits).
     """
+    return map_row_chunks(lambda chunk_logits, chunk_arrays: _sample_rows(chunk_logits, chunk_arrays, modes),
+                          logits, arrays)
+
+
+def map_row_chunks(fn, logits: jax.Array, arrays: SamplingArrays):
+    """`fn(logits, arrays)` over slabs of rows on CPU (rows are independent), whole elsewhere.
+
+    On CPU a big batch is sampled a chunk of rows at a time: the sampler's [rows, V]
+    temporaries then stay small enough for malloc to reuse instead of mapping fresh pages
+    on every call (S=128, V=49152 in one piece: ~100 MB of temporaries, up to ~18k page
+    faults a call). Accelerators have pooled allocators, and there a loop would only
+    serialize kernels.
+    """
     num_rows, vocab = logits.shape
-    # On CPU a big batch is sampled a chunk of rows at a time (rows are independent): the
-    # sampler's [rows, V] temporaries then stay small enough for malloc to reuse instead
-    # of mapping fresh pages on every call (S=128, V=49152 in one piece: ~100 MB of
-    # temporaries, up to ~18k page faults a call). Accelerators have pooled allocators,
-    # and there a loop would only serialize kernels.
-    on_cpu = jax.default_backend() == "cpu"
-    rows_per_chunk = _rows_per_chunk(num_rows, vocab) if on_cpu else num_rows
+    rows_per_chunk = _rows_per_chunk(num_rows, vocab) if jax.default_backend() == "cpu" else num_rows
     if rows_per_chunk == num_rows:
-        return _sample_rows(logits, arrays, modes)
+        return fn(logits, arrays)
     num_chunks = num_rows // rows_per_chunk
     chunked = jax.tree.map(lambda x: x.reshape(num_chunks, rows_per_chunk, *x.shape[1:]), (logits, arrays))
-    output = lax.map(lambda chunk: _sample_rows(*chunk, modes), chunked)
+    output = lax.map(lambda chunk: fn(*chunk), chunked)
     return jax.tree.map(lambda x: x.reshape(num_rows, *x.shape[2:]), output)
 
 
@@ -146,40 +151,48 @@ def _sample_rows(logits, arrays, modes):
     adjusted = apply_logit_adjustments(raw, arrays, modes)
     if arrays.token_bitmask is not None:
         adjusted = apply_token_bitmask(adjusted, arrays.token_bitmask)
-    greedy_ids = _blocked_argmax(adjusted)
+    greedy_ids = blocked_argmax(adjusted)
     if modes.all_greedy:
         token_ids = greedy_ids
     else:
-        greedy_row = arrays.temperature < GREEDY_TEMPERATURE
-        temperature = jnp.where(greedy_row, 1.0, arrays.temperature)
-        scaled = adjusted / temperature[:, None]
-        row_max = jnp.max(scaled, axis=-1, keepdims=True)
-        # Probabilities relative to the row's most likely token: p / p_max, unnormalized.
-        relative_probs = jnp.exp(scaled - row_max)
-        if modes.use_filters:
-            # Greedy rows never read their filters; clearing them spares the exact fallback.
-            top_k = jnp.where(greedy_row, 0, arrays.top_k)
-            top_p = jnp.where(greedy_row, 1.0, arrays.top_p)
-            keep = _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, arrays.min_p)
-            # The most likely token always stays in play. Without this, min_p=1.0 could
-            # leave nothing (XLA may round p/p_max of the max token just below 1 when it
-            # fuses the two computations differently) and the draw would return id 0.
-            keep = keep | (jnp.arange(keep.shape[1])[None, :] == greedy_ids[:, None])
-            relative_probs = jnp.where(keep, relative_probs, 0.0)
-        uniforms = jax.vmap(_row_uniform)(arrays.seeds, arrays.steps)
-        sampled_ids = _inverse_cdf(relative_probs, uniforms)
-        token_ids = jnp.where(greedy_row, greedy_ids, sampled_ids)
+        weights = sampling_weights(adjusted, greedy_ids, arrays, modes)
+        sampled_ids = inverse_cdf(weights, row_uniforms(arrays.seeds, arrays.steps))
+        token_ids = jnp.where(arrays.temperature < GREEDY_TEMPERATURE, greedy_ids, sampled_ids)
 
     log_normalizer = jax.nn.logsumexp(raw, axis=-1)
     logprobs = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_normalizer
     num_rows = raw.shape[0]
     if modes.num_logprobs > 0:
-        top_raw, top_ids = _top_k(raw, modes.num_logprobs, block=64)
+        top_raw, top_ids = largest_k(raw, modes.num_logprobs, block=64)
         top_logprobs = top_raw - log_normalizer[:, None]
     else:
         top_ids = jnp.zeros((num_rows, 0), jnp.int32)
         top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
     return SamplerOutput(token_ids.astype(jnp.int32), logprobs, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def sampling_weights(adjusted: jax.Array, greedy_ids: jax.Array, arrays: SamplingArrays,
+                     modes: SamplerModes) -> jax.Array:
+    """f32[S, V]: the unnormalized distribution a sampled row draws from, p / p_max after
+    temperature and the top-k / top-p / min-p filters. `adjusted` holds the biased and
+    penalized logits, `greedy_ids` their argmax. Greedy rows get some row; callers ignore it."""
+    greedy_row = arrays.temperature < GREEDY_TEMPERATURE
+    temperature = jnp.where(greedy_row, 1.0, arrays.temperature)
+    scaled = adjusted / temperature[:, None]
+    row_max = jnp.max(scaled, axis=-1, keepdims=True)
+    # Probabilities relative to the row's most likely token: p / p_max, unnormalized.
+    relative_probs = jnp.exp(scaled - row_max)
+    if not modes.use_filters:
+        return relative_probs
+    # Greedy rows never read their filters; clearing them spares the exact fallback.
+    top_k = jnp.where(greedy_row, 0, arrays.top_k)
+    top_p = jnp.where(greedy_row, 1.0, arrays.top_p)
+    keep = _truncation_mask(scaled, row_max, relative_probs, top_k, top_p, arrays.min_p)
+    # The most likely token always stays in play. Without this, min_p=1.0 could leave
+    # nothing (XLA may round p/p_max of the max token just below 1 when it fuses the two
+    # computations differently) and the draw would return id 0.
+    keep = keep | (jnp.arange(keep.shape[1])[None, :] == greedy_ids[:, None])
+    return jnp.where(keep, relative_probs, 0.0)
 
 
 def apply_logit_adjustments(logits: jax.Array, arrays: SamplingArrays, modes: SamplerModes) -> jax.Array:
@@ -265,7 +278,7 @@ def _top_k_top_p_threshold(scaled, row_max, relative_probs, k, top_k_on, top_p, 
     """f32[S]: the logit each row's top-k and top-p together cut at (tokens equal to it stay)."""
     num_rows, vocab = scaled.shape
     num_candidates = min(CANDIDATES, vocab)
-    candidate_logits, _ = _top_k(scaled, num_candidates, block=16)  # descending
+    candidate_logits, _ = largest_k(scaled, num_candidates, block=16)  # descending
     k_fits = k <= num_candidates
     kth_logit = jnp.take_along_axis(candidate_logits, jnp.clip(k - 1, 0, num_candidates - 1)[:, None], axis=-1)[:, 0]
     top_k_threshold = jnp.where(top_k_on & k_fits, kth_logit, -jnp.inf)
@@ -341,7 +354,7 @@ def _full_row_threshold(row_logits, row_probs, k, top_p):
     return jnp.maximum(k_threshold, p_threshold)
 
 
-def _top_k(values, k, block):
+def largest_k(values, k, block):
     """lax.top_k over the last axis, exact, reading only the k blocks with the largest maxima.
 
     The k largest values all lie in the k blocks whose maxima are largest, so two small
@@ -395,9 +408,17 @@ def _nucleus_threshold(probs, nucleus_mass):
     return lax.bitcast_convert_type(jnp.maximum(high, 0), jnp.float32)
 
 
-def _row_uniform(seed, step):
-    key = jax.random.fold_in(jax.random.key(seed, impl=_THREEFRY), step)
-    return jax.random.uniform(key, (), jnp.float32)
+def row_uniforms(seeds: jax.Array, steps: jax.Array, salt: int | None = None) -> jax.Array:
+    """One U[0, 1) per element of `steps` (`seeds` alike shaped), from
+    ``fold_in(key(seed), step)``, folded with `salt` too when given (speculative decoding
+    draws several independent uniforms per step)."""
+    def one(seed, step):
+        key = jax.random.fold_in(jax.random.key(seed, impl=_THREEFRY), step)
+        if salt is not None:
+            key = jax.random.fold_in(key, salt)
+        return jax.random.uniform(key, (), jnp.float32)
+
+    return jax.vmap(one)(seeds.reshape(-1), steps.reshape(-1)).reshape(steps.shape)
 
 
 def _pad_to_blocks(values, fill, block=_BLOCK):
@@ -407,7 +428,7 @@ def _pad_to_blocks(values, fill, block=_BLOCK):
     return values.reshape(values.shape[0], -1, block)
 
 
-def _blocked_argmax(logits):
+def blocked_argmax(logits):
     """First index of the row maximum (XLA:CPU's variadic argmax reduce is 10-20x slower)."""
     blocks = _pad_to_blocks(logits, -jnp.inf)
     best_block = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
@@ -415,7 +436,7 @@ def _blocked_argmax(logits):
     return (best_block * _BLOCK + jnp.argmax(block, axis=-1)).astype(jnp.int32)
 
 
-def _inverse_cdf(weights, uniforms):
+def inverse_cdf(weights, uniforms):
     """Index i with P(i) = weights[i] / sum(weights), walking a tree of partial sums.
 
     Level sums with fan-out _FANOUT are built in one pass over the row; the walk then picks
@@ -464,26 +485,6 @@ def _last_nonzero_index(values):
 
 
 # ------------------------------------------------------------------------------- host side
-
-
-def resolve_seed(params: SamplingParams | None, sequence_index: int = 0) -> int:
-    """The u32 seed a sequence samples with; call once per sequence and store the result.
-
-    A seeded request keeps its seed (the `n` parallel sequences get seed + index, as in
-    vLLM, so they differ); 64-bit seeds are folded into 32 bits. An unseeded one draws a
-    fresh random seed.
-    """
-    if params is None or params.seed is None:
-        return secrets.randbits(32)
-    seed = (params.seed + sequence_index) & 0xFFFFFFFFFFFFFFFF
-    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
-
-
-def _bucket(value: int, buckets: Sequence[int], what: str) -> int:
-    index = bisect.bisect_left(buckets, value)
-    if index == len(buckets):
-        raise ValueError(f"{what} = {value} exceeds the largest bucket {buckets[-1]}")
-    return buckets[index]
 
 
 def build_sampling_arrays(
@@ -549,7 +550,7 @@ def build_sampling_arrays(
     history_width = 0
     if penalized_rows:
         longest = max(min(len(histories[row][0]), penalty_window) for row in penalized_rows)
-        history_width = _bucket(max(longest, 1), HISTORY_WIDTH_BUCKETS, "penalty history length")
+        history_width = round_up_to_bucket(HISTORY_WIDTH_BUCKETS, max(longest, 1), "penalty history length")
     history_tokens = np.full((num_rows, history_width), -1, np.int32)
     history_is_output = np.zeros((num_rows, history_width), np.bool_)
     for row in penalized_rows:
@@ -564,7 +565,7 @@ def build_sampling_arrays(
     bias_width = 0
     if biased_rows:
         most = max(len(params_list[row].logit_bias) for row in biased_rows)
-        bias_width = _bucket(most, BIAS_WIDTH_BUCKETS, "logit_bias entries")
+        bias_width = round_up_to_bucket(BIAS_WIDTH_BUCKETS, most, "logit_bias entries")
     bias_token_ids = np.full((num_rows, bias_width), -1, np.int32)
     bias_values = np.zeros((num_rows, bias_width), np.float32)
     for row in biased_rows:
@@ -585,7 +586,7 @@ def build_sampling_arrays(
         use_filters=bool(np.any(sampled & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)))),
         use_penalties=bool(penalized_rows),
         use_bias=bool(biased_rows),
-        num_logprobs=_bucket(max_logprobs, NUM_LOGPROBS_BUCKETS, "logprobs"),
+        num_logprobs=round_up_to_bucket(NUM_LOGPROBS_BUCKETS, max_logprobs, "logprobs"),
     )
     arrays = SamplingArrays(
         temperature=temperature,

@@ -21,12 +21,23 @@ it would have seen, so its final output does not change.
 No livelock: the oldest running sequence is only preempted by itself when it is
 alone, which cannot happen while it fits the pool; a sequence whose tokens need more
 blocks than the whole pool can never run again and is finished with ``"length"``
-(reported in ``SchedulerOutput.finished_aborted``). A sequence whose length reaches
-``max_model_len`` is finished with ``"length"`` when the token is appended.
+(reported in ``SchedulerOutput.finished_over_capacity``).
 
-The block manager is either the paged `BlockManager` or, for ``--no-paged-attn``, the
-`ContiguousBlockManager` (one fixed slot per sequence); ``max_blocks_per_seq`` is the
-whole pool for the first and one slot for the second.
+Speculative decoding (vLLM v1's lookahead slots): with ``num_lookahead_tokens`` = gamma,
+every sequence whose chunk completes its known tokens also gets the KV slots for up to
+gamma draft tokens (fewer near ``max_tokens`` or ``max_model_len``, or when the pool is
+short; never by preempting anyone), listed in ``SchedulerOutput.lookahead``. Nothing
+else allocates blocks. After the step, ``update_after_step`` appends each sequence's
+accepted tokens and gives back the blocks only rejected drafts used.
+
+Stops: `check_stop` is the one rule for token-level ends (EOS, ``stop_token_ids``,
+``max_tokens``, ``max_model_len``); ``update_after_step`` applies it after every
+appended token, so a speculative run ends at the first stop. Stop *strings* are text,
+which the engine sees (it finishes the sequence through `finish`).
+
+The block manager is a `kv_cache.KVCacheManager`: the paged `BlockManager` or, for
+``--no-paged-attn``, the `ContiguousBlockManager` (one fixed slot per sequence);
+``max_blocks_per_seq`` is the whole pool for the first and one slot for the second.
 
 Not thread-safe: call every method from the engine loop thread.
 """
@@ -36,33 +47,34 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from collections.abc import Sequence as TokenList
 from dataclasses import dataclass, field
 
 from ..errors import InvalidRequestError, PromptTooLongError
-from .block_manager import BlockManager
-from .contiguous_cache import ContiguousBlockManager
+from .kv_cache import KVCacheManager
 from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
-# finish_reason of sequences the scheduler ends because the context or pool is full.
+# finish reasons (OpenAI's names).
+STOP = "stop"
 LENGTH = "length"
 ABORT = "abort"
 
 
 @dataclass
 class SchedulerOutput:
-    # (sequence, tokens to run this step) in batch order: single-token entries first
-    # (decodes, and prompts with one token left), then longer prefill chunks (new
-    # prompts, continuing chunks, recomputes after preemption); FCFS within each.
+    # (sequence, tokens to run this step): running sequences oldest first, then the ones
+    # admitted this step. (The runner lays one-token runs out first; see runner.decode_first.)
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    # Finished by the scheduler during this step (they can never fit the KV pool);
-    # finish_reason is set. The engine reports them like any finished sequence.
-    finished_aborted: list[Sequence] = field(default_factory=list)
+    # Finished with "length" by the scheduler during this step: their tokens need more KV
+    # than the pool (or their slot) can ever hold. The engine reports them like any finished one.
+    finished_over_capacity: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
-    num_decodes: int = 0  # scheduled[:num_decodes] run exactly one token each
+    # Speculative decoding: seq_id -> draft tokens whose KV slots this step allocated.
+    lookahead: dict[int, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -80,15 +92,19 @@ def _arrival_key(seq: Sequence) -> tuple[float, int]:
 class Scheduler:
     def __init__(
         self,
-        block_manager: BlockManager | ContiguousBlockManager,
+        block_manager: KVCacheManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         long_prefill_token_threshold: int = 0,
+        eos_token_ids: Collection[int] = (),
+        num_lookahead_tokens: int = 0,
     ):
         """``long_prefill_token_threshold`` > 0 caps the tokens one sequence may run in
-        a step, so a long prompt cannot take the whole budget from its neighbours."""
+        a step, so a long prompt cannot take the whole budget from its neighbours.
+        ``eos_token_ids`` end a sequence (unless its request ignores EOS);
+        ``num_lookahead_tokens`` > 0 reserves draft slots for speculative decoding."""
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -102,12 +118,16 @@ class Scheduler:
             )
         if long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
+        if num_lookahead_tokens < 0:
+            raise ValueError(f"num_lookahead_tokens must be >= 0, got {num_lookahead_tokens}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.num_lookahead_tokens = num_lookahead_tokens
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival (oldest first)
@@ -200,7 +220,7 @@ class Scheduler:
             "(%d tokens)", seq, seq.num_tokens, self.block_manager.max_blocks_per_seq * self.block_manager.block_size,
         )
         self.finish(seq, LENGTH)
-        output.finished_aborted.append(seq)
+        output.finished_over_capacity.append(seq)
 
     def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -270,34 +290,81 @@ class Scheduler:
                 chosen[seq] = num_new
                 budget -= num_new
 
-        decodes = [(seq, n) for seq, n in chosen.items() if n == 1]
-        prefills = [(seq, n) for seq, n in chosen.items() if n != 1]
-        output.scheduled = decodes + prefills
-        output.num_decodes = len(decodes)
+        output.scheduled = list(chosen.items())
         output.num_batched_tokens = self.max_num_batched_tokens - budget
+        if self.num_lookahead_tokens:
+            self._reserve_lookahead(output)
         return output
 
-    def update_after_step(self, output: SchedulerOutput, sampled: Mapping[int, int]) -> list[Sequence]:
-        """Advance each scheduled sequence's ``num_computed_tokens``, register newly
-        full blocks in the prefix cache, and append the sampled token (keyed by
-        ``seq_id``) to every sequence whose known tokens are now all computed; a
-        partial prefill chunk's sample is ignored. Returns the sequences that got a
-        token, in batch order; those reaching ``max_model_len`` are already finished
-        with "length". Sequences aborted since ``schedule()`` are skipped."""
+    def _reserve_lookahead(self, output: SchedulerOutput) -> None:
+        """Draft slots for every scheduled sequence whose chunk completes its known tokens: a
+        step appends up to lookahead + 1 tokens, which must stay within max_tokens and
+        max_model_len, and whose KV must fit the pool now (nobody is preempted for them)."""
+        for seq, num_new in output.scheduled:
+            if seq.num_computed_tokens + num_new != seq.num_tokens:
+                continue  # a partial prefill chunk samples nothing
+            lookahead = self.num_lookahead_tokens
+            if seq.params.max_tokens is not None:
+                lookahead = min(lookahead, seq.params.max_tokens - seq.num_output_tokens - 1)
+            lookahead = min(lookahead, self.max_model_len - seq.num_tokens - 1,
+                            self.block_manager.num_tokens_fitting(seq) - num_new)
+            if lookahead > 0 and self.block_manager.allocate_for(seq, num_new + lookahead):
+                output.lookahead[seq.seq_id] = lookahead
+
+    def check_stop(self, seq: Sequence) -> tuple[str, int | None] | None:
+        """(finish_reason, stop_reason) if ``seq`` ends with its last token, else None: EOS
+        (unless ignored) or a stop token id -> "stop"; max_tokens or max_model_len -> "length"."""
+        token = seq.last_token_id
+        params = seq.params
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return STOP, token
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return LENGTH, None
+        if seq.num_tokens >= self.max_model_len:
+            return LENGTH, None
+        return None
+
+    def update_after_step(self, output: SchedulerOutput, sampled: Mapping[int, TokenList[int]],
+                          cacheable: Mapping[int, int] | None = None) -> list[tuple[Sequence, list[int]]]:
+        """Apply a step's results.
+
+        Each scheduled sequence's ``num_computed_tokens`` advances over its chunk. A
+        sequence whose known tokens are now all computed appends its new tokens
+        (``sampled[seq_id]``: one sampled token, or the accepted draft tokens and the final
+        one), one at a time until `check_stop` ends it (then it is finished here); a partial
+        prefill chunk's sample is ignored. Newly full blocks go into the prefix cache, up to
+        ``cacheable[seq_id]`` positions when given (speculative decoding: where the draft's
+        KV is complete too), and blocks that only held rejected drafts go back to the pool.
+        Returns (sequence, tokens appended) in batch order. Sequences aborted since
+        ``schedule()`` are skipped."""
         appended = []
         for seq, num_new in output.scheduled:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += num_new
-            self.block_manager.commit_full_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue
-            try:
-                token_id = sampled[seq.seq_id]
-            except KeyError:
-                raise RuntimeError(f"no sampled token for {seq!r}, whose prompt was completed this step") from None
-            seq.append_token(token_id)
-            appended.append(seq)
-            if seq.num_tokens >= self.max_model_len:
-                self.finish(seq, LENGTH)
+            chunk_end = seq.num_computed_tokens + num_new
+            tokens, stop = [], None
+            if chunk_end == seq.num_tokens:
+                try:
+                    new_tokens = sampled[seq.seq_id]
+                except KeyError:
+                    raise RuntimeError(f"no sampled token for {seq!r}, whose prompt was completed this step") from None
+                for token in new_tokens:
+                    seq.append_token(token)
+                    tokens.append(int(token))
+                    stop = self.check_stop(seq)
+                    if stop is not None:
+                        break
+                # Every appended token but the last had its KV written (as a draft the target ran).
+                seq.num_computed_tokens = min(chunk_end + len(new_tokens) - 1, seq.num_tokens)
+            else:
+                seq.num_computed_tokens = chunk_end
+            limit = seq.num_computed_tokens if cacheable is None else min(seq.num_computed_tokens,
+                                                                          cacheable[seq.seq_id])
+            self.block_manager.commit_full_blocks(seq, limit)
+            if stop is not None:
+                self.finish(seq, *stop)
+            elif seq.seq_id in output.lookahead:
+                self.block_manager.trim(seq)
+            if tokens:
+                appended.append((seq, tokens))
         return appended

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import enum
 import itertools
-import secrets
 import time
 from typing import Any
 
-from ..sampling_params import SamplingParams
-
-# Seeds are folded into [0, 2**31) so the runner can carry them in an int32 array.
-SEED_MODULUS = 2**31
+from ..sampling_params import SamplingParams, resolve_seed
 
 _seq_ids = itertools.count()
 
@@ -28,18 +24,6 @@ class SequenceStatus(enum.Enum):
     # prompt + output-so-far on re-admission.
     PREEMPTED = "preempted"
     FINISHED = "finished"
-
-
-def resolve_seed(params: SamplingParams, index: int) -> int:
-    """The seed one completion samples with.
-
-    A seeded request gives completion ``i`` the seed ``seed + i`` so that ``n`` seeded
-    completions differ from each other yet repeat across runs; an unseeded one draws
-    a fresh random seed.
-    """
-    if params.seed is None:
-        return secrets.randbelow(SEED_MODULUS)
-    return (params.seed + index) % SEED_MODULUS
 
 
 class Sequence:
@@ -70,7 +54,9 @@ class Sequence:
         self.request_id = request_id
         self.index = index
         self.params = params
-        self.seed: int = resolve_seed(params, index) if seed is None else seed % SEED_MODULUS
+        # The u32 seed of this completion (sampling_params.resolve_seed): completion i of a
+        # seeded request uses seed + i, so n seeded completions differ yet repeat across runs.
+        self.seed: int = resolve_seed(params, index) if seed is None else seed & 0xFFFFFFFF
         self.prompt = prompt
         self.prompt_token_ids: list[int] = [int(token) for token in prompt_token_ids]
         self._token_ids: list[int] = list(self.prompt_token_ids)
