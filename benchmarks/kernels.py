@@ -5,8 +5,9 @@
 
 On a GPU every workload runs twice, the Pallas kernel (Triton lowering) and the XLA
 reference, and the table shows both, the speed-up and the largest difference between
-their outputs. Anywhere else only the reference is timed: the Pallas path needs an NVIDIA
-GPU (interpret mode is a correctness tool, hundreds of times slower, and not timed here).
+their outputs. On a CPU the quantized matmuls run the XLA reference and the FFI kernel
+that `dispatch()` picks (cpu-kernel), next to the dense f32 dot they replace; attention
+times the reference only (interpret mode is a correctness tool, not timed here).
 
 Rates are computed from the work the op must do, not what an implementation happens to
 do: attention reads each sequence's K and V once (bytes) and spends 4 * heads * head_dim
@@ -36,11 +37,10 @@ import numpy as np
 
 from mistralrs_jax.config import ModelConfig
 from mistralrs_jax.engine.runner import ModelRunner
-from mistralrs_jax.quant import quantize, to_affine_int8
+from mistralrs_jax.quant import quantize_packed
 from pallas_kernels.paged_attention import paged_attention_reference
 from pallas_kernels.paged_attention_pallas import paged_attention_pallas
-from pallas_kernels.quant_matmul import affine_int8_matmul_reference
-from pallas_kernels.quant_matmul_pallas import affine_int8_matmul_pallas, gguf_matmul_pallas, gguf_matmul_reference
+from pallas_kernels.quant_matmul import dispatch, quant_matmul
 
 # Datasheet peaks: (HBM GB/s, dense bf16 tensor TFLOP/s). Matched by substring of device_kind.
 GPU_PEAKS = {
@@ -153,33 +153,21 @@ def attention_inputs(spec: dict, block_size: int, dtype, seed: int = 0):
 # -- quantized matmul workloads --------------------------------------------------------------
 
 def qmatmul_workloads(on_gpu: bool) -> list[tuple[str, dict]]:
-    shape = dict(out_f=4096, in_f=4096) if on_gpu else dict(out_f=576, in_f=1536)  # CPU: SmolLM2 ffn_down
-    tokens = [1, 16, 512] if on_gpu else [2, 64]
-    formats = [("affine int8 (Q4_K)", "Q4_K", "affine"), ("raw Q4_K", "Q4_K", "raw"),
-               ("raw Q8_0", "Q8_0", "raw"), ("affine int8 (Q6_K, g16)", "Q6_K", "affine")]
-    out = []
-    for label, qtype, form in formats:
-        if qtype.endswith("_K") and shape["in_f"] % 256:
-            continue  # K-quant blocks are 256 wide
-        for t in tokens:
-            name = f"{label} T={t} {shape['out_f']}x{shape['in_f']}"
-            out.append((name, dict(shape, qtype=qtype, form=form, tokens=t)))
-    return out
+    shape = dict(out_f=4096, in_f=4096) if on_gpu else dict(out_f=1536, in_f=576)  # CPU: SmolLM2 ffn_up
+    tokens = [1, 16, 512] if on_gpu else [1, 16, 64]
+    formats = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "HQQ4"] if on_gpu else ["Q4_1", "Q8_0", "Q5_0", "HQQ4"]
+    return [(f"{qtype} T={t} {shape['out_f']}x{shape['in_f']}", dict(shape, qtype=qtype, tokens=t))
+            for qtype in formats for t in tokens]
 
 
 def qmatmul_inputs(spec: dict, act_dtype, seed: int = 0):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((spec["out_f"], spec["in_f"])).astype(np.float32)
     x = jnp.asarray(rng.standard_normal((spec["tokens"], spec["in_f"])), act_dtype)
-    blocks = quantize(w, spec["qtype"])
+    blocks = quantize_packed(w, spec["qtype"]).blocks
     flops = 2.0 * spec["tokens"] * spec["in_f"] * spec["out_f"]
     io_bytes = x.nbytes + spec["tokens"] * spec["out_f"] * 4
-    if spec["form"] == "raw":
-        return (x, jnp.asarray(blocks)), blocks.nbytes + io_bytes, flops
-    a = to_affine_int8(blocks, spec["qtype"], w.shape)
-    offset = jnp.asarray(a.offset) if np.any(a.offset) else None
-    weight_bytes = a.q.nbytes + a.scale.nbytes + (a.offset.nbytes if offset is not None else 0)
-    return (x, jnp.asarray(a.q), jnp.asarray(a.scale), offset, a.group_size), weight_bytes + io_bytes, flops
+    return (x, jnp.asarray(blocks)), blocks.nbytes + io_bytes, flops
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -189,13 +177,14 @@ def run(args) -> dict:
     kv_dtype = jnp.bfloat16 if on_gpu else jnp.float32  # XLA:CPU is only fast in f32
     results: list[Result] = []
 
-    def measure(name, ref_fn, kernel_fn, inputs, nbytes, flops):
+    def measure(name, ref_fn, kernel_fn, inputs, nbytes, flops, kernel_label="pallas"):
         ref_runs = _time(ref_fn, inputs, args.reps)
         results.append(Result(name, "reference (XLA)", ref_runs, nbytes, flops))
         if kernel_fn is not None:
             kernel_runs = _time(kernel_fn, inputs, args.reps)
             diff = float(jnp.max(jnp.abs(kernel_fn(*inputs).astype(jnp.float32) - ref_fn(*inputs).astype(jnp.float32))))
-            results.append(Result(name, "pallas (triton)", kernel_runs, nbytes, flops, diff))
+            label = "pallas (triton)" if kernel_label == "pallas" else kernel_label
+            results.append(Result(name, label, kernel_runs, nbytes, flops, diff))
 
     if args.only in (None, "attention"):
         for name, spec in attention_workloads(on_gpu):
@@ -208,17 +197,18 @@ def run(args) -> dict:
     if args.only in (None, "qmatmul"):
         for name, spec in qmatmul_workloads(on_gpu):
             inputs, nbytes, flops = qmatmul_inputs(spec, jnp.bfloat16 if on_gpu else jnp.float32)
-            if spec["form"] == "raw":
-                qtype = spec["qtype"]
-                ref = jax.jit(lambda x, b, qtype=qtype: gguf_matmul_reference(x, b, qtype))
-                kernel = jax.jit(lambda x, b, qtype=qtype: gguf_matmul_pallas(x, b, qtype)) if on_gpu else None
-            else:
-                group = inputs[-1]
-                inputs = inputs[:-1]
-                ref = jax.jit(lambda x, q, s, o, g=group: affine_int8_matmul_reference(x, q, s, o, g))
-                kernel = (jax.jit(lambda x, q, s, o, g=group: affine_int8_matmul_pallas(x, q, s, o, g))
-                          if on_gpu else None)
-            measure("qmatmul: " + name, ref, kernel, inputs, nbytes, flops)
+            qtype = spec["qtype"]
+            ref = jax.jit(lambda x, b, qtype=qtype: quant_matmul(x, b, qtype, impl="reference"))
+            impl = dispatch(qtype)
+            kernel = (jax.jit(lambda x, b, qtype=qtype, impl=impl: quant_matmul(x, b, qtype, impl=impl))
+                      if impl in ("pallas", "cpu-kernel") else None)
+            measure("qmatmul: " + name, ref, kernel, inputs, nbytes, flops, kernel_label=impl)
+        if not on_gpu:  # the dense f32 dot the quantized kernels replace
+            for t in (1, 16, 64):
+                w = jnp.asarray(np.random.default_rng(0).standard_normal((576, 1536)), jnp.float32)
+                x = jnp.asarray(np.random.default_rng(1).standard_normal((t, 576)), jnp.float32)
+                measure(f"qmatmul: f32 dense T={t} 1536x576", jax.jit(lambda x, w: x @ w), None, (x, w),
+                        w.nbytes + x.nbytes + t * 1536 * 4, 2.0 * t * 576 * 1536)
 
     peak_gbs, peak_tflops, peak_source = device_peaks(args)
     print_table(results, peak_gbs, peak_tflops, peak_source, on_gpu)
@@ -253,8 +243,8 @@ def print_table(results: list[Result], peak_gbs, peak_tflops, peak_source: str, 
               f"{(f'{100 * tflops / peak_tflops:5.1f}%' if peak_tflops else '   n/a'):>6} {speedup:7.2f}x "
               f"{(f'{r.max_abs_diff:.1e}' if r.max_abs_diff is not None else ''):>8}")
     if not on_gpu:
-        print("\nOnly the XLA references were timed: the Pallas kernels are compiled with Triton and need an NVIDIA "
-              "GPU (on CPU they run only in interpret mode, which is a correctness tool, not a speed one).")
+        print("\nOn CPU the quantized matmuls time the XLA reference and the FFI kernel (cpu-kernel); the Pallas "
+              "kernels are compiled with Triton and need an NVIDIA GPU (interpret mode is a correctness tool).")
 
 
 def main(argv=None) -> None:

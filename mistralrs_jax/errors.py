@@ -60,3 +60,8 @@ class ImageError(InvalidRequestError):
 
     def __init__(self, message: str, param: str | None = "messages", code: str | None = "invalid_image"):
         super().__init__(message, param=param, code=code)
+
+
+class InsufficientMemoryError(ModelLoadError, MemoryError):
+    """Loading would need more memory than the machine has available; the message names the
+    bytes needed and the option that avoids it."""

@@ -62,3 +62,31 @@ def read_local_memory() -> MemoryReading:
     reading = MemoryReading(kind="device" if devices else "process RSS", source="this process", devices=devices,
                             rss_bytes=process.memory_info().rss, host_total_bytes=psutil.virtual_memory().total)
     return reading
+
+
+def available_bytes() -> int:
+    """Memory the process can still take without swapping (psutil's `available`)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def ensure_fits(needed: int, what: str, avoid: str) -> None:
+    """Raise InsufficientMemoryError before allocating `needed` bytes that are not available.
+
+    `what` says what the bytes are for, `avoid` how to do without them (a flag)."""
+    from .errors import InsufficientMemoryError
+
+    available = available_bytes()
+    if needed > available:
+        raise InsufficientMemoryError(f"{what} needs {needed:,} bytes ({needed / 2**30:.2f} GiB) but only "
+                                      f"{available:,} bytes ({available / 2**30:.2f} GiB) are available; {avoid}")
+
+
+def weight_bytes(model) -> int:
+    """Bytes a model's parameters occupy as held (packed blocks at their own size, dense
+    weights at their dtype, embeddings, norms, biases)."""
+    import jax
+    from flax import nnx
+
+    return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))

@@ -1,35 +1,72 @@
-"""Matmul with weights held as affine int8 blocks (w = q * scale + offset per group of columns).
+"""Matmul with packed quantized weights: the one public entry, and the one place that picks an
+implementation per backend.
 
-`affine_int8_matmul` is the public entry; `dispatch()` picks the Pallas GPU kernel when one
-is available (the Pallas issue) and the pure-JAX reference otherwise.
+`quant_matmul(x, blocks, qtype)` computes x [..., in] @ dequantize(blocks).T with `blocks`
+uint8 [out, row_bytes] in a format of quant_blocks.FORMATS (the GGUF file's own blocks, or
+HQQ4/HQQ8). `dispatch(qtype)` chooses:
+- 'cpu-kernel' on CPU: the XLA FFI kernel of mistralrs_jax.quant.cpu_kernel (int8 x
+  low-bit block dots, activations quantized to 8 bits per block as llama.cpp does), when it
+  is built and serves the type;
+- 'pallas' on an NVIDIA GPU: the raw-block Pallas kernel (quant_matmul_pallas.py);
+- 'reference' elsewhere, and for what neither serves: the blocks are dequantized inside the
+  jit with the format's own integer program (quant_blocks.py), then one dot.
+MISTRALRS_JAX_QMATMUL=reference|pallas|interpret forces a choice (interpret: the Pallas
+kernel in interpret mode, for tests on tiny shapes). Read at trace time.
 """
 from __future__ import annotations
+
+import functools
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
 
+from .quant_blocks import FORMATS, block_format, dequantize_blocks
 
-def affine_int8_matmul_reference(x, q, scale, offset, group: int):
-    """x [T, in] @ dequant(q [out, in]).T -> [T, out], dequantizing inside the jit."""
-    out_f, in_f = q.shape
-    w = q.reshape(out_f, in_f // group, group).astype(jnp.float32) * scale[..., None]
-    if offset is not None:
-        w = w + offset[..., None]
-    w = w.reshape(out_f, in_f)
-    return jax.lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())))
+log = logging.getLogger(__name__)
+
+ENV_VAR = "MISTRALRS_JAX_QMATMUL"
 
 
-def dispatch() -> str:
-    """Which implementation `affine_int8_matmul` uses: 'pallas', 'pallas-interpret' or 'reference'.
+def quant_matmul_reference(x: jax.Array, blocks: jax.Array, qtype: str) -> jax.Array:
+    """x @ dequantize(blocks).T -> f32, the whole weight dequantized inside the jit. With bf16/f16
+    activations (GPU) the weight is rounded to them and the dot accumulates in f32."""
+    x = jnp.asarray(x)
+    w = dequantize_blocks(blocks, qtype)
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        w = w.astype(x.dtype)
+    else:
+        x = x.astype(jnp.float32)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    'pallas' is the kernel in quant_matmul_pallas.py compiled through Pallas' Triton
-    lowering (no Mosaic GPU kernel yet). MISTRALRS_JAX_QMATMUL=reference|pallas|interpret
-    overrides the default (Pallas on GPU, the XLA reference elsewhere). Read on every
-    call, i.e. at trace time.
-    """
-    from ._compat import choose_implementation
 
-    return choose_implementation("MISTRALRS_JAX_QMATMUL", jax.default_backend() == "gpu" and _pallas_available())
+@functools.cache
+def _cpu_kernel():
+    """(quant_matmul_cpu, supported ggml type ids) or None, logged once."""
+    try:
+        from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available, quant_matmul_cpu, supported_types
+    except ImportError as exc:
+        log.warning("quantized matmul: no CPU kernel module (%s); using the XLA reference (slower)", exc)
+        return None
+    if not cpu_kernel_available():  # the module logs why
+        return None
+    return quant_matmul_cpu, frozenset(int(t) for t in supported_types())
+
+
+def ggml_type_id(qtype: str) -> int | None:
+    """GGUF's numeric id of a type name, None for this project's own layouts (HQQ)."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return int(GGMLQuantizationType[qtype])
+    except KeyError:
+        return None
+
+
+def cpu_kernel_serves(qtype: str) -> bool:
+    kernel = _cpu_kernel()
+    return kernel is not None and ggml_type_id(qtype) in kernel[1]
 
 
 def _pallas_available() -> bool:
@@ -38,13 +75,36 @@ def _pallas_available() -> bool:
     return triton_available()
 
 
-def affine_int8_matmul(x, q, scale, offset, group: int, *, impl: str | None = None):
-    """x [T, in] @ dequant(q).T -> [T, out] f32; `impl` (a `dispatch()` value) overrides the choice."""
-    impl = impl or dispatch()
-    if impl == "reference":
-        return affine_int8_matmul_reference(x, q, scale, offset, group)
-    from .quant_matmul_pallas import affine_int8_matmul_pallas, triton_supports
+def dispatch(qtype: str | None = None) -> str:
+    """'cpu-kernel', 'pallas', 'pallas-interpret' or 'reference' for a weight of `qtype`
+    (None: the choice for the backend, ignoring what a CPU kernel serves)."""
+    from ._compat import choose_implementation
 
-    if impl == "pallas" and not triton_supports(q.shape[0], q.shape[1], group):
-        return affine_int8_matmul_reference(x, q, scale, offset, group)
-    return affine_int8_matmul_pallas(x, q, scale, offset, group, interpret=impl == "pallas-interpret")
+    backend = jax.default_backend()
+    impl = choose_implementation(ENV_VAR, backend == "gpu" and _pallas_available())
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if impl == "reference" and not forced and backend == "cpu" and qtype is not None and cpu_kernel_serves(qtype):
+        return "cpu-kernel"
+    return impl
+
+
+def quant_matmul(x: jax.Array, blocks: jax.Array, qtype: str, *, impl: str | None = None) -> jax.Array:
+    """x [..., in] @ dequantize(blocks).T -> [..., out] f32; `impl` (a `dispatch()` value) overrides."""
+    impl = impl or dispatch(qtype)
+    fmt = block_format(qtype, tuple(blocks.shape))
+    if impl == "cpu-kernel":
+        quant_matmul_cpu = _cpu_kernel()[0]
+        lead, in_features = x.shape[:-1], x.shape[-1]
+        y = quant_matmul_cpu(jnp.asarray(x, jnp.float32).reshape(-1, in_features), blocks, ggml_type_id(qtype),
+                             in_features)
+        return y.reshape(*lead, blocks.shape[0])
+    if impl in ("pallas", "pallas-interpret"):
+        from .quant_matmul_pallas import quant_matmul_pallas, triton_supports
+
+        if impl == "pallas-interpret" or triton_supports(blocks.shape[0], x.shape[-1], fmt.block_elems):
+            return quant_matmul_pallas(x, blocks, qtype, interpret=impl == "pallas-interpret")
+    return quant_matmul_reference(x, blocks, qtype)
+
+
+__all__ = ["FORMATS", "ENV_VAR", "block_format", "cpu_kernel_serves", "dequantize_blocks", "dispatch",
+           "ggml_type_id", "quant_matmul", "quant_matmul_reference"]

@@ -8,7 +8,7 @@ No GPU here, so three kinds of evidence:
   are checked there), lowered from this CPU machine;
 - the engine: a tiny random llama with quantized weights, driven by the real scheduler and
   runner with both kernels forced on (interpret), produces the reference's greedy tokens.
-Quant parity is checked against numpy `dequantize` (bit-exact to ggml) in float64.
+The packed-weight matmul kernels have their own file (test_packed_kernels.py).
 """
 from __future__ import annotations
 
@@ -22,15 +22,12 @@ import pytest
 from mistralrs_jax.config import ModelConfig
 from mistralrs_jax.engine.runner import ModelRunner
 from mistralrs_jax.errors import NotSupportedError
-from mistralrs_jax.quant import dequantize, quantize, to_affine_int8
+from mistralrs_jax.quant import quantize_packed
 from pallas_kernels import paged_attention as attention_module
 from pallas_kernels import quant_matmul as qmatmul_module
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.paged_attention import paged_attention_reference
 from pallas_kernels.paged_attention_pallas import paged_attention_pallas, triton_supports
-from pallas_kernels.quant_matmul import affine_int8_matmul_reference
-from pallas_kernels.quant_matmul_pallas import (GGUF_FORMATS, affine_int8_matmul_pallas, dequantize_gguf_jnp,
-                                                gguf_matmul_pallas, gguf_matmul_reference)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call Pallas' Triton lowering emits
 
@@ -147,76 +144,6 @@ class TestAttentionDispatch:
         assert not triton_supports(80, 16) and not triton_supports(64, 24)
 
 
-# -- quantized matmul -------------------------------------------------------------------------
-
-AFFINE_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
-                "MXFP4"]
-
-
-def _weights(qtype: str, out_features=48, in_features=512, tokens=5, seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
-    x = rng.standard_normal((tokens, in_features)).astype(np.float32)
-    blocks = quantize(w, qtype)
-    dense = dequantize(blocks, qtype, w.shape).astype(np.float64)
-    return x, blocks, x.astype(np.float64) @ dense.T
-
-
-def _assert_matmul_close(y, expected):
-    # f32 accumulation over 512 products of O(1) terms against a float64 result.
-    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
-
-
-class TestQuantMatmulInterpret:
-    @pytest.mark.parametrize("qtype", AFFINE_TYPES)
-    def test_affine_int8_every_format(self, qtype):
-        x, blocks, expected = _weights(qtype)
-        a = to_affine_int8(blocks, qtype, (48, 512))
-        offset = a.offset if np.any(a.offset) else None  # symmetric formats: the offset-free kernel
-        y = affine_int8_matmul_pallas(x, a.q, a.scale, offset, a.group_size, interpret=True, block_n=16)
-        _assert_matmul_close(y, expected)
-        np.testing.assert_allclose(np.asarray(y), np.asarray(affine_int8_matmul_reference(x, a.q, a.scale, offset,
-                                                                                           a.group_size)),
-                                   rtol=1e-5, atol=1e-4)
-
-    @pytest.mark.parametrize("qtype", sorted(GGUF_FORMATS))
-    def test_raw_gguf_blocks(self, qtype):
-        x, blocks, expected = _weights(qtype, tokens=20, seed=1)
-        # Two token tiles and three output tiles, so the grid's edges are exercised.
-        _assert_matmul_close(gguf_matmul_pallas(x, blocks, qtype, interpret=True, block_t=16, block_n=16), expected)
-        _assert_matmul_close(gguf_matmul_reference(x, blocks, qtype), expected)
-
-    @pytest.mark.parametrize("qtype", sorted(GGUF_FORMATS))
-    def test_jnp_dequantize_is_bit_exact(self, qtype):
-        _, blocks, _ = _weights(qtype, seed=2)
-        np.testing.assert_array_equal(np.asarray(dequantize_gguf_jnp(blocks, qtype)),
-                                      dequantize(blocks, qtype, (48, 512)))
-
-    def test_bf16_activations(self):
-        x, blocks, expected = _weights("Q4_K", seed=3)
-        a = to_affine_int8(blocks, "Q4_K", (48, 512))
-        y = affine_int8_matmul_pallas(jnp.asarray(x, jnp.bfloat16), a.q, a.scale, a.offset, a.group_size,
-                                      interpret=True)
-        np.testing.assert_allclose(np.asarray(y), expected, rtol=3e-2, atol=3e-2 * np.abs(expected).max())
-
-    def test_unsupported_raw_type_says_what_to_do(self):
-        with pytest.raises(NotSupportedError, match="to_affine_int8"):
-            gguf_matmul_pallas(np.zeros((1, 32), np.float32), np.zeros((16, 22), np.uint8), "Q5_0", interpret=True)
-
-    def test_dispatch_routes_linear_matmul(self, monkeypatch):
-        x, blocks, expected = _weights("Q8_0", seed=4)
-        a = to_affine_int8(blocks, "Q8_0", (48, 512))
-
-        def traced(impl):
-            # A new function per trace: JAX caches traces per function, and the choice is made while tracing.
-            monkeypatch.setenv("MISTRALRS_JAX_QMATMUL", impl)
-            return str(jax.make_jaxpr(lambda x: qmatmul_module.affine_int8_matmul(x, a.q, a.scale, None, 32))(x))
-
-        assert "pallas_call" in traced("interpret")
-        assert "pallas_call" not in traced("reference")
-        _assert_matmul_close(qmatmul_module.affine_int8_matmul(x, a.q, a.scale, None, 32), expected)
-
-
 # -- Triton lowering (no GPU needed) ----------------------------------------------------------
 
 class TestTritonLowering:
@@ -237,15 +164,6 @@ class TestTritonLowering:
         with pytest.raises(Exception, match="power of 2"):
             lower_for_cuda(lambda *a: paged_attention_pallas(*a, block_size=16, scale=0.2), q, k_cache, v_cache, meta)
 
-    @pytest.mark.parametrize("qtype", sorted(GGUF_FORMATS))
-    def test_quant_kernels_lower(self, qtype):
-        x, blocks, _ = _weights(qtype, seed=7)
-        assert TRITON_CALL in lower_for_cuda(lambda x, b: gguf_matmul_pallas(x, b, qtype), x, blocks)
-        a = to_affine_int8(blocks, qtype, (48, 512))
-        text = lower_for_cuda(lambda x, q, s, o: affine_int8_matmul_pallas(x, q, s, o, a.group_size),
-                              x, a.q, a.scale, a.offset)
-        assert TRITON_CALL in text
-
 
 # -- the engine with both kernels forced on ---------------------------------------------------
 
@@ -258,8 +176,8 @@ def _tiny_llama(seed: int = 0):
     config = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=1, head_dim=16, sliding_window=24, max_position_embeddings=256)
     rng = np.random.default_rng(seed)
-    formats = {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q4_0", "o_proj": "Q4_1", "gate_proj": "Q4_1",
-               "up_proj": "Q8_0", "down_proj": "Q4_0"}
+    formats = {"q_proj": "Q8_0", "k_proj": "Q5_1", "v_proj": "Q4_0", "o_proj": "Q4_1", "gate_proj": "HQQ4",
+               "up_proj": "IQ4_NL", "down_proj": "Q5_0"}
     shapes = {"q_proj": (64, 64), "k_proj": (16, 64), "v_proj": (16, 64), "o_proj": (64, 64),
               "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
     layers = []
@@ -267,9 +185,7 @@ def _tiny_llama(seed: int = 0):
         weights = {}
         for name, (out_f, in_f) in shapes.items():
             w = rng.standard_normal((out_f, in_f)).astype(np.float32) * (2.0 / math.sqrt(in_f))
-            a = to_affine_int8(quantize(w, formats[name]), formats[name], w.shape)
-            weights[name] = Linear(q=a.q, scale=a.scale, offset=a.offset if np.any(a.offset) else None,
-                                   group=a.group_size)
+            weights[name] = Linear(packed=quantize_packed(w, formats[name]))
         weights["input_layernorm"] = RMSNorm(1.0 + 0.1 * rng.standard_normal(64), 1e-5)
         weights["post_attention_layernorm"] = RMSNorm(1.0 + 0.1 * rng.standard_normal(64), 1e-5)
         layers.append(LlamaDecoderLayer(config, weights))

@@ -163,39 +163,39 @@ class GGUFWeights(WeightSource):
 
 # --------------------------------------------------------------------------- building
 
-# GGUF tensor types held as plain floats (never int8 blocks).
-FLOAT_TYPES = {"F32", "F16", "BF16"}
-
-
-def make_linear_factory(cpu_weights: str, dtype=jnp.float32) -> Callable:
+def make_linear_factory(cpu_weights: str = "quantized", dtype=jnp.float32) -> Callable:
     """How a GGUF weight becomes a `Linear` (design rule 7).
 
-    "f32": dequantize once at load (XLA:CPU's fast path; `dtype` may narrow it). "quantized":
-    keep block formats as affine int8 (~1 byte/weight), dequantized inside the jitted matmul.
+    "quantized" (default): quantized tensors stay packed at the file's own bits per weight
+    (`quant.gguf_projection`); float tensors are held dense in `dtype`. "f32": dequantize once
+    at load, after checking the whole dequantized model fits in available memory. A
+    `PackedWeight` given as the source (what ISQ builds) is held as is.
     """
-    if cpu_weights not in ("f32", "quantized"):
-        raise NotSupportedError(f"cpu_weights must be 'f32' or 'quantized', got {cpu_weights!r}")
+    from ..memory import ensure_fits
+    from ..quant.packed import CPU_WEIGHT_MODES, FLOAT_TYPES, PackedWeight, dequantized_bytes, gguf_projection
+
+    if cpu_weights not in CPU_WEIGHT_MODES:
+        raise NotSupportedError(f"cpu_weights must be one of {', '.join(CPU_WEIGHT_MODES)}, got {cpu_weights!r}")
+    checked: set[int] = set()
 
     def make_linear(gguf, name: str, row_transform=None, bias: np.ndarray | None = None) -> Linear:
-        tensor = gguf.tensor(name)
-        transform = row_transform or (lambda a: a)
-        if cpu_weights == "quantized" and tensor.qtype not in FLOAT_TYPES:
-            from ..quant import to_affine_int8
-
-            try:
-                q, scale, offset, group = to_affine_int8(np.asarray(tensor.data), tensor.qtype, tensor.shape)
-            except NotSupportedError:
-                log.info("%s (%s) has no exact int8 form; holding it as f32", name, tensor.qtype)
-            else:
-                return Linear(q=transform(q), scale=transform(scale), offset=None if offset is None else transform(offset),
-                              group=group, bias=bias)
-        weight = transform(gguf.dequantize(name))  # [out, in]
+        if isinstance(gguf, PackedWeight):
+            return Linear(packed=gguf.map_rows(row_transform), bias=bias)
+        packed = gguf_projection(gguf, name, cpu_weights)
+        if packed is not None:
+            return Linear(packed=packed.map_rows(row_transform), bias=bias)
+        if gguf.tensor(name).qtype not in FLOAT_TYPES and id(gguf) not in checked:
+            checked.add(id(gguf))
+            ensure_fits(dequantized_bytes(gguf), f"dequantizing {gguf.path} to f32",
+                        "keep it quantized (--cpu-weights quantized, the default) or use a machine with more memory")
+        weight = gguf.dequantize(name)  # [out, in]
+        weight = row_transform(weight) if row_transform is not None else weight
         return Linear(np.ascontiguousarray(weight.T), bias=bias, dtype=dtype)
 
     return make_linear
 
 
-def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "f32", dtype: str = "auto",
+def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "quantized", dtype: str = "auto",
                           wrap_linear: Callable[[Callable], Callable] | None = None):
     """`wrap_linear(make_linear) -> make_linear`, when given, decides how projections are built
     from the default factory (LLM passes ISQ's `wrap_factory` here and keeps what it returns)."""

@@ -211,6 +211,10 @@ class SafetensorsWeights(WeightSource):
         return self.array(name)
 
     def dense_linear(self, source, name: str, row_transform=None, bias: np.ndarray | None = None) -> Linear:
+        from ..quant.packed import PackedWeight
+
+        if isinstance(source, PackedWeight):  # what ISQ built from this tensor
+            return Linear(packed=source.map_rows(row_transform), bias=bias)
         weight = self._tensor(name)
         if row_transform is not None:
             weight = row_transform(np.asarray(weight, np.float32))

@@ -1,12 +1,12 @@
 """Building blocks shared by the model families: Linear, norms, embeddings, MLPs, rotary embeddings.
 
 `Linear` is the one place that decides how a weight is held (design rule 7):
-- dense: an f32 (or bf16/f16) matrix [in, out], multiplied directly. XLA:CPU's only fast
-  dot is f32, so this is the CPU default (GGUF blocks are dequantized once at load).
-- affine int8 blocks: q int8 [out, in] with a scale and an offset per group of `group`
-  input columns (w = q * scale + offset). Every GGUF block format with a per-(sub)block
-  scale/min is exactly representable so. Dequantized inside the jitted matmul: ~4x less
-  weight memory, slower on XLA:CPU; on GPU the Pallas kernel reads these blocks directly.
+- dense: a float matrix [in, out] (f32 on CPU, the checkpoint's half dtype on GPU), for float
+  sources, or GGUF blocks dequantized on request (`--cpu-weights f32`);
+- packed: a quantized projection at its format's own bits per weight, uint8 [out, row_bytes]
+  (the GGUF file's blocks, or what ISQ wrote; mistralrs_jax/quant/packed.py), multiplied by
+  `pallas_kernels.quant_matmul`, which picks the kernel per backend (CPU FFI kernel, Pallas on
+  GPU, else an XLA reference). On a GPU the activations go in as bf16.
 
 Norms and activations compute in f32 whatever the weight dtype. Rotary embeddings follow HF's
 "rotate halves" layout and its `rope_scaling` variants (linear, llama3, yarn, longrope).
@@ -20,48 +20,53 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..quant.packed import PackedWeight
+
 
 class Linear(nnx.Module):
     def __init__(
         self,
         weight: np.ndarray | None = None,  # [in, out]
         *,
-        q: np.ndarray | None = None,  # int8 [out, in]
-        scale: np.ndarray | None = None,  # [out, in // group]
-        offset: np.ndarray | None = None,  # [out, in // group] or None (symmetric formats)
-        group: int = 32,
+        packed: PackedWeight | None = None,
         bias: np.ndarray | None = None,
         dtype=jnp.float32,
     ):
-        self.quantized = q is not None
-        self.group = group
-        if self.quantized:
-            self.q = nnx.Param(jnp.asarray(q, dtype=jnp.int8))
-            self.scale = nnx.Param(jnp.asarray(scale, dtype=jnp.float32))
-            self.offset = nnx.Param(jnp.asarray(offset, dtype=jnp.float32)) if offset is not None else None
-            self.in_features = int(q.shape[1])
-            self.out_features = int(q.shape[0])
+        self.quantized = packed is not None
+        if packed is not None:
+            self.blocks = nnx.Param(jnp.asarray(packed.blocks, dtype=jnp.uint8))
+            self.qtype = packed.qtype
+            self.in_features, self.out_features = packed.in_features, packed.out_features
         else:
             self.weight = nnx.Param(jnp.asarray(weight, dtype=dtype))
             self.in_features, self.out_features = (int(d) for d in weight.shape)
         self.bias = nnx.Param(jnp.asarray(bias, dtype=jnp.float32)) if bias is not None else None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the weight (and bias) occupy as held."""
+        held = self.blocks[...] if self.quantized else self.weight[...]
+        return int(held.nbytes) + (int(self.bias[...].nbytes) if self.bias is not None else 0)
+
+    def packed(self) -> PackedWeight:
+        """The packed weight, copied to the host (ISQ cache, tests)."""
+        return PackedWeight(np.asarray(self.blocks[...]), self.qtype, self.in_features)
+
     def dense_weight(self) -> jax.Array:
-        """The weight as f32 [in, out] (dequantized inside the jit when held as blocks)."""
+        """The weight as f32 [in, out] (dequantized inside the jit when packed)."""
         if not self.quantized:
             return self.weight[...].astype(jnp.float32)
-        out_f, in_f = self.q.shape
-        blocks = self.q[...].reshape(out_f, in_f // self.group, self.group).astype(jnp.float32)
-        w = blocks * self.scale[...][..., None]
-        if self.offset is not None:
-            w = w + self.offset[...][..., None]
-        return w.reshape(out_f, in_f).T
+        from pallas_kernels.quant_matmul import dequantize_blocks
+
+        return dequantize_blocks(self.blocks[...], self.qtype).T
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized:
-            from pallas_kernels.quant_matmul import affine_int8_matmul
+            from pallas_kernels.quant_matmul import quant_matmul
 
-            y = affine_int8_matmul(x, self.q[...], self.scale[...], None if self.offset is None else self.offset[...], self.group)
+            if jax.default_backend() == "gpu":
+                x = x.astype(jnp.bfloat16)  # tensor-core inputs; the kernel accumulates in f32
+            y = quant_matmul(x, self.blocks[...], self.qtype)
         else:
             y = x @ self.weight[...].astype(x.dtype)
         if self.bias is not None:

@@ -35,6 +35,11 @@ from .formats import AffineInt8
 F32 = np.float32
 
 HQQ_GROUP_SIZE = 64  # mistral.rs' ISQ_HQQ_GROUP_SIZE
+# The packed layout (what `Linear` holds): per group of 64 weights of a row, an f16 scale
+# (1 / inv_scale), an f16 zero point (in code units) and the codes: 32 bytes of nibbles for
+# 4 bits (byte j holds code j low and code j + 32 high), 64 bytes for 8 bits.
+# w = (q - zero) * scale, so HQQ4 is 4.5 bits per weight and HQQ8 8.5, like Q4_0 and Q8_0.
+HQQ_BLOCK_BYTES = {4: 4 + HQQ_GROUP_SIZE // 2, 8: 4 + HQQ_GROUP_SIZE}
 HQQ_ITERS = 10  # mistral.rs' ISQ_HQQ_DEFAULT_OPT_STEPS
 HQQ_LP_NORM = 0.7
 HQQ_BETA = 10.0
@@ -152,3 +157,39 @@ def hqq_to_affine_int8(weights: HQQWeights) -> AffineInt8:
     scale = (F32(1.0) / weights.inv_scale).astype(F32)
     offset = ((F32(centre) - weights.zero) * scale).astype(F32)
     return AffineInt8(q8, scale, offset, weights.group_size)
+
+
+def hqq_pack(weights: HQQWeights) -> np.ndarray:
+    """HQQWeights (4 or 8 bits, groups of 64) -> the packed layout, uint8 [rows, cols / 64 * block bytes].
+
+    Scale and zero point are rounded to f16 (as HQQ keeps its meta in the model's half dtype):
+    at most 2^-11 relative on the scale and 2^-8 of a code step on the zero point.
+    """
+    if weights.bits not in HQQ_BLOCK_BYTES or weights.group_size != HQQ_GROUP_SIZE:
+        raise ValueError(f"the packed HQQ layout holds 4 or 8 bits in groups of {HQQ_GROUP_SIZE}, "
+                         f"not {weights.bits} bits in groups of {weights.group_size}")
+    rows, cols = weights.q.shape
+    n_groups = cols // HQQ_GROUP_SIZE
+    out = np.empty((rows, n_groups, HQQ_BLOCK_BYTES[weights.bits]), dtype=np.uint8)
+    with np.errstate(over="ignore", divide="ignore"):
+        scale = (F32(1.0) / weights.inv_scale).astype(np.float16)
+    out[:, :, 0:2] = scale.reshape(rows, n_groups, 1).view(np.uint8)
+    out[:, :, 2:4] = weights.zero.astype(np.float16).reshape(rows, n_groups, 1).view(np.uint8)
+    codes = weights.q.reshape(rows, n_groups, HQQ_GROUP_SIZE)
+    if weights.bits == 4:
+        out[:, :, 4:] = (codes[:, :, :32] & 15) | (codes[:, :, 32:] << 4)
+    else:
+        out[:, :, 4:] = codes
+    return out.reshape(rows, -1)
+
+
+def hqq_unpack(blocks: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """The packed layout -> f32 [rows, cols], w = (q - zero) * scale evaluated in f32."""
+    rows = blocks.shape[0]
+    n_groups = cols // HQQ_GROUP_SIZE
+    raw = np.ascontiguousarray(blocks).reshape(rows, n_groups, HQQ_BLOCK_BYTES[bits])
+    scale = np.ascontiguousarray(raw[:, :, 0:2]).view(np.float16).astype(F32)
+    zero = np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16).astype(F32)
+    payload = raw[:, :, 4:]
+    codes = np.concatenate([payload & 15, payload >> 4], axis=-1) if bits == 4 else payload
+    return ((codes.astype(F32) - zero) * scale).reshape(rows, cols)

@@ -1,22 +1,19 @@
 """In-situ quantization (ISQ): quantize a model's projections while it loads, and again at runtime.
 
 mistral.rs' ISQ types (`--isq Q4K`, or a bit count such as `--isq 4`) are GGUF block
-formats or HQQ. Each weight becomes the int8 affine form `Linear` holds
-(w = q * scale + offset per group of input columns): a GGUF type is quantized to its bytes
-with llama.cpp's reference quantizers (`formats.quantize`, bit-exact) and re-expressed
-exactly with `to_affine_int8`; HQQ is quantized straight to that form (hqq.py).
+formats or HQQ. Each weight becomes a `PackedWeight` (packed.py) at the type's own bits per
+weight: a GGUF type is quantized to exactly the bytes llama.cpp's reference quantizers write
+(`formats.quantize`), HQQ to this project's HQQ4/HQQ8 block layout (hqq.py). The model's
+layers build their `Linear` from it (the wrapped factory is called with the PackedWeight as
+its source), so quant/ never imports the model code.
 
 Memory. `ISQFactory` wraps a model builder's `make_linear`: for every projection it
 dequantizes that one tensor to f32, quantizes it, builds the `Linear` and drops the f32
 copy before the builder asks for the next one. Peak memory is the finished model plus
 about two f32 copies of the largest projection (the dequantized tensor and its
 row-permuted copy), never the f32 model plus the quantized one. The token embedding and
-a separate lm_head are left to the wrapped factory, i.e. held at the source's precision
-(f32 on CPU): they are the most precision-sensitive tensors and the embedding is only
-gathered from, never multiplied.
-
-Every ISQ type is held as int8 codes plus f32 scales/offsets, so the in-memory size is
-the same (about 1.1-1.3 bytes per weight) whatever the type; the type decides accuracy.
+a separate lm_head are left to the wrapped factory, i.e. held at the source's precision:
+they are the most precision-sensitive tensors and the embedding is only gathered from.
 
 Rows that do not fill a type's blocks (K-quants pack 256 values, HQQ groups 64) fall back
 the way llama.cpp's quantizer does (`FALLBACK_TYPES`: a 32-value type of at least the same
@@ -39,8 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidRequestError, NotSupportedError
-from .formats import _NATIVE, QTYPES, quantize, to_affine_int8  # _NATIVE: the int8 form's group sizes
-from .hqq import HQQ_GROUP_SIZE, hqq_quantize, hqq_to_affine_int8
+from .packed import HQQ_BITS, PackedWeight, block_geometry, quantize_packed
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ GGUF_ISQ_TYPES: dict[str, str] = {
     "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "Q8_1": "Q8_1",
     "Q2K": "Q2_K", "Q3K": "Q3_K", "Q4K": "Q4_K", "Q5K": "Q5_K", "Q6K": "Q6_K", "Q8K": "Q8_K",
 }
-HQQ_ISQ_BITS: dict[str, int] = {"HQQ4": 4, "HQQ8": 8}
+HQQ_ISQ_BITS: dict[str, int] = HQQ_BITS
 ISQ_TYPES: tuple[str, ...] = (*GGUF_ISQ_TYPES, *HQQ_ISQ_BITS)
 
 # `--isq 4`: mistral.rs picks Q*K types off Metal (AFQ on Metal), and Q8_0 for 8 bits.
@@ -66,10 +62,11 @@ _NOT_HERE = {
 }
 
 # When a row is not a whole number of 256-value super-blocks, llama.cpp's quantizer falls
-# back to a 32-value type of at least the same precision (llama_tensor_get_type); held as
-# int8 here, the fallback costs no memory over the K-quant.
-FALLBACK_TYPES: dict[str, str] = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
-                                  "Q6_K": "Q8_0", "Q8_K": "Q8_0"}
+# back to a 32-value type of at least the same precision (tensor_type_fallback in
+# llama-quant.cpp; tests/test_isq.py runs llama_model_quantize to check). HQQ's
+# 64-value groups fall back to the 32-value affine type of the same bits.
+FALLBACK_TYPES: dict[str, str] = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+                                  "Q6_K": "Q8_0", "Q8_K": "Q8_0", "HQQ4": "Q4_1", "HQQ8": "Q8_0"}
 
 # Tensors left at source precision: the lm_head (GGUF and HF names). Embeddings never go
 # through make_linear at all.
@@ -105,21 +102,15 @@ def normalize_isq_type(name: str | int) -> str:
                               f"(or a bit count: {', '.join(map(str, BITS_TO_ISQ_TYPE))})", param="isq_type")
 
 
-def effective_type(isq_type: str, in_features: int) -> tuple[str, int] | None:
-    """(format, group size) a weight with `in_features` columns gets under `isq_type`, or None
-    when it must stay at source precision. Formats are GGUF names, or HQQ4/HQQ8."""
+def effective_type(isq_type: str, in_features: int) -> str | None:
+    """The packed format a weight with `in_features` columns gets under `isq_type` (a GGUF name,
+    or HQQ4/HQQ8), or None when it must stay at source precision."""
     isq_type = normalize_isq_type(isq_type)
-    if isq_type in HQQ_ISQ_BITS:
-        for group in (HQQ_GROUP_SIZE, 32, 16):
-            if in_features % group == 0:
-                return isq_type, group
-        return None
-    gguf_type = GGUF_ISQ_TYPES[isq_type]
-    if in_features % QTYPES[gguf_type][0]:
-        gguf_type = FALLBACK_TYPES.get(gguf_type)
-        if gguf_type is None or in_features % QTYPES[gguf_type][0]:
-            return None
-    return gguf_type, _NATIVE[gguf_type].group_size
+    wanted = GGUF_ISQ_TYPES.get(isq_type, isq_type)
+    for qtype in (wanted, FALLBACK_TYPES.get(wanted)):
+        if qtype is not None and in_features % block_geometry(qtype)[0] == 0:
+            return qtype
+    return None
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -145,42 +136,33 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def quantize_weight(w: np.ndarray, isq_type: str, *, workers: int | None = None,
-                    name: str = "") -> dict[str, Any] | None:
-    """Quantize one f32 weight [out, in] to the int8 affine form of `isq_type`.
+                    name: str = "") -> PackedWeight | None:
+    """Quantize one f32 weight [out, in] to the packed form of `isq_type`.
 
-    Returns dict(q=int8 [out, in], scale=f32 [out, in/g], offset=f32 [out, in/g] or None
-    (symmetric formats), group=g, qtype=the format used), or None when no format of this
-    ISQ type fits the row length: the caller keeps the weight at source precision.
-    Falling back or keeping is logged with `name`.
+    Returns a PackedWeight (its `qtype` is the format used, a fallback when the rows fill no
+    block of the wanted one), or None when no format of this ISQ type fits the row length:
+    the caller keeps the weight at source precision. Falling back or keeping is logged with `name`.
     """
     isq_type = normalize_isq_type(isq_type)
     values = np.asarray(w, dtype=F32)
     if values.ndim != 2:
         raise ValueError(f"quantize_weight takes a 2-D weight [out, in], got shape {values.shape}")
     rows, cols = values.shape
-    chosen = effective_type(isq_type, cols)
+    qtype = effective_type(isq_type, cols)
     label = name or f"a [{rows}, {cols}] weight"
-    if chosen is None:
+    if qtype is None:
         log.info("ISQ %s: %s keeps source precision (%d input columns fill no %s block)", isq_type, label, cols,
                  isq_type)
         return None
-    qtype, group = chosen
     wanted = GGUF_ISQ_TYPES.get(isq_type, isq_type)
-    if qtype != wanted or (qtype in HQQ_ISQ_BITS and group != HQQ_GROUP_SIZE):
-        log.info("ISQ %s: %s is quantized as %s (group %d): %d input columns are not a multiple of %s's block",
-                 isq_type, label, qtype, group, cols, wanted)
-
-    q = np.empty((rows, cols), dtype=np.int8)
-    scale = np.empty((rows, cols // group), dtype=F32)
-    offset = np.empty((rows, cols // group), dtype=F32)
+    if qtype != wanted:
+        log.info("ISQ %s: %s is quantized as %s: %d input columns are not a multiple of %s's block",
+                 isq_type, label, qtype, cols, wanted)
+    block_elems, type_size = block_geometry(qtype)
+    blocks = np.empty((rows, cols // block_elems * type_size), dtype=np.uint8)
 
     def run(start: int, stop: int) -> None:
-        part = values[start:stop]
-        if qtype in HQQ_ISQ_BITS:
-            form = hqq_to_affine_int8(hqq_quantize(part, HQQ_ISQ_BITS[qtype], group))
-        else:
-            form = to_affine_int8(quantize(part, qtype), qtype, part.shape)
-        q[start:stop], scale[start:stop], offset[start:stop] = form.q, form.scale, form.offset
+        blocks[start:stop] = quantize_packed(values[start:stop], qtype).blocks
 
     workers = workers or default_workers()
     chunks = min(rows, workers * 2, max(1, values.size // _MIN_CHUNK_VALUES))
@@ -192,16 +174,7 @@ def quantize_weight(w: np.ndarray, isq_type: str, *, workers: int | None = None,
     else:
         for future in [_thread_pool(workers).submit(run, start, stop) for start, stop in bounds]:
             future.result()
-    # All-zero offsets (symmetric formats) are dropped: w = q * scale exactly.
-    return {"q": q, "scale": scale, "offset": offset if offset.any() else None, "group": group, "qtype": qtype}
-
-
-def quantized_linear(quantized: dict[str, Any], bias: np.ndarray | None = None):
-    """A `Linear` holding the output of `quantize_weight`."""
-    from ..models.layers import Linear
-
-    return Linear(q=quantized["q"], scale=quantized["scale"], offset=quantized["offset"],
-                  group=int(quantized["group"]), bias=bias)
+    return PackedWeight(blocks, qtype, cols)
 
 
 class ISQFactory:
@@ -221,8 +194,12 @@ class ISQFactory:
     (`types`: a GGUF name, HQQ4/HQQ8, or "source") and where the weight came from, which is
     what runtime re-ISQ and the ISQ cache need.
 
-    `cache`: {tensor name: {"q", "scale", "offset"?, "group"}} from `load_isq_cache`;
-    tensors found there (with the right shape) are not quantized again.
+    `cache`: {tensor name: {"blocks": uint8 packed bytes}} from `load_isq_cache`; tensors found
+    there (with the right shape) are not quantized again (the format follows from the ISQ
+    type and the row length, both part of the cache key).
+
+    A `Linear` is built by calling the wrapped factory with the `PackedWeight` as its source
+    (`make_linear(packed, name, None, bias=bias)`): the factories hold such a source as is.
     """
 
     def __init__(self, make_linear: Callable, isq_type: str | None, progress: Callable | None = None, *,
@@ -252,21 +229,24 @@ class ISQFactory:
         if isq_type is None or name in SOURCE_PRECISION_TENSORS:
             return self.make_linear(gguf, name, row_transform, bias=bias), "source"
         shape = tuple(gguf.tensor(name).shape)
-        chosen = effective_type(isq_type, shape[1]) if len(shape) == 2 else None
-        if chosen is None:
+        qtype = effective_type(isq_type, shape[1]) if len(shape) == 2 else None
+        if qtype is None:
             log.info("ISQ %s: %s %s keeps source precision (its rows fill no %s block)", isq_type, name, shape,
                      isq_type)
             return self.make_linear(gguf, name, row_transform, bias=bias), "source"
         cached = self.cache.get(name)
-        if cached is not None and tuple(cached["q"].shape) == shape:
-            self.cache_hits += 1
-            quantized = {"q": cached["q"], "scale": cached["scale"], "offset": cached.get("offset"),
-                         "group": int(np.asarray(cached["group"]))}
-            return quantized_linear(quantized, bias), chosen[0]
+        if cached is not None:
+            try:
+                packed = PackedWeight(np.asarray(cached["blocks"]), qtype, shape[1])
+            except (KeyError, NotSupportedError):
+                packed = None  # another layout: quantize again
+            if packed is not None and packed.out_features == shape[0]:
+                self.cache_hits += 1
+                return self.make_linear(packed, name, None, bias=bias), qtype
         weight = self.source_weight(name)
-        quantized = quantize_weight(weight, isq_type, workers=self.workers, name=name)
+        packed = quantize_weight(weight, isq_type, workers=self.workers, name=name)
         del weight  # the f32 copy goes before the builder asks for the next tensor
-        return quantized_linear(quantized, bias), quantized["qtype"]
+        return self.make_linear(packed, name, None, bias=bias), packed.qtype
 
     def source_weight(self, name: str) -> np.ndarray:
         """Tensor `name` as f32 [out, in] from its source file, row-transformed as the model wants."""
@@ -307,17 +287,9 @@ class ISQFactory:
         return counts
 
     def quantized_arrays(self) -> dict[str, dict[str, np.ndarray]]:
-        """The ISQ'd projections' arrays by tensor name, for `save_isq_cache`."""
-        out = {}
-        for name, linear in self.linears.items():
-            if self.types[name] == "source" or not linear.quantized:
-                continue
-            entry = {"q": np.asarray(linear.q[...]), "scale": np.asarray(linear.scale[...]),
-                     "group": np.asarray(linear.group, dtype=np.int32)}
-            if linear.offset is not None:
-                entry["offset"] = np.asarray(linear.offset[...])
-            out[name] = entry
-        return out
+        """The ISQ'd projections' packed bytes by tensor name, for `save_isq_cache`."""
+        return {name: {"blocks": np.asarray(linear.blocks[...])} for name, linear in self.linears.items()
+                if self.types[name] != "source" and linear.quantized}
 
     def requantize(self, isq_type: str | None, progress: Callable | None = None) -> dict[str, int]:
         """Re-quantize every projection this factory built, in place, from its source file.
@@ -327,7 +299,7 @@ class ISQFactory:
         time, so while nothing else holds the old arrays (drop the runner's flattened
         weights first) memory peaks at the model plus about one tensor. Returns `summary()`.
         After it, re-split the model (`nnx.split`) and re-jit: array shapes and the static
-        group size change.
+        format names change.
         """
         isq_type = normalize_isq_type(isq_type) if isq_type is not None else None
         self.cache = {}  # a cache belongs to the type it was made for

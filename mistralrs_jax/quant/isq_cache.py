@@ -31,7 +31,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Bump when quantized output changes (quantizer fixes, new int8 layouts).
-ISQ_CACHE_FORMAT = 1
+ISQ_CACHE_FORMAT = 2  # 2: packed block bytes (was int8 + scales)
 _HEADER_BYTES = 1 << 20
 _ENTRY_FILE = "entry.json"
 _ARRAYS_DIR = "arrays"
