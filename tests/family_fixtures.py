@@ -3,7 +3,14 @@
 Each checkpoint is built by transformers itself (its config class, its model class,
 `save_pretrained`), with weights re-drawn so that nothing is trivially zero (transformers
 initialises biases to 0 and norms to 1, which would hide a missing bias or a wrong norm offset)
-and logits spread over several units (so greedy decoding has clear winners). Every checkpoint
+and logits spread over several units (so greedy decoding has clear winners).
+
+Every config knob must move the logits far above the comparison bound, so nothing sits at
+its default: the norm epsilon is NORM_EPS (not 1e-5/1e-6) and the hidden states are kept
+small enough for it to matter (embeddings of RMS EMBED_RMS after the family's embedding
+scale, residual writers scaled by RESIDUAL_GAIN), and the RoPE bases are ROPE_THETA (and
+Gemma 3's GEMMA3_ROPE_THETAS), not 10000 / 1e6. test_mutations.py measures that a 10x
+epsilon or a default RoPE base moves logits by far more than the bound. Every checkpoint
 has the same tiny SentencePiece tokenizer, trained here on the test prose, saved both as
 `tokenizer.model` (what llama.cpp's converter reads) and `tokenizer.json` (what the engine reads).
 
@@ -29,10 +36,18 @@ DATA_DIR = Path(__file__).parent / "data"
 VOCAB_SIZE = 128
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
+ROPE_THETA = 25_000.0
 COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=UNK_ID)
+              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=UNK_ID, rope_theta=ROPE_THETA)
 LM_HEAD_GAIN = 3.0  # logits std ~3: clear greedy winners
+NORM_EPS = 1e-2  # of the order of the hidden states' mean square (~0.04-0.3): a 10x error shows
+EMBED_RMS = 0.2  # embedding rows' RMS as the first norm sees them (Gemma multiplies by sqrt(hidden))
+RESIDUAL_GAIN = 0.3  # o_proj / down_proj and their kin: the residual stream stays small through the layers
+RESIDUAL_WRITERS = ("o_proj", "down_proj", "dense", "fc2", "c_proj")
+GEMMA3_ROPE_THETAS = {"full_attention": 250_000.0, "sliding_attention": 20_000.0}
+# The config key of the norm epsilon, where a family does not call it rms_norm_eps.
+NORM_EPS_KEYS = {"PhiConfig": "layer_norm_eps", "Starcoder2Config": "norm_epsilon"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,10 @@ class Family:
     norm_weights_are_offsets: bool = False  # Gemma stores w for a (1 + w) RMSNorm
     prompt_len: int = 40  # prompt of the greedy comparison (32 new tokens follow)
 
+
+# llama.cpp's converter writes no RoPE base for Phi-2 and Gemma 1/2, and llama.cpp then takes
+# 10000: their GGUF describes the checkpoint with that base.
+GGUF_DEFAULT_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}}
 
 FAMILIES: dict[str, Family] = {
     # Llama 3.1-style rope scaling; untied head.
@@ -60,7 +79,9 @@ FAMILIES: dict[str, Family] = {
                       gguf_reference_overrides={"sliding_window": None}),
     "mixtral": Family("MixtralConfig", dict(COMMON, num_local_experts=8, num_experts_per_tok=2)),
     "phi2": Family("PhiConfig", dict(COMMON, num_key_value_heads=HEADS, intermediate_size=4 * HIDDEN,
-                                     partial_rotary_factor=0.5)),
+                                     partial_rotary_factor=0.5),
+                   gguf_reference_overrides={"rope_parameters": {**GGUF_DEFAULT_ROPE["rope_parameters"],
+                                                                 "partial_rotary_factor": 0.5}}),
     # LongRoPE switches factor sets at 64 tokens. When a sequence grows across that point while
     # decoding, transformers' generate() throws its cache away and recomputes the whole
     # sequence with the long factors; the engine keeps the cached keys (see
@@ -68,18 +89,22 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("Phi3Config", dict(COMMON, original_max_position_embeddings=64, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(8)],
         "long_factor": [1.5 + 0.25 * i for i in range(8)]}), prompt_len=70),
-    "gemma": Family("GemmaConfig", dict(COMMON, head_dim=HEAD_DIM), norm_weights_are_offsets=True),
+    "gemma": Family("GemmaConfig", dict(COMMON, head_dim=HEAD_DIM), gguf_reference_overrides=GGUF_DEFAULT_ROPE,
+                    norm_weights_are_offsets=True),
     # llama.cpp scales Gemma 2/3 attention by head_dim**-0.5 (hidden/heads for the 27B models),
     # not by query_pre_attn_scalar, which its GGUF does not store.
     "gemma2": Family("Gemma2Config", dict(COMMON, head_dim=HEAD_DIM, sliding_window=8),
-                     gguf_reference_overrides={"query_pre_attn_scalar": HEAD_DIM}, norm_weights_are_offsets=True),
+                     gguf_reference_overrides={"query_pre_attn_scalar": HEAD_DIM, **GGUF_DEFAULT_ROPE},
+                     norm_weights_are_offsets=True),
     # Six layers: llama.cpp's fixed pattern makes every sixth layer global.
     "gemma3": Family("Gemma3TextConfig", dict(COMMON, num_hidden_layers=6, head_dim=HEAD_DIM, sliding_window=8,
                                               rope_parameters={
-                                                  "full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                     "rope_theta": 1_000_000.0},
-                                                  "sliding_attention": {"rope_type": "default",
-                                                                        "rope_theta": 10_000.0}}),
+                                                  "full_attention": {
+                                                      "rope_type": "linear", "factor": 4.0,
+                                                      "rope_theta": GEMMA3_ROPE_THETAS["full_attention"]},
+                                                  "sliding_attention": {
+                                                      "rope_type": "default",
+                                                      "rope_theta": GEMMA3_ROPE_THETAS["sliding_attention"]}}),
                      gguf_reference_overrides={"query_pre_attn_scalar": HEAD_DIM}, norm_weights_are_offsets=True),
     # YaRN, as Qwen2.5 enables it for long contexts.
     "qwen2": Family("Qwen2Config", dict(COMMON, rope_scaling={"rope_type": "yarn", "factor": 4.0,
@@ -136,9 +161,12 @@ def _randomize(model, family: Family, seed: int) -> None:
             elif name.endswith("bias"):
                 param.copy_(0.2 * normal(param.shape))
             elif "embed_tokens" in name:
-                param.copy_(normal(param.shape))
+                scale = EMBED_RMS / math.sqrt(param.shape[-1]) if family.norm_weights_are_offsets else EMBED_RMS
+                param.copy_(normal(param.shape) * scale)
             else:
                 gain = LM_HEAD_GAIN if name.startswith("lm_head") else 1.0
+                if any(writer in name for writer in RESIDUAL_WRITERS):
+                    gain = RESIDUAL_GAIN
                 param.copy_(normal(param.shape) * gain / math.sqrt(param.shape[-1]))
 
 
@@ -150,7 +178,8 @@ def build_checkpoint(name: str, directory: Path, seed: int = 0, *, dtype: str = 
     import transformers
 
     family = FAMILIES[name]
-    config = getattr(transformers, family.config_class)(**{**family.kwargs, **config_changes})
+    config = getattr(transformers, family.config_class)(**{norm_eps_key(name): NORM_EPS, **family.kwargs,
+                                                            **config_changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model, family, seed)
@@ -160,6 +189,19 @@ def build_checkpoint(name: str, directory: Path, seed: int = 0, *, dtype: str = 
     model.save_pretrained(directory, safe_serialization=True, **extra)
     write_tokenizer(directory)
     return directory
+
+
+def require_checkpoint_peers() -> None:
+    """What building a checkpoint and its reference needs (skips or, in CI, fails without it)."""
+    from peers import require_peer
+
+    for package in ("torch", "transformers", "sentencepiece"):
+        require_peer(package)
+
+
+def norm_eps_key(name: str) -> str:
+    """The transformers config key of the family's norm epsilon."""
+    return NORM_EPS_KEYS.get(FAMILIES[name].config_class, "rms_norm_eps")
 
 
 def load_reference(directory: Path, overrides: dict | None = None):
@@ -251,4 +293,4 @@ def convert_to_gguf(jobs: list[tuple]) -> None:
 
 
 __all__ = ["FAMILIES", "ReferenceUnavailable", "build_checkpoint", "convert_to_gguf", "load_reference",
-           "reference_greedy", "reference_logits", "write_tokenizer"]
+           "reference_greedy", "reference_logits", "require_checkpoint_peers", "write_tokenizer"]

@@ -46,7 +46,7 @@ VARIANTS = {
 # As in test_families.py: one sequence, prompts up to 128 tokens, two step shapes compiled on demand.
 LLM_KWARGS = dict(warmup=False, max_seqs=1, max_num_batched_tokens=128, token_buckets=[2, 128], pa_ctxt_len=256,
                   prefix_cache_n=0)
-MAX_ABS_DIFF = 1e-3  # f32 summation order (test_families.py measured 5e-6..1.5e-5)
+MAX_ABS_DIFF = 1e-4  # f32 summation order (test_families.py measured <= 6.2e-6)
 SCORE_LEN = 80
 
 

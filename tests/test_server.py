@@ -122,6 +122,16 @@ def test_sampling_fields_reach_the_engine(live_server):
                                             extra_body={"repetition_penalty": 1.3}, **penalties)
     expected = llm.chat(STORY, SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3, **penalties))
     assert served.choices[0].message.content == expected[0].outputs[0].text
+    # ... and the penalties did something: together, and each alone (over 32 tokens, at strengths
+    # that outweigh the greedy margins of this story), they change the greedy text.
+    plain = llm.chat(STORY, SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
+    assert served.choices[0].message.content != plain
+    plain = llm.chat(STORY, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0].text
+    for field, value in [("presence_penalty", 2.0), ("frequency_penalty", 2.0), ("repetition_penalty", 1.5)]:
+        alone = client.chat.completions.create(model="default", messages=STORY, temperature=0, max_tokens=32,
+                                               **({field: value} if field != "repetition_penalty"
+                                                  else {"extra_body": {field: value}}))
+        assert alone.choices[0].message.content != plain, f"{field}={value} left the greedy text unchanged"
 
     greedy = client.chat.completions.create(model="default", messages=STORY, temperature=0, max_tokens=12)
     for narrowing in ({"top_p": 1e-6}, {"extra_body": {"top_k": 1}}, {"extra_body": {"min_p": 0.999}}):
