@@ -14,15 +14,13 @@ import argparse
 import os
 from typing import Any
 
+from .config import DEFAULT_MAX_SEQS, DEFAULT_SPECULATIVE_GAMMA  # the one default each (config imports no JAX)
 from .errors import InvalidRequestError
 from .loading.hub import parse_token_source
 
 DEFAULT_PORT = 1234
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_MAX_SEQS = 16  # mistral.rs's default
 DEFAULT_PREFIX_CACHE_N = 16
-# engine/speculative.py's DEFAULT_GAMMA (not imported: --help must not import JAX).
-DEFAULT_SPECULATIVE_GAMMA = 4
 DTYPES = ("auto", "bf16", "f16", "f32")
 
 # Subcommands that select a model this engine can load.
