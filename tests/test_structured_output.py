@@ -185,3 +185,18 @@ def test_no_compiles_after_warm_up_with_constraints(live_server):
                                    presence_penalty=0.5, extra_body={"grammar": {"type": "regex", "value": "[a-z ]+"},
                                                                      "dry_multiplier": 0.8})
     assert live_server.metrics()["mistralrs_xla_compiles_total"] == before
+
+
+def test_speculative_decoding_refuses_a_constraint(smollm2_gguf_path):
+    """A draft model verifies without the mask, so a constrained request is refused up front (a 400
+    through the server), before anything runs. No warm-up: nothing is compiled here."""
+    from mistralrs_jax import LLM, SamplingParams
+    from mistralrs_jax.errors import NotSupportedError
+    from mistralrs_jax.guidance import GuidedDecoding
+
+    llm = LLM(smollm2_gguf_path, draft_model=smollm2_gguf_path, warmup=False, max_seqs=4, pa_ctxt_len=1024)
+    try:
+        with pytest.raises(NotSupportedError, match="speculative decoding"):
+            llm.engine.add_request([1, 2, 3], SamplingParams(guided_decoding=GuidedDecoding("regex", "a+")))
+    finally:
+        llm.shutdown()
