@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptModelFileError, InvalidRequestError, ModelLoadError, NotSupportedError
-from .gguf import GGUFFile, GGUFTensor, _open_map
+from .gguf import GGUFFile, GGUFTensor, open_map
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class GGMLFile(GGUFFile):
         from ..quant import nbytes, qtype_name
 
         self.path = os.fspath(path)
-        self._map = _open_map(self.path)
+        self._map = open_map(self.path)
         data = self._map
         self.container = FORMATS.get(bytes(data[:4]))
         if self.container is None:

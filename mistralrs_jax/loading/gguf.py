@@ -96,7 +96,7 @@ def _parse(data, source: str) -> tuple[dict[str, Any], list[tuple[str, tuple[int
     return metadata, tensors, data_start
 
 
-def _open_map(path: str):
+def open_map(path: str):
     if not os.path.exists(path):
         raise ModelNotFoundError(f"model file not found: {path}")
     if os.path.isdir(path):
@@ -120,7 +120,7 @@ def _parse_file(path: str, data):
 
 def read_gguf_metadata(path: str) -> dict[str, Any]:
     """Every metadata key of a GGUF file as plain Python values (lists for arrays)."""
-    data = _open_map(os.fspath(path))
+    data = open_map(os.fspath(path))
     try:
         return _parse_file(os.fspath(path), data)[0]
     finally:
@@ -134,7 +134,7 @@ class GGUFFile:
         from ..quant import nbytes, qtype_name
 
         self.path = os.fspath(path)
-        self._map = _open_map(self.path)
+        self._map = open_map(self.path)
         self.metadata, infos, data_start = _parse_file(self.path, self._map)
         size = len(self._map)
         self._tensors: dict[str, GGUFTensor] = {}

@@ -66,7 +66,7 @@ FILL_IN_THE_MIDDLE_END_TEXTS = (
 )
 
 
-def _end_of_generation_ids(added: dict[int, str]) -> set[int]:
+def end_of_generation_ids(added: dict[int, str]) -> set[int]:
     """Ids among the added (special or user-defined) tokens that end generation, by llama.cpp's rules."""
     by_text = {text: index for index, text in sorted(added.items(), reverse=True)}  # lowest id wins
     ends = {index for text, index in by_text.items() if text in END_OF_GENERATION_TEXTS}
@@ -254,7 +254,7 @@ def _merges_from_scores(
     return merges
 
 
-def _byte_level_model(
+def byte_level_model(
     fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int], preset: _BpePreset
 ) -> tokenizers.Tokenizer:
     spelling = _bytes_to_unicode()
@@ -288,7 +288,7 @@ def _byte_level_model(
     return hf
 
 
-def _sentencepiece_model(
+def sentencepiece_model(
     fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int], add_space_prefix: bool
 ) -> tokenizers.Tokenizer:
     scores = fields.get("tokenizer.ggml.scores")
@@ -314,7 +314,7 @@ def _sentencepiece_model(
     return hf
 
 
-def _gemma4_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizers.Tokenizer:
+def gemma4_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizers.Tokenizer:
     """Gemma 4: BPE with explicit merges over raw UTF-8 where spaces are "▁", cut only at newlines."""
     merges = fields.get("tokenizer.ggml.merges")
     if not merges:
@@ -327,7 +327,7 @@ def _gemma4_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizers.T
     return hf
 
 
-def _wordpiece_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizers.Tokenizer:
+def wordpiece_model(fields: dict[str, Any], tokens: Sequence[str]) -> tokenizers.Tokenizer:
     """BERT. llama.cpp's converter marks word-initial pieces with "▁" and drops "##" from the others;
     undo that to get WordPiece's spelling back."""
 
@@ -371,7 +371,7 @@ def _whitespace_stripping(fields: dict[str, Any]) -> tuple[set[str], set[str] | 
     return set(), set()
 
 
-def _register_special_tokens(
+def register_special_tokens(
     hf: tokenizers.Tokenizer, fields: dict[str, Any], tokens: Sequence[str], token_types: Sequence[int]
 ) -> None:
     """Tokens llama.cpp matches whole in text become added tokens. Control and unknown ones are special
@@ -398,7 +398,7 @@ def _register_special_tokens(
         hf.add_tokens(plain)
 
 
-def _id_field(fields: dict[str, Any], key: str, n_tokens: int) -> int | None:
+def id_field(fields: dict[str, Any], key: str, n_tokens: int) -> int | None:
     value = fields.get(f"tokenizer.ggml.{key}")
     if value is None:
         return None

@@ -26,13 +26,13 @@ from mistralrs_jax.loading.gguf import read_gguf_metadata
 from mistralrs_jax.loading.gguf_vocab import (
     BPE_PRESETS,
     TOKEN_TYPE_NORMAL,
-    _byte_level_model,
-    _end_of_generation_ids,
-    _gemma4_model,
-    _id_field,
-    _register_special_tokens,
-    _sentencepiece_model,
-    _wordpiece_model,
+    byte_level_model,
+    end_of_generation_ids,
+    gemma4_model,
+    id_field,
+    register_special_tokens,
+    sentencepiece_model,
+    wordpiece_model,
 )
 from mistralrs_jax.errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
 
@@ -75,7 +75,7 @@ class Tokenizer:
         self.source = source
         added = backend.get_added_tokens_decoder()
         self.special_token_ids: set[int] = {index for index, token in added.items() if token.special}
-        ends = {int(i) for i in eos_token_ids} | _end_of_generation_ids({i: t.content for i, t in added.items()})
+        ends = {int(i) for i in eos_token_ids} | end_of_generation_ids({i: t.content for i, t in added.items()})
         if eos_token_id is not None:
             ends.add(eos_token_id)
         self.eos_token_ids: set[int] = ends
@@ -98,7 +98,7 @@ class Tokenizer:
         if len(token_types) < n_tokens:
             raise CorruptModelFileError(f"{source}: fewer token types ({len(token_types)}) than tokens ({n_tokens})")
         ids = {
-            key: _id_field(fields, key, n_tokens)
+            key: id_field(fields, key, n_tokens)
             for key in (
                 "bos_token_id",
                 "eos_token_id",
@@ -119,18 +119,18 @@ class Tokenizer:
                     f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; known: {sorted(BPE_PRESETS)}"
                 )
             preset = BPE_PRESETS[pre]
-            backend = _byte_level_model(fields, tokens, token_types, preset)
+            backend = byte_level_model(fields, tokens, token_types, preset)
             add_bos = preset.add_bos
         elif model_type == "llama":
-            backend = _sentencepiece_model(
+            backend = sentencepiece_model(
                 fields, tokens, token_types, bool(fields.get("tokenizer.ggml.add_space_prefix", True))
             )
             add_bos = True
         elif model_type == "gemma4":
-            backend = _gemma4_model(fields, tokens)
+            backend = gemma4_model(fields, tokens)
             add_bos = True
         elif model_type == "bert":
-            backend = _wordpiece_model(fields, tokens)
+            backend = wordpiece_model(fields, tokens)
             # BERT frames text as [CLS] ... [SEP]; llama.cpp treats [CLS] as its BOS and adds [SEP] after.
             bos = ids["cls_token_id"] if ids["cls_token_id"] is not None else bos
             add_bos = True
@@ -140,7 +140,7 @@ class Tokenizer:
             raise UnsupportedArchitectureError(
                 f"{source}: GGUF tokenizer model {model_type!r} is not supported (supported: gpt2, llama, gemma4, bert)"
             )
-        _register_special_tokens(backend, fields, tokens, token_types)
+        register_special_tokens(backend, fields, tokens, token_types)
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", add_bos))
         add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", add_eos))
         templates = {
