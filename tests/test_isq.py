@@ -1,12 +1,14 @@
 """In-situ quantization (ISQ), HQQ, runtime re-quantization and the ISQ cache.
 
-References nobody here wrote: gguf-py's quantizers and dequantizers (`gguf.quants`), a GGUF
-file quantized by gguf-py and loaded through the plain (non-ISQ) path, llama.cpp's
-per-type error levels, the f32 model's own logits, the process's resident memory as the
-kernel counts it, and the real SmolLM2 model's answer.
+References nobody here wrote: llama.cpp's own quantizers and dequantizers (libggml from
+llama-cpp-python, tests/libggml.py) and its llama_model_quantize (which type a tensor of a
+given shape falls back to), a GGUF file quantized by gguf-py and loaded through the plain
+(non-ISQ) path, llama.cpp's per-type error levels, the f32 model's own logits, the process's
+resident memory as the kernel counts it, and the real SmolLM2 model's answer.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -22,8 +24,11 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from libggml import libggml
+from peers import require_peer
+
 from mistralrs_jax.errors import InvalidRequestError, NotSupportedError
-from mistralrs_jax.quant import dequantize, quantize
+from mistralrs_jax.quant import PackedWeight, dequantize, quantize
 from mistralrs_jax.quant.hqq import hqq_dequantize, hqq_quantize, hqq_to_affine_int8
 from mistralrs_jax.quant.isq import (
     FALLBACK_TYPES,
@@ -39,8 +44,11 @@ F32 = np.float32
 REPO = Path(__file__).resolve().parents[1]
 
 
-def evaluate(quantized: dict) -> np.ndarray:
-    """The int8 affine form as f32, evaluated the way ggml does (q * scale, then + offset)."""
+def evaluate(quantized) -> np.ndarray:
+    """A PackedWeight's values, or an int8 affine form (dict) as f32 evaluated the way ggml does
+    (q * scale, then + offset)."""
+    if isinstance(quantized, PackedWeight):
+        return quantized.dequantize()
     rows, cols = quantized["q"].shape
     g = quantized["group"]
     w = quantized["q"].reshape(rows, cols // g, g).astype(F32) * quantized["scale"][..., None]
@@ -89,32 +97,56 @@ ISQ_REL_RMS_BOUND = {
 def test_quantize_weight_error_is_within_the_types_bound(isq_type):
     w = np.random.default_rng(0).standard_normal((64, 2048)).astype(F32)
     quantized = quantize_weight(w, isq_type)
-    assert quantized["q"].dtype == np.int8 and quantized["q"].shape == w.shape
-    assert quantized["scale"].shape == (64, 2048 // quantized["group"])
+    assert quantized.blocks.dtype == np.uint8 and (quantized.out_features, quantized.in_features) == w.shape
+    assert quantized.bits_per_weight <= 9.125  # packed at the type's own size (Q8_K is the widest)
     error = rel_rms(evaluate(quantized), w)
     assert ISQ_REL_RMS_BOUND[isq_type] / 2 < error <= ISQ_REL_RMS_BOUND[isq_type]
 
 
-GGUF_PY_QUANTIZES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-
-
 @pytest.mark.parametrize("isq_type", list(GGUF_ISQ_TYPES))
-def test_gguf_isq_types_are_bit_exact_against_gguf_py(isq_type):
+def test_gguf_isq_types_are_bit_exact_against_llama_cpp(isq_type):
+    """ISQ's weight of each GGUF type evaluates to exactly what llama.cpp's own quantizer
+    (ggml_quantize_chunk, or the Q8_K/Q8_1 row reference) and dequantizer make of the weight."""
     rng = np.random.default_rng(1)
     w = np.concatenate([rng.standard_normal((8, 1024)) * 0.02, rng.standard_t(3, (8, 1024)) * 0.05]).astype(F32)
     quantized = quantize_weight(w, isq_type)
     qtype = GGUF_ISQ_TYPES[isq_type]
-    assert quantized["qtype"] == qtype
-    ggml_type = GGMLQuantizationType[qtype]
-    if qtype in GGUF_PY_QUANTIZES:
-        blocks = gguf_quants.quantize(w, ggml_type)  # gguf-py's own quantizer
-    else:  # gguf-py has no K-quant quantizer (llama.cpp's bytes are checked in test_quant_formats.py)
-        blocks = quantize(w, qtype)
-    if qtype in ("Q8_1", "Q8_K"):  # gguf-py decodes neither; ours is checked against llama.cpp there too
-        reference = dequantize(blocks, qtype, w.shape)
-    else:
-        reference = np.asarray(gguf_quants.dequantize(blocks, ggml_type), dtype=F32)
+    assert quantized.qtype == qtype
+    ggml = libggml()
+    blocks = ggml.quantize(w, qtype)
+    if qtype == "Q8_1":  # ggml has no Q8_1 dequantizer: d * q, the Q8_0 formula (test_quant_formats.py)
+        blocks = np.concatenate([blocks.reshape(-1, 36)[:, :2], blocks.reshape(-1, 36)[:, 4:]], axis=1)
+        qtype = "Q8_0"
+    reference = ggml.dequantize(blocks, qtype, w.size).reshape(w.shape)
     np.testing.assert_array_equal(evaluate(quantized), reference)
+
+
+# llama.cpp's file types whose tensors are all the K type with `pure` (LLAMA_FTYPE_MOSTLY_*).
+LLAMA_FTYPES = {"Q2K": 10, "Q3K": 11, "Q4K": 14, "Q5K": 16, "Q6K": 18}
+
+
+def test_fallback_types_are_what_llama_quantize_writes_for_smollm2_shapes(tmp_path):
+    """A SmolLM2-shaped layer (hidden 576 = 2.25 K-blocks, ffn 1536) through llama.cpp's own
+    llama_model_quantize (pure: no per-tensor type mix): each projection gets the type ISQ
+    picks (the K type or its fallback) and the very values ISQ computes."""
+    llama_cpp = require_peer("llama_cpp")
+    source = tmp_path / "smollm2-shaped.gguf"
+    weights = write_llama_gguf(source, hidden=576, ffn=1536, layers=1, heads=9, kv_heads=3, vocab=256)
+    ggml = libggml()
+    for isq_type, ftype in LLAMA_FTYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.pure, params.nthread = ftype, True, 1
+        target = tmp_path / f"{isq_type}.gguf"
+        assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+        tensors = {t.name: t for t in gguf.GGUFReader(str(target)).tensors}
+        for name, w in weights.items():
+            theirs = tensors[name]
+            ours = quantize_weight(w, isq_type, name=name)
+            k_type = GGUF_ISQ_TYPES[isq_type]
+            assert theirs.tensor_type.name == (k_type if w.shape[1] % 256 == 0 else FALLBACK_TYPES[k_type]), name
+            assert ours.qtype == theirs.tensor_type.name, f"{isq_type} {name}"
+            reference = ggml.dequantize(np.asarray(theirs.data), ours.qtype, w.size).reshape(w.shape)
+            np.testing.assert_array_equal(evaluate(ours), reference, err_msg=f"{isq_type} {name}")
 
 
 def test_rows_that_fill_no_block_fall_back_like_llama_cpp(caplog):
@@ -123,11 +155,11 @@ def test_rows_that_fill_no_block_fall_back_like_llama_cpp(caplog):
     for isq_type, gguf_type in GGUF_ISQ_TYPES.items():
         quantized = quantize_weight(w, isq_type, name="blk.0.attn_q.weight")
         expected = FALLBACK_TYPES.get(gguf_type, gguf_type)
-        assert quantized["qtype"] == expected
+        assert quantized.qtype == expected
         np.testing.assert_array_equal(evaluate(quantized), dequantize(quantize(w, expected), expected, w.shape))
     assert "blk.0.attn_q.weight is quantized as Q5_0" in caplog.text
-    assert quantize_weight(w, "HQQ4")["group"] == 64  # 576 = 9 x 64
-    assert quantize_weight(w[:, :96], "HQQ4")["group"] == 32
+    assert quantize_weight(w, "HQQ4").qtype == "HQQ4"  # 576 = 9 x 64
+    assert quantize_weight(w[:, :96], "HQQ4").qtype == "Q4_1"  # 96 fills no 64-group: the 32-block affine type
     assert quantize_weight(w[:, :100], "Q4K", name="odd") is None
     assert "odd keeps source precision" in caplog.text
 
@@ -137,8 +169,7 @@ def test_threads_give_the_same_bytes_as_one_pass():
     for isq_type in ("Q4K", "Q4_1", "HQQ4"):
         one = quantize_weight(w, isq_type, workers=1)
         many = quantize_weight(w, isq_type, workers=4)
-        for field in ("q", "scale", "offset"):
-            np.testing.assert_array_equal(one[field], many[field])
+        np.testing.assert_array_equal(one.blocks, many.blocks)
 
 
 # ---------------------------------------------------------------- HQQ
@@ -302,12 +333,9 @@ def test_isq_model_equals_the_model_of_a_file_gguf_py_quantized(tmp_path, tiny_f
         if name == "output.weight":
             assert not linear.quantized
             continue
-        assert linear.quantized and linear.group == reference.group == 32
-        np.testing.assert_array_equal(np.asarray(linear.q[...]), np.asarray(reference.q[...]), err_msg=name)
-        np.testing.assert_array_equal(np.asarray(linear.scale[...]), np.asarray(reference.scale[...]), err_msg=name)
-        ref_offset = np.asarray(reference.offset[...])
-        ours = np.zeros_like(ref_offset) if linear.offset is None else np.asarray(linear.offset[...])
-        np.testing.assert_array_equal(ours, ref_offset, err_msg=name)
+        assert linear.quantized and linear.qtype == reference.qtype == isq_type
+        # the same bytes as gguf-py's file (rows un-permuted alike for Q/K)
+        np.testing.assert_array_equal(np.asarray(linear.blocks[...]), np.asarray(reference.blocks[...]), err_msg=name)
 
     f32_model, _, _ = build(tiny_f32_gguf, make_linear_factory("f32"))
     exact = logits_of(f32_model, config)
@@ -331,8 +359,7 @@ def test_requantize_in_place_equals_a_fresh_isq_load(tiny_f32_gguf):
     ours, theirs = factory.quantized_arrays(), fresh_factory.quantized_arrays()
     assert ours.keys() == theirs.keys() and len(ours) == 14
     for name in ours:
-        for field in ("q", "scale", "offset", "group"):
-            np.testing.assert_array_equal(ours[name].get(field), theirs[name].get(field), err_msg=f"{name}.{field}")
+        np.testing.assert_array_equal(ours[name]["blocks"], theirs[name]["blocks"], err_msg=name)
     np.testing.assert_array_equal(logits_of(model, config), logits_of(fresh, config))
 
     factory.requantize(None)
