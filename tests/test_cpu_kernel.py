@@ -125,6 +125,7 @@ CASES = [  # (T, N, K for 32-blocks, K for 256-blocks): T = 1 is the decode GEMV
     (1, 37, 96, 256),
     (3, 5, 576, 768),
     (17, 130, 160, 512),
+    (40, 9, 8224, 8448),  # K in several 2048-slices with a tail, tokens in two L2-sized blocks
 ]
 
 

@@ -36,7 +36,9 @@ namespace ffi = xla::ffi;
 constexpr int kRows = 4;  // weight rows unpacked and dotted together
 constexpr int kInterleaveMinT = 2;  // tokens from which rows are interleaved (see dot_rows)
 constexpr int64_t kWorkPerThread = 1 << 18;  // multiply-adds that justify one more thread
-constexpr int kSub = 64;  // output rows gathered before they are written (a multiple of kRows)
+constexpr int kSub = 64;
+constexpr int64_t kSlice = 2048;  // elements of K per pass (a multiple of every interleaved run)
+constexpr int64_t kActivationBytes = 1 << 18;  // activation codes kept in L2 while rows stream past  // output rows gathered before they are written (a multiple of kRows)
 
 // ---------------------------------------------------------------------------------------
 // Activations: 8-bit codes per 32 elements, the scale and the code sum per weight group.
@@ -120,9 +122,9 @@ static inline void reduce_rows(const __m512* acc, float* out) {
 }
 
 template <int R, int G>
-static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t kfull,
-                            const int8_t* a, const float* da, const float* qa, float* out) {
-  const int64_t ng_row = K / G;
+static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t stride,
+                            int64_t kfull, const int8_t* a, const float* da, const float* qa, float* out) {
+  const int64_t ng_row = K / G, sstride = stride / G;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t base = 0; base < kfull; base += kLanes * G) {
@@ -132,13 +134,13 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
     for (int j = 0; j < G / 4; ++j) {
       const __m512i av = _mm512_loadu_si512(a + base + 64 * j);
       for (int r = 0; r < R; ++r)
-        ai[r][j & 1] = _mm512_dpbusd_epi32(ai[r][j & 1], _mm512_loadu_si512(u + r * K + base + 64 * j), av);
+        ai[r][j & 1] = _mm512_dpbusd_epi32(ai[r][j & 1], _mm512_loadu_si512(u + r * stride + base + 64 * j), av);
     }
     const __m512 dav = _mm512_loadu_ps(da + g0), qav = _mm512_loadu_ps(qa + g0);
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ai[r][0], ai[r][1])),
-                               _mm512_mul_ps(_mm512_loadu_ps(s + r * ng_row + g0), dav), acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(c + r * ng_row + g0), qav, acc[r]);
+                               _mm512_mul_ps(_mm512_loadu_ps(s + r * sstride + g0), dav), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(c + r * sstride + g0), qav, acc[r]);
     }
   }
   // The rest in chunks of 64 elements: 64 / G groups, each group's scale spread over its lanes.
@@ -153,8 +155,8 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
     const __m512i av = _mm512_maskz_loadu_epi8(bm, a + e);
     const __m128 dav = _mm_maskz_loadu_ps(gm, da + g);
     for (int r = 0; r < R; ++r) {
-      const __m512i uv = _mm512_maskz_loadu_epi8(bm, u + r * K + e);
-      const __m128 sd = _mm_mul_ps(_mm_maskz_loadu_ps(gm, s + r * ng_row + g), dav);
+      const __m512i uv = _mm512_maskz_loadu_epi8(bm, u + r * stride + e);
+      const __m128 sd = _mm_mul_ps(_mm_maskz_loadu_ps(gm, s + r * sstride + g), dav);
       const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
                                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)), acc[r]);
@@ -164,7 +166,7 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
   for (int64_t g = kfull / G; g < ng_row; g += 16) {
     const __mmask16 m = g + 16 <= ng_row ? (__mmask16)0xffff : (__mmask16)((1u << (ng_row - g)) - 1);
     const __m512 qav = _mm512_maskz_loadu_ps(m, qa + g);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + r * ng_row + g), qav, acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + r * sstride + g), qav, acc[r]);
   }
   reduce_rows<R>(acc, out);
 }
@@ -243,23 +245,23 @@ static inline __m256i mj_dot_u8s8(__m256i u, __m256i a) {
 #endif
 
 template <int R, int G>
-static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t e0,
-                            const int8_t* a, const float* da, const float* qa, float* out) {
-  const int64_t ng_row = K / G;
+static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t stride,
+                            int64_t e0, const int8_t* a, const float* da, const float* qa, float* out) {
+  const int64_t ng_row = K / G, sstride = stride / G;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t e = e0; e < K; e += 32) {
     const int64_t g = e / G;
     const __m256i av = _mm256_loadu_si256((const __m256i*)(a + e));
     for (int r = 0; r < R; ++r) {
-      const __m256i uv = _mm256_loadu_si256((const __m256i*)(u + r * K + e));
+      const __m256i uv = _mm256_loadu_si256((const __m256i*)(u + r * stride + e));
       const __m256 p = _mm256_cvtepi32_ps(mj_dot_u8s8(uv, av));
       __m256 sd;
       if (G == 32) {
-        sd = _mm256_set1_ps(s[r * ng_row + g] * da[g]);
+        sd = _mm256_set1_ps(s[r * sstride + g] * da[g]);
       } else {
-        const __m128 lo = _mm_set1_ps(s[r * ng_row + g] * da[g]);
-        const __m128 hi = _mm_set1_ps(s[r * ng_row + g + 1] * da[g + 1]);
+        const __m128 lo = _mm_set1_ps(s[r * sstride + g] * da[g]);
+        const __m128 hi = _mm_set1_ps(s[r * sstride + g + 1] * da[g + 1]);
         sd = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
       }
       acc[r] = _mm256_fmadd_ps(p, sd, acc[r]);
@@ -267,7 +269,7 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
   }
   for (int r = 0; r < R; ++r) {
     float corr = 0.0f;
-    for (int64_t g = 0; g < ng_row; ++g) corr += c[r * ng_row + g] * qa[g];
+    for (int64_t g = 0; g < ng_row; ++g) corr += c[r * sstride + g] * qa[g];
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
@@ -310,60 +312,77 @@ struct Job {
   std::atomic<int64_t> done{0};
 };
 
+// T = 1 on a 32-element block format: blocks are read in place (gemv32), four rows at a time.
+template <class F>
+static void run_rows_gemv(const Job& job, int64_t r0, int64_t r1) {
+  const Activations& A = *job.act;
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int64_t R = std::min<int64_t>(kRows, r1 - r);
+    const uint8_t* rows[kRows];
+    for (int64_t i = 0; i < kRows; ++i) rows[i] = job.w + (r + std::min<int64_t>(i, R - 1)) * job.row_bytes;
+    float out[kRows] = {};
+    if (R == kRows) {
+      gemv32<F, kRows>(rows, job.K, A.a.data(), A.da.data(), A.qa.data(), out);
+    } else {
+      for (int64_t i = 0; i < R; ++i) gemv32<F, 1>(rows + i, job.K, A.a.data(), A.da.data(), A.qa.data(), out + i);
+    }
+    std::memcpy(job.y + r, out, R * sizeof(float));
+  }
+}
+
 template <class F>
 static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t>& buf) {
   constexpr int G = F::group, BPG = F::block / F::group;  // groups per block
   const int64_t K = job.K, T = job.act->T, ng = K / G, nb = K / F::block;
+  if constexpr (MJ_FUSED_GEMV && MjBlock32<F>::ok) {
+    if (T == 1) return run_rows_gemv<F>(job, r0, r1);
+  }
   const int64_t kfull = interleaved_bytes(T, K, G);
   buf.resize(kRows * (K + 2 * ng * sizeof(float)) + 64);
   uint8_t* u = buf.data();
   float* s = reinterpret_cast<float*>(u + kRows * K + (64 - (kRows * K) % 64) % 64);
   float* c = s + kRows * ng;
   const Activations& A = *job.act;
-  // Outputs of kSub rows gather here and go out one contiguous run per activation row:
-  // writing y[t][r..r+3] directly for every t thrashes L1 when N * 4 bytes is a multiple of 4 KiB.
+  // Tokens go in blocks whose codes stay in L2 (rows are unpacked again for each block), and
+  // outputs of kSub rows gather in ybuf to go out one contiguous run per token: writing
+  // y[t][r..r+3] for every t thrashes L1 when N * 4 bytes is a multiple of 4 KiB.
+  const int64_t tblock = std::max<int64_t>(16, std::min<int64_t>(T, kActivationBytes / K));
   thread_local std::vector<float> ybuf;
-  ybuf.resize(T * kSub);
-  constexpr bool fused = MJ_FUSED_GEMV && MjBlock32<F>::ok;
-  for (int64_t r = r0; r < r1; r += kRows) {
-    const int64_t R = std::min<int64_t>(kRows, r1 - r), sub0 = r0 + (r - r0) / kSub * kSub;
-    if constexpr (fused) {
-      if (T == 1) {
-      const uint8_t* rows[kRows];
-      for (int64_t i = 0; i < kRows; ++i) rows[i] = job.w + (r + std::min<int64_t>(i, R - 1)) * job.row_bytes;
-      float out[kRows] = {};
-      if (R == kRows) {
-        gemv32<F, kRows>(rows, K, A.a.data(), A.da.data(), A.qa.data(), out);
-      } else {
-        for (int64_t i = 0; i < R; ++i) gemv32<F, 1>(rows + i, K, A.a.data(), A.da.data(), A.qa.data(), out + i);
+  ybuf.resize(tblock * kSub);
+  for (int64_t t0 = 0; t0 < T; t0 += tblock) {
+    const int64_t t1 = std::min(T, t0 + tblock);
+    for (int64_t r = r0; r < r1; r += kRows) {
+      const int64_t R = std::min<int64_t>(kRows, r1 - r), sub0 = r0 + (r - r0) / kSub * kSub;
+      for (int64_t i = 0; i < R; ++i) {
+        const uint8_t* row = job.w + (r + i) * job.row_bytes;
+        for (int64_t b = 0; b < nb; ++b)
+          F::unpack(row + b * F::bytes, u + i * K + b * F::block, s + i * ng + b * BPG, c + i * ng + b * BPG);
+        if (kfull) interleave<G>(u + i * K, kfull);
       }
-      std::memcpy(ybuf.data() + (r - sub0), out, R * sizeof(float));
-      if (r + R == r1 || r + R - sub0 == kSub) std::memcpy(job.y + sub0, ybuf.data(), (r + R - sub0) * sizeof(float));
-      continue;
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < R; ++i) ybuf[(t - t0) * kSub + (r - sub0) + i] = 0.0f;
+      // K in slices whose unpacked rows stay in L1 while every token of the block passes.
+      for (int64_t e0 = 0; e0 < K; e0 += kSlice) {
+        const int64_t len = std::min<int64_t>(kSlice, K - e0), g0 = e0 / G;
+        const int64_t kf = std::max<int64_t>(0, std::min<int64_t>(len, kfull - e0));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int8_t* a = A.a.data() + t * K + e0;
+          const float* da = A.da.data() + t * ng + g0;
+          const float* qa = A.qa.data() + t * ng + g0;
+          float* out = ybuf.data() + (t - t0) * kSub + (r - sub0);
+          if (R == kRows) {
+            dot_rows<kRows, G>(u + e0, s + g0, c + g0, len, K, kf, a, da, qa, out);
+          } else {
+            for (int64_t i = 0; i < R; ++i)
+              dot_rows<1, G>(u + i * K + e0, s + i * ng + g0, c + i * ng + g0, len, K, kf, a, da, qa, out + i);
+          }
+        }
       }
-    }
-    for (int64_t i = 0; i < R; ++i) {
-      const uint8_t* row = job.w + (r + i) * job.row_bytes;
-      for (int64_t b = 0; b < nb; ++b)
-        F::unpack(row + b * F::bytes, u + i * K + b * F::block, s + i * ng + b * BPG, c + i * ng + b * BPG);
-      if (kfull) interleave<G>(u + i * K, kfull);
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const int8_t* a = A.a.data() + t * K;
-      const float* da = A.da.data() + t * ng;
-      const float* qa = A.qa.data() + t * ng;
-      float out[kRows] = {};
-      if (R == kRows) {
-        dot_rows<kRows, G>(u, s, c, K, kfull, a, da, qa, out);
-      } else {
-        for (int64_t i = 0; i < R; ++i) dot_rows<1, G>(u + i * K, s + i * ng, c + i * ng, K, kfull, a, da, qa, out + i);
+      if (r + R == r1 || r + R - sub0 == kSub) {
+        const int64_t cnt = r + R - sub0;
+        for (int64_t t = t0; t < t1; ++t)
+          std::memcpy(job.y + t * job.N + sub0, ybuf.data() + (t - t0) * kSub, cnt * sizeof(float));
       }
-      float* yt = ybuf.data() + t * kSub + (r - sub0);
-      for (int64_t i = 0; i < R; ++i) yt[i] = out[i];
-    }
-    if (r + R == r1 || r + R - sub0 == kSub) {
-      const int64_t cnt = r + R - sub0;
-      for (int64_t t = 0; t < T; ++t) std::memcpy(job.y + t * job.N + sub0, ybuf.data() + t * kSub, cnt * sizeof(float));
     }
   }
 }
