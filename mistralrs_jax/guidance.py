@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NotSupportedError
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,14 @@ def _llg_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]
 
     backend = getattr(tokenizer, "backend", tokenizer)
     eos = sorted({int(i) for i in eos_token_ids if 0 <= int(i) < vocab_size})
-    n_vocab = max(vocab_size, backend.get_vocab_size(with_added_tokens=True))
-    return llguidance.LLTokenizer(backend.to_str(), n_vocab=n_vocab, eos_token=eos or None)
+    if backend.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise NotSupportedError(f"constrained output needs the tokenizer to fit the model's vocabulary: it has "
+                                f"{backend.get_vocab_size(with_added_tokens=True)} tokens, the model {vocab_size}")
+    try:
+        return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos or None)
+    except ValueError as exc:
+        raise NotSupportedError(f"constrained output is not available for this model: llguidance cannot read its "
+                                f"tokenizer ({exc})") from None
 
 
 class ConstraintTracker:

@@ -200,3 +200,30 @@ def test_speculative_decoding_refuses_a_constraint(smollm2_gguf_path):
             llm.engine.add_request([1, 2, 3], SamplingParams(guided_decoding=GuidedDecoding("regex", "a+")))
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2", "falcon"])
+def test_llguidance_reads_the_tokenizers_the_engine_rebuilds(name):
+    """The grammar engine sees the same bytes our tokenizer makes, for byte-level BPE and SentencePiece
+    vocabularies rebuilt from llama.cpp's vocab GGUFs: a matching text, tokenized by us, is accepted
+    token by token, and a text that breaks the pattern is refused at the first bad token."""
+    import _vocab_fixtures as fixtures
+
+    from mistralrs_jax.guidance import ConstraintTracker, GuidedDecoding
+    from mistralrs_jax.loading.gguf import read_gguf_metadata
+    from mistralrs_jax.loading.tokenizer import Tokenizer
+
+    try:
+        path = fixtures.vocab_gguf(name)
+    except fixtures.ReferenceUnavailable as exc:
+        pytest.skip(f"llama.cpp vocab files unavailable: {exc}")
+    tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(str(path)))
+    tracker = ConstraintTracker(tokenizer, tokenizer.vocab_size, tokenizer.eos_token_ids)
+    pattern = r' ?Réponse: \{"ville": "[^"]+", "n": [0-9]+\} 日本'
+    text = 'Réponse: {"ville": "Zürich", "n": 42} 日本'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    matcher = tracker.compile(GuidedDecoding("regex", pattern), 1)[0]
+    assert matcher.consume_tokens(ids), matcher.get_error()
+    assert matcher.is_accepting()
+    bad = tracker.compile(GuidedDecoding("regex", pattern), 1)[0]
+    assert not bad.consume_tokens(tokenizer.encode(text.replace("42", "x"), add_special_tokens=False))
