@@ -225,16 +225,22 @@ def test_loading_holds_no_second_copy(peers, tmp_path):
     assert peak < 1.3 * file_bytes
 
 
-def test_isq_of_a_safetensors_checkpoint_matches_transformers_on_the_quantized_weights(llama_dir):
+def test_isq_of_a_safetensors_checkpoint_matches_transformers_on_the_quantized_weights(llama_dir, monkeypatch):
     """`LLM(isq="Q8_0")` on a safetensors directory quantizes every projection at load: its logits
     equal transformers' on the same checkpoint with each projection replaced by gguf-py's Q8_0
     round trip (lm_head and embeddings stay at source precision); re_isq(None) gives the
-    unquantized logits back."""
+    unquantized logits back.
+
+    The weights are what is judged here, so the matmul is the XLA reference (f32 activations, as
+    in transformers). The CPU kernel rounds activations to 8 bits as llama.cpp does (0.15 off
+    on these logits) and is judged against llama.cpp by the quantization tests."""
     import gguf
     import torch
 
     from mistralrs_jax import LLM
+    from pallas_kernels.quant_matmul import ENV_VAR
 
+    monkeypatch.setenv(ENV_VAR, "reference")
     with LLM(model=str(llama_dir), isq="Q8_0", **LLM_KWARGS) as llm:
         assert llm.isq_type == "Q8_0" and llm.isq_factory.summary().get("Q8_0", 0) == 7 * 2  # 7 per layer
         quantized = llm.score(SCORE_IDS)
