@@ -28,16 +28,22 @@ blueprint = Blueprint("chat", __name__)
 class ToolOutput:
     """How one request's replies become OpenAI messages: plain text, or tool calls (see tools.py)."""
 
-    def __init__(self, mode: str | None, fmt: str):
+    def __init__(self, mode: str | None, fmt: str, parallel: bool = True):
         self.mode = mode  # None, "auto", "required" or a forced function name
         self.fmt = fmt
+        self.parallel = parallel  # parallel_tool_calls: false keeps a free reply's first call only
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a complete free ("auto") reply."""
+        content, calls = parse_tool_calls(text, self.fmt)
+        return content, calls if self.parallel else calls[:1]
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The assistant message for a whole reply, and its finish reason ("tool_calls" when it calls)."""
         calls: list[ToolCall] = []
         content: str | None = text
         if self.mode == "auto":
-            content, calls = parse_tool_calls(text, self.fmt)
+            content, calls = self.parse(text)
         elif self.mode is not None:
             calls = forced_calls(text, self.mode) or []
             content = None if calls else text
@@ -73,7 +79,7 @@ async def chat_completions() -> Response:
     if tools and template.reads_tools:
         template_kwargs["tools"] = tools
     add_generation_prompt = req.add_generation_prompt is not False
-    tool_output = ToolOutput(req.tool_mode, fmt)
+    tool_output = ToolOutput(req.tool_mode, fmt, parallel=req.parallel_tool_calls is not False)
 
     def make_prompts() -> list[Prompt]:
         ids, text, multimodal = llm.chat_prompt(messages, add_generation_prompt=add_generation_prompt,
@@ -109,6 +115,7 @@ class _ChoiceStream:
 
     def __init__(self, tool_output: ToolOutput):
         self.mode = tool_output.mode
+        self.parallel = tool_output.parallel
         self.filter = ToolStreamFilter(tool_output.fmt) if self.mode == "auto" else None
         self.forced_call: ToolCall | None = None
         self.held = ""  # a "required" reply is parsed when complete
@@ -138,6 +145,7 @@ class _ChoiceStream:
             return []
         if self.filter is not None:
             content, calls = self.filter.finish()
+            calls = calls if self.parallel else calls[:1]
         else:
             calls = (forced_calls(self.held, "required") or []) if self.mode == "required" else []
             content = "" if calls else self.held

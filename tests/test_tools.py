@@ -180,3 +180,23 @@ def test_streamed_required_calls_in_parallel_and_tool_choice_none(live_server):
     plain = client.chat.completions.create(model="default", messages=ASK, tools=[WEATHER], tool_choice="none",
                                            temperature=0, max_tokens=10)
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+
+
+def test_reply_messages_and_parallel_tool_calls_false():
+    """A free reply with two calls becomes an OpenAI message with both (finish_reason "tool_calls"), or
+    only the first when parallel_tool_calls is false; a forced call's JSON becomes its arguments."""
+    from server.routes_chat import ToolOutput
+
+    text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {"timezone": "Europe/Oslo"}}</tool_call>')
+    message, finish = ToolOutput("auto", HERMES).message(text, "stop")
+    assert finish == "tool_calls" and message["content"] is None
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
+    message, _ = ToolOutput("auto", HERMES, parallel=False).message(text, "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+    message, finish = ToolOutput("get_time", HERMES).message('{"timezone": "Asia/Tokyo"}', "stop")
+    assert finish == "tool_calls" and message["tool_calls"][0]["function"] == {
+        "name": "get_time", "arguments": '{"timezone": "Asia/Tokyo"}'}
+    message, finish = ToolOutput("get_time", HERMES).message('{"timezone": "As', "length")
+    assert finish == "length" and message == {"role": "assistant", "content": '{"timezone": "As'}
+    assert ToolOutput(None, HERMES).message(text, "stop") == ({"role": "assistant", "content": text}, "stop")
