@@ -310,3 +310,33 @@ def test_template_variables_from_the_request_match_transformers():
     plain = ChatTemplate(DEFAULT_CHATML_TEMPLATE)
     with pytest.raises(InvalidRequestError, match="reasoning_effort"):
         request.template_kwargs(plain.reads)
+
+
+def test_a_tool_conversation_from_a_request_body_renders_as_transformers_renders_it():
+    """The server's path: a JSON body with an assistant turn of tool_calls and "content": null, then a
+    tool result. The null content must survive request parsing (it used to be dropped, which broke
+    templates that read message.content), and the tools reach a template that reads them."""
+    from server.schemas import ChatCompletionRequest
+    from server.tools import messages_for_template
+
+    source = _template_fields("gemma-4")["tokenizer.chat_template"]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object", "required": ["city"],
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    body = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 21}"},
+    ], "tools": tools}
+    request = ChatCompletionRequest.model_validate(body)
+    messages = request.message_dicts()
+    assert messages[1]["content"] is None and messages[1]["tool_calls"][0]["id"] == "c1"
+    template = ChatTemplate(source, bos_token="<bos>", eos_token="<eos>")
+    assert template.reads_tools
+    rendered = template.render(messages_for_template(messages, tools, template.reads_tools), tools=tools)
+    reference = copy.deepcopy(body["messages"])
+    reference[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    expected = _transformers_render(source, reference, tools=tools, add_generation_prompt=True, bos_token="<bos>",
+                                    eos_token="<eos>")
+    assert rendered == expected
