@@ -157,6 +157,30 @@ def test_config_missing_a_required_key_is_named(llama_dir, tmp_path):
         LLM(model=str(directory), **LLM_KWARGS)
 
 
+@pytest.mark.parametrize("content", ["{\"hidden_size\": ", "[1, 2]"])
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
+def test_a_broken_json_file_is_named_by_every_reader(llama_dir, tmp_path, name, content):
+    """One contract for every JSON file of a checkpoint (json_files.read_json_object): invalid JSON,
+    or a value that is not an object, is a CorruptModelFileError naming the file, whichever
+    reader meets it first."""
+    import shutil
+
+    from mistralrs_jax.errors import CorruptModelFileError
+    from mistralrs_jax.loading.safetensors import generation_defaults, load_hf_config
+    from mistralrs_jax.loading.tokenizer import load_tokenizer
+    from mistralrs_jax.models.vision import vision_architecture
+
+    readers = {"config.json": [load_hf_config, vision_architecture],
+               "generation_config.json": [load_hf_config, generation_defaults, load_tokenizer],
+               "tokenizer_config.json": [load_tokenizer]}
+    directory = tmp_path / "broken"
+    shutil.copytree(llama_dir, directory)
+    (directory / name).write_text(content)
+    for read in readers[name]:
+        with pytest.raises(CorruptModelFileError, match=name):
+            read(str(directory))
+
+
 def test_unsupported_architecture_is_named(peers, tmp_path):
     import torch
     import transformers
