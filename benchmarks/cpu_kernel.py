@@ -30,7 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 
 from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available, load_kernel, quant_matmul_cpu
-from mistralrs_jax.quant.cpu_kernel.blocks import random_blocks
+from mistralrs_jax.quant.cpu_kernel.blocks import LAYOUTS, random_blocks
 
 SHAPES = {
     "smollm2": [(576, 576), (1536, 576), (576, 1536), (49152, 576)],
@@ -66,6 +66,9 @@ def run(types: list[str], tokens: list[int], shape_sets: list[str], reps: int) -
     for n, k in (s for name in shape_sets for s in SHAPES[name]):
         for tname in types:
             qtype = int(GGMLQuantizationType[tname])
+            if k % LAYOUTS[qtype][0]:
+                print(f"{tname:7s} {n:>6d}x{k:<5d} skipped: K is not a multiple of its {LAYOUTS[qtype][0]}-blocks")
+                continue
             w = random_blocks(qtype, n, k, rng)
             w_f32 = quants.dequantize(w, GGMLQuantizationType(qtype)).astype(np.float32)
             wq_dev, wf_dev = jnp.asarray(w), jnp.asarray(w_f32)

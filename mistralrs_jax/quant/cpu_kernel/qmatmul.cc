@@ -8,8 +8,10 @@
 // which is exactly W_dequantized . x_hat with x_hat = da * a, up to f32 rounding.
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
-// (ffi::ThreadPool) claim from an atomic counter. Each thread unpacks four rows into an
-// L1-sized buffer once, then takes their dot products with all T activation rows.
+// (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T = 1 the
+// 32-element block formats are decoded in registers (gemv32); otherwise four rows are
+// unpacked into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and
+// dotted with every token of an L2-sized block of tokens, K in 2048-element slices.
 // ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
 // (the library is built with -march=native on the machine that runs it).
 #include <immintrin.h>
@@ -36,9 +38,9 @@ namespace ffi = xla::ffi;
 constexpr int kRows = 4;  // weight rows unpacked and dotted together
 constexpr int kInterleaveMinT = 2;  // tokens from which rows are interleaved (see dot_rows)
 constexpr int64_t kWorkPerThread = 1 << 18;  // multiply-adds that justify one more thread
-constexpr int kSub = 64;
+constexpr int kSub = 64;  // output rows gathered before they are written (a multiple of kRows)
 constexpr int64_t kSlice = 2048;  // elements of K per pass (a multiple of every interleaved run)
-constexpr int64_t kActivationBytes = 1 << 18;  // activation codes kept in L2 while rows stream past  // output rows gathered before they are written (a multiple of kRows)
+constexpr int64_t kActivationBytes = 1 << 18;  // activation codes kept in L2 while rows stream past
 
 // ---------------------------------------------------------------------------------------
 // Activations: 8-bit codes per 32 elements, the scale and the code sum per weight group.
@@ -68,16 +70,20 @@ static void quantize_row(const float* x, int64_t K, int G, int8_t* a, float* da,
     const float d = _mm256_movemask_ps(bad) ? NAN : amax / 127.0f;
     const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m256 idv = _mm256_set1_ps(id);
-    int sums[2] = {0, 0};
-    for (int j = 0; j < 32; j += 8) {
-      const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b + j), idv),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      alignas(32) int32_t q[8];
-      _mm256_store_si256((__m256i*)q, _mm256_cvtps_epi32(v));
-      for (int l = 0; l < 8; ++l) {
-        a[b + j + l] = (int8_t)q[l];
-        sums[j / 16] += q[l];
-      }
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j)
+      q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b + 8 * j), idv),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int8 (values within +-127): two packs interleave 128-bit lanes, a permute restores order
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i*)(a + b), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    int sums[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i s8 = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+      sums[h] = _mm_cvtsi128_si32(s4);
     }
     if (G == 32) {
       da[b / 32] = d;
@@ -106,16 +112,16 @@ constexpr int kLanes = 16;
 // Sums of the 16 lanes of R vectors.
 template <int R>
 static inline void reduce_rows(const __m512* acc, float* out) {
-  if (R == 4) {
-    __m256 h[4];
-    for (int r = 0; r < 4; ++r)
-      h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
-    const __m256 q = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m128 v = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
-    out[0] += _mm_cvtss_f32(v);
-    out[1] += _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1));
-    out[2] += _mm_cvtss_f32(_mm_shuffle_ps(v, v, 2));
-    out[3] += _mm_cvtss_f32(_mm_shuffle_ps(v, v, 3));
+  if (R % 4 == 0) {
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      __m256 h[4];
+      for (int r = 0; r < 4; ++r)
+        h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r0 + r]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r0 + r]), 1)));
+      const __m256 q = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+      const __m128 v = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+      _mm_storeu_ps(out + r0, _mm_add_ps(_mm_loadu_ps(out + r0), v));
+    }
   } else {
     for (int r = 0; r < R; ++r) out[r] += _mm512_reduce_add_ps(acc[r]);
   }
