@@ -66,7 +66,6 @@ class _SeqState:
                                             prompt_ids=seq.prompt_token_ids)
         self.text = ""  # all text decoded so far (stop strings are searched here)
         self.emitted = 0  # characters of `text` already sent
-        self.emitted_tokens = 0
         self.last_token_time: float | None = None
         self.max_stop_len = max((len(s) for s in seq.params.stop), default=0)
 
@@ -332,6 +331,7 @@ class Engine:
                 cmd[1]._push(CompletionDelta(index=seq.index, text="", finish_reason="abort"))
 
     def step(self) -> None:
+        """schedule -> (draft proposals) -> one model step -> append tokens -> stream them."""
         output = self.scheduler.schedule()
         for seq in output.finished_over_capacity:
             self._finish(seq, seq.finish_reason or LENGTH, None, already_freed=True)
@@ -339,7 +339,9 @@ class Engine:
             self._update_gauges()
             return
         prompt_tokens = sum(n for seq, n in output.scheduled if not seq.is_decoding)
+        # Speculation: the draft model fills the lookahead slots the scheduler reserved.
         proposal = self.proposer.propose(output) if self.proposer is not None else None
+        # One sampled token per row, or (speculation) the accepted drafts and one more.
         result = self.runner.execute(output.scheduled, self.constraints, proposal=proposal)
         new_tokens = {seq.seq_id: result.tokens(row) for row, (seq, _) in enumerate(output.scheduled)}
         cacheable = self.proposer.after_step(output, new_tokens) if self.proposer is not None else None

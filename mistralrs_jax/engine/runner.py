@@ -5,7 +5,9 @@ short bucket list, so every shape the step can see is known and compiled at star
 The KV cache (one (k, v) pair per layer, each [num_blocks * block_size, kv_heads,
 head_dim]) is donated to every step and rebound from its output (rule 3). Sampling runs
 on the device in a second small jitted function; only sampled ids (and logprobs when a
-request asks) come back to the host (rule 6).
+request asks) come back to the host (rule 6). Under speculative decoding every step is a
+verification step instead: each sequence's chunk runs followed by its draft tokens, and
+`rejection_sampler.verify` keeps the accepted drafts and draws one more token.
 """
 from __future__ import annotations
 
