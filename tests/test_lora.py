@@ -263,15 +263,20 @@ def test_weighted_adapters_from_an_ordering_file(checkpoint, gguf_files, base_lo
 
 
 @pytest.mark.slow
-def test_isq_quantizes_the_merged_weights(checkpoint, adapter, base_logits):
+def test_isq_quantizes_the_merged_weights(checkpoint, adapter, base_logits, monkeypatch):
     """--isq Q8_0 quantizes the merged weights: the logits equal transformers' on PEFT's merged
     model (merge_and_unload) with every projection replaced by gguf-py's Q8_0 round trip (the
-    lm_head stays at source precision, as ISQ keeps it). Re-ISQ merges again from the source file."""
+    lm_head stays at source precision, as ISQ keeps it). Re-ISQ merges again from the source file.
+    The weights are judged, so the matmul is the XLA reference (f32 activations, as in transformers;
+    the CPU kernel rounds activations to 8 bits as llama.cpp does)."""
     import gguf
     import torch
     from peft import PeftModel
 
     from mistralrs_jax import LLM
+    from pallas_kernels.quant_matmul import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, "reference")
 
     merged = PeftModel.from_pretrained(load_reference(checkpoint), str(adapter)).merge_and_unload()
     q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -293,20 +298,23 @@ def test_isq_quantizes_the_merged_weights(checkpoint, adapter, base_logits):
 
 
 @pytest.mark.slow
-def test_int8_blocks_keep_unmerged_tensors_quantized(checkpoint, gguf_files, tmp_path):
+def test_quantized_blocks_keep_unmerged_tensors_quantized(checkpoint, gguf_files, tmp_path, monkeypatch):
     """--cpu-weights quantized on a Q8_0 GGUF: merged tensors are held dense (their sum is in no
-    block format), the others stay int8; logits equal the all-f32 load's."""
+    block format), the others stay quantized; logits equal the all-f32 load's. The matmul is the
+    XLA reference (f32 activations), so the comparison sees the weights alone."""
     from mistralrs_jax import LLM
+    from pallas_kernels.quant_matmul import ENV_VAR
 
+    monkeypatch.setenv(ENV_VAR, "reference")
     q_only = make_adapter(checkpoint, tmp_path / "q-only", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"])
     path = gguf_files["gguf-q8_0"]
-    dense = engine_logits(path, lora_adapters=[str(q_only)])
+    dense = engine_logits(path, lora_adapters=[str(q_only)], cpu_weights="f32")
     with LLM(model=str(path), lora_adapters=[str(q_only)], cpu_weights="quantized", **LLM_KWARGS) as llm:
         attention = llm.model.layers[0].self_attn
         assert not attention.q_proj.quantized and attention.k_proj.quantized
         blocks = llm.score(score_ids())
-    base = engine_logits(path)
-    print(f"\nint8 blocks: max |Δ| to the f32 load {np.abs(blocks - dense).max():.2e}; "
+    base = engine_logits(path, cpu_weights="f32")
+    print(f"\nquantized blocks: max |Δ| to the f32 load {np.abs(blocks - dense).max():.2e}; "
           f"adapter effect {np.abs(dense - base).max():.1f}")
     assert np.abs(blocks - dense).max() <= MAX_ABS_DIFF
     assert np.abs(dense - base).max() >= MIN_ADAPTER_EFFECT
