@@ -426,7 +426,8 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                        std::to_string(K) + ", row bytes=" + std::to_string(wd[1]) + ")");
   if (T == 0 || N == 0) return ffi::Error::Success();
 
-  Activations act;
+  // Kept per calling thread so that repeated calls reuse pages instead of faulting in new ones.
+  thread_local Activations act;
   act.T = T, act.K = K, act.G = fmt->group;
   act.a.resize(T * K);
   act.da.resize(T * K / fmt->group);
