@@ -43,6 +43,25 @@ def llm(smollm2_gguf_path):
 
 
 @pytest.fixture(scope="session")
+def llm_f32(request, smollm2_gguf_path):
+    """The default model computed in f32 (its Q4_1 weights dequantized once at load): the engine
+    the f32 references (transformers) are compared with. It is `llm` itself where the default
+    CPU weights are f32 already, else a second engine."""
+    import inspect
+
+    from mistralrs_jax import LLM
+
+    if inspect.signature(LLM.__init__).parameters["cpu_weights"].default == "f32":
+        yield request.getfixturevalue("llm")
+        return
+    engine = LLM(cpu_weights="f32")
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="session")
 def english_text() -> str:
     """A few hundred tokens of ordinary English prose (original text, written for these tests)."""
     return (DATA_DIR / "english.txt").read_text(encoding="utf-8")

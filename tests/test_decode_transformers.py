@@ -110,8 +110,9 @@ def test_tiny_family_decode_matches_transformers(family, tmp_path):
     assert_within(tiny_family_deviation(family, directory), TINY_MAX_ABS_DIFF, family)
 
 
-def test_smollm2_decode_matches_transformers(llm, smollm2_gguf_path, english_text):
+def test_smollm2_decode_matches_transformers(llm_f32, smollm2_gguf_path, english_text):
     require_peer("transformers")
+    llm = llm_f32
     text_ids = llm.tokenizer.encode(english_text)
     rng = np.random.default_rng(6)
     start = int(rng.integers(0, len(text_ids) - 64))

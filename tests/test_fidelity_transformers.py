@@ -1,8 +1,9 @@
 """Teacher-forced logits of the engine vs Hugging Face transformers on the same GGUF file.
 
-Both sides dequantize the Q4_1 weights of SmolLM2-135M-Instruct to f32 and run the
-whole sequence in f32, so the only differences are summation order (XLA's vs torch's
-matmul blocking, fused vs unfused softmax) accumulated over 30 layers. A wrong rope
+Both sides dequantize the Q4_1 weights of SmolLM2-135M-Instruct to f32 (the engine with
+`cpu_weights="f32"`, the `llm_f32` fixture) and run the whole sequence in f32, so the only
+differences are summation order (XLA's vs torch's matmul blocking, fused vs unfused softmax)
+accumulated over 30 layers. A wrong rope
 layout, a missing q/k un-permutation, a bad norm epsilon or an off-by-one in the
 causal mask all move logits by whole units and flip the top-1 token.
 """
@@ -26,21 +27,21 @@ MEAN_ABS_DIFF = 1e-4
 
 
 @pytest.fixture(scope="module")
-def english_ids(llm, english_text) -> list[int]:
-    token_ids = llm.tokenizer.encode(english_text)
+def english_ids(llm_f32, english_text) -> list[int]:
+    token_ids = llm_f32.tokenizer.encode(english_text)
     assert 200 <= len(token_ids) <= 1000, f"the fixture text should be a few hundred tokens, got {len(token_ids)}"
     return token_ids
 
 
 @pytest.fixture(scope="module")
-def english_scores(llm, english_ids) -> np.ndarray:
-    return np.asarray(llm.score(english_ids), dtype=np.float32)
+def english_scores(llm_f32, english_ids) -> np.ndarray:
+    return np.asarray(llm_f32.score(english_ids), dtype=np.float32)
 
 
-def test_score_matches_transformers_on_english_text(llm, smollm2_gguf_path, english_ids, english_scores):
+def test_score_matches_transformers_on_english_text(llm_f32, smollm2_gguf_path, english_ids, english_scores):
     ours = english_scores
     reference = transformers_logits(smollm2_gguf_path, english_ids)
-    assert ours.shape == reference.shape == (len(english_ids), llm.model_config.vocab_size)
+    assert ours.shape == reference.shape == (len(english_ids), llm_f32.model_config.vocab_size)
     assert np.isfinite(ours).all()
 
     abs_diff = np.abs(ours - reference)
@@ -60,7 +61,7 @@ def test_score_matches_transformers_on_english_text(llm, smollm2_gguf_path, engl
     assert mean_abs < MEAN_ABS_DIFF
 
 
-def test_score_of_a_prefix_matches_the_prefix_rows(llm, english_ids, english_scores):
+def test_score_of_a_prefix_matches_the_prefix_rows(llm_f32, english_ids, english_scores):
     """Causality: the logits of a prefix do not depend on the tokens after it."""
-    prefix = np.asarray(llm.score(english_ids[:97]))
+    prefix = np.asarray(llm_f32.score(english_ids[:97]))
     np.testing.assert_allclose(prefix, english_scores[:97], atol=MAX_ABS_DIFF, rtol=0)

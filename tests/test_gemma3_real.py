@@ -84,8 +84,9 @@ def gemma3_gguf() -> Path:
 def gemma3_llm(gemma3_gguf):
     from mistralrs_jax import LLM
 
-    llm = LLM(model=str(gemma3_gguf), warmup=False, max_seqs=8, max_num_batched_tokens=256, token_buckets=[8, 256],
-              pa_ctxt_len=2048)
+    # f32 weights: transformers, the referee of every comparison here, computes in f32.
+    llm = LLM(model=str(gemma3_gguf), cpu_weights="f32", warmup=False, max_seqs=8, max_num_batched_tokens=256,
+              token_buckets=[8, 256], pa_ctxt_len=2048)
     try:
         yield llm
     finally:
@@ -120,7 +121,8 @@ def test_greedy_agrees_with_llama_cpp(gemma3_llm, gemma3_gguf):
         gap = float(logits[ours[split]] - logits[theirs[split]])
         print(f"\n{text!r}: parts from llama.cpp at token {split} by {gap:.3f} logits in transformers "
               f"({gemma3_llm.tokenizer.decode(ours)!r} / {gemma3_llm.tokenizer.decode(theirs)!r})")
-        assert ours[split] == int(np.argmax(logits)), f"{text!r}: transformers picks {int(np.argmax(logits))} at {split}"
+        best = int(np.argmax(logits))
+        assert ours[split] == best, f"{text!r}: transformers picks {best} at token {split}"
         assert 0.0 <= gap < NEAR_TIE, (
             f"{text!r}: llama.cpp's token {split} is {gap:.2f} logits below ours in transformers: not a near-tie")
     assert full_agreement >= MIN_FULL_AGREEMENT

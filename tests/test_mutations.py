@@ -121,8 +121,8 @@ def test_a_block_scale_error_fails_the_smollm2_comparison(smollm2_gguf_path, eng
     from mistralrs_jax import LLM
 
     _scale_error_in_q4_1(monkeypatch, 1.01)
-    with LLM(warmup=False, max_seqs=1, max_num_batched_tokens=64, token_buckets=[64], pa_ctxt_len=128,
-             prefix_cache_n=0) as llm:
+    with LLM(cpu_weights="f32", warmup=False, max_seqs=1, max_num_batched_tokens=64, token_buckets=[64],
+             pa_ctxt_len=128, prefix_cache_n=0) as llm:
         token_ids = llm.tokenizer.encode(english_text)[:64]
         deviation = float(np.abs(llm.score(token_ids) - transformers_logits(smollm2_gguf_path, token_ids)).max())
     print(f"\nSmolLM2, Q4_1 scales x1.01: max |Δ| {deviation:.3g} (bound {SMOLLM2_MAX_ABS_DIFF:g})")
