@@ -187,7 +187,7 @@ def test_no_compiles_after_warm_up_with_constraints(live_server):
     assert live_server.metrics()["mistralrs_xla_compiles_total"] == before
 
 
-def test_speculative_decoding_refuses_a_constraint(smollm2_gguf_path):
+def test_speculative_decoding_refuses_a_constraint_and_dry(smollm2_gguf_path):
     """A draft model verifies without the mask, so a constrained request is refused up front (a 400
     through the server), before anything runs. No warm-up: nothing is compiled here."""
     from mistralrs_jax import LLM, SamplingParams
@@ -198,6 +198,8 @@ def test_speculative_decoding_refuses_a_constraint(smollm2_gguf_path):
     try:
         with pytest.raises(NotSupportedError, match="speculative decoding"):
             llm.engine.add_request([1, 2, 3], SamplingParams(guided_decoding=GuidedDecoding("regex", "a+")))
+        with pytest.raises(NotSupportedError, match="dry_multiplier"):  # DRY is not applied when verifying either
+            llm.engine.add_request([1, 2, 3], SamplingParams(dry_multiplier=0.8))
     finally:
         llm.shutdown()
 

@@ -205,6 +205,9 @@ class Engine:
 
     def _constraint_matchers(self, params: SamplingParams) -> list:
         """One grammar matcher per sequence of a constrained request (none for a free one)."""
+        if params.dry_multiplier and self.proposer is not None:  # the verification step adds no DRY bias
+            raise NotSupportedError("dry_multiplier: DRY sampling is not supported with speculative decoding; "
+                                    "serve without a draft model or drop the DRY fields")
         if params.guided_decoding is None:
             return []
         if self.proposer is not None:  # speculative decoding does not verify under a mask
