@@ -217,9 +217,9 @@ def add_model_owned_flags(parser: argparse.ArgumentParser, top: bool, draft: boo
     model.add_argument(*dtype_flags, dest="dtype", type=str.lower, choices=DTYPES, **default("auto"), help="model dtype (default auto)")
     model.add_argument("--cpu", action="store_true", **default(False),
                        help="run on the CPU even when an accelerator is present")
-    model.add_argument("--cpu-weights", choices=("f32", "quantized"), **default("f32"),
-                       help="on CPU: f32 dequantizes GGUF weights once at load (fast); quantized keeps "
-                            "them in blocks (less memory) (mistralrs-jax; default f32)")
+    model.add_argument("--cpu-weights", choices=("f32", "quantized"), **default("quantized"),
+                       help="quantized keeps GGUF weights packed at the file's bits per weight (less memory, "
+                            "fast kernels); f32 dequantizes them once at load (mistralrs-jax; default quantized)")
     # After a subcommand, -c is mistral.rs's --calibration-file: long forms only there.
     chat_template = ("-c", "--chat-template") if top else ("--chat-template",)
     jinja = ("-j", "--jinja-explicit") if top else ("--jinja-explicit",)

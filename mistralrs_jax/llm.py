@@ -59,7 +59,7 @@ class LLM:
         pa_gpu_mem_usage: float | None = None,
         prefix_cache_n: int = 16,
         no_paged_attn: bool = False,
-        cpu_weights: str = "f32",
+        cpu_weights: str = "quantized",
         chat_template: str | None = None,
         gqa: int | None = None,
         isq: str | int | None = None,

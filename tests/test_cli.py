@@ -44,7 +44,7 @@ def test_defaults_follow_mistralrs():
     assert args.command is None and not args.interactive_mode
     kwargs = cli.build_llm_kwargs(args)
     assert kwargs["model"] is None and kwargs["gguf_file"] is None  # the default model
-    assert kwargs["max_seqs"] == 16 and kwargs["no_paged_attn"] is False and kwargs["cpu_weights"] == "f32"
+    assert kwargs["max_seqs"] == 16 and kwargs["no_paged_attn"] is False and kwargs["cpu_weights"] == "quantized"
 
 
 def test_gguf_docs_command_line():
@@ -211,7 +211,7 @@ def test_interactive_subprocess_ctrl_c_then_paris(smollm2_gguf_path, tmp_path):
     Ctrl-C (SIGINT) stops a long reply without ending the session; the next question gets
     its answer and end of input exits cleanly."""
     script = tmp_path / "typed.txt"
-    script.write_text("\\temperature 0\nWrite a very long story about a dragon.\nWhat is the capital of France?\n")
+    script.write_text("\\temperature 0\nWrite a very long story about a dragon.\nWhat is the capital of France? Answer in one word.\n")
     with script.open("rb") as typed:
         process = subprocess.Popen(
             [sys.executable, "-m", "mistralrs_jax.cli", "--seed", "0", "--max-seqs", "1",

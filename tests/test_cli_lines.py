@@ -266,9 +266,9 @@ def test_mistralrs_run_answers_one_prompt(smollm2_gguf_path, tmp_path):
     log_file = tmp_path / "requests.jsonl"
     result = subprocess.run(
         [sys.executable, "-m", "mistralrs_jax.cli.verbs", "--seed", "0", "--log", str(log_file), "run",
-         "--max-seqs", "1", "--max-num-batched-tokens", "64", "-i", "What is the capital of France?"],
+         "--max-seqs", "1", "--max-num-batched-tokens", "64", "-i", "What is the capital of France? Answer in one word."],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout, result.stdout
-    assert "What is the capital of France?" in log_file.read_text()
+    assert "What is the capital of France? Answer in one word." in log_file.read_text()

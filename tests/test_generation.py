@@ -15,7 +15,9 @@ from mistralrs_jax.errors import (
 
 pytestmark = pytest.mark.slow
 
-CAPITAL_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Not the bare question: its first answer token is a near-tie in SmolLM2 ("The" 25.69 vs "L" 25.59 in f32)
+# that 8-bit activation rounding (the CPU kernel, as llama.cpp) can flip; this phrasing has a 1.4-logit gap.
+CAPITAL_QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 STORY_PROMPT = "Write a short story about a lighthouse keeper who receives a letter."
 
 

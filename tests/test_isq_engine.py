@@ -17,7 +17,9 @@ import pytest
 from mistralrs_jax.sampling_params import SamplingParams
 
 SMALL = dict(token_buckets=[2, 8, 32], max_num_batched_tokens=32, max_seqs=4, pa_ctxt_len=2048)
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Not the bare question: its first answer token is a near-tie in SmolLM2 (see PHRASINGS below)
+# that K-quants and 8-bit activation rounding (the CPU kernel, as llama.cpp) flip.
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 SCORED_TEXT = "The capital of France is Paris. It is known for the Eiffel Tower."
 
 
@@ -27,10 +29,7 @@ def answer(llm) -> str:
 
 @pytest.fixture(scope="module")
 def restarted(smollm2_gguf_path, tmp_path_factory):
-    """(first engine's facts, second engine): both LLM(isq="Q8_0", isq_cache=the same dir).
-
-    Q8_0, not a K-quant: this phrasing's first answer token is a near-tie that Q4K and Q6K
-    flip (see PHRASINGS below, and the Q4K test that checks every clear decision holds)."""
+    """(first engine's facts, second engine): both LLM(isq="Q8_0", isq_cache=the same dir)."""
     from mistralrs_jax import LLM
 
     cache_dir = str(tmp_path_factory.mktemp("isq-cache"))
@@ -142,19 +141,29 @@ PHRASINGS = ["What is the capital of France?", "What is the capital of France? A
 NEAR_TIE = 0.25  # top-1 minus top-2 logit of the unquantized model
 
 
-def test_q4k_model_still_answers_paris_wherever_the_source_is_not_a_near_tie(llm):
+def test_q4k_model_still_answers_paris_wherever_the_source_is_not_a_near_tie(monkeypatch):
     """SmolLM2 ISQ'd to Q4K answers "Paris" to every phrasing whose first answer token is a clear
-    decision in the unquantized model, and to at least 3 of the 4."""
+    decision in the unquantized (f32) model, and to at least 3 of the 4.
+
+    This checks the quantized weights, so the matmuls use them exactly (the XLA reference). The
+    CPU kernel also rounds activations to 8 bits (as llama.cpp does; its logit bound is checked
+    in test_packed_engine.py), which flips near-ties of this 135M model: measured, the bare
+    question then opens with "L'Etoile" in the unquantized Q4_1 model too."""
     from mistralrs_jax import LLM
 
+    monkeypatch.setenv("MISTRALRS_JAX_QMATMUL", "reference")
     greedy = SamplingParams(temperature=0.0, max_tokens=32)
     conversations = [[{"role": "user", "content": question}] for question in PHRASINGS]
-    source_answers = [out.outputs[0].text for out in llm.chat(conversations, greedy)]
+    source = LLM(cpu_weights="f32", **SMALL)
+    try:
+        source_answers = [out.outputs[0].text for out in source.chat(conversations, greedy)]
+        gaps = []
+        for conversation in conversations:
+            top = np.sort(source.score(source.chat_prompt_ids(conversation)[0])[-1])
+            gaps.append(float(top[-1] - top[-2]))
+    finally:
+        source.shutdown()
     assert all("Paris" in text for text in source_answers), source_answers
-    gaps = []
-    for conversation in conversations:
-        top = np.sort(llm.score(llm.chat_prompt_ids(conversation)[0])[-1])
-        gaps.append(float(top[-1] - top[-2]))
     quantized = LLM(isq="Q4K", **SMALL)
     try:
         assert quantized.isq_factory.summary().get("Q4_K", 0) > 0

@@ -23,7 +23,8 @@ from mistralrs_jax import SamplingParams
 pytestmark = pytest.mark.slow
 pytest_plugins = ["server_fixtures"]
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Not the bare question: its first answer token is a near-tie that 8-bit activation rounding can flip.
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
@@ -88,7 +89,7 @@ def test_chat_content_parts_and_developer_role(live_server):
     parts = client.chat.completions.create(
         model="default", temperature=0, max_tokens=8,
         messages=[{"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
-                  {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}])
+                  {"role": "user", "content": [{"type": "text", "text": "What is the capital of France? Answer in one word."}]}])
     assert parts.choices[0].message.content == plain.choices[0].message.content
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
 

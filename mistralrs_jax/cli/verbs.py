@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"generated tokens for the decode measurement (default {BENCH_GEN_LEN}; at least 2)")
     bench.add_argument("--iterations", type=positive_int, default=BENCH_ITERATIONS,
                        help=f"repetitions; the median is reported (default {BENCH_ITERATIONS})")
-    bench.add_argument("--cpu-weights", choices=("f32", "quantized"), default="f32",
-                       help="on CPU: weight format (default f32)")
+    bench.add_argument("--cpu-weights", choices=("f32", "quantized"), default="quantized",
+                       help="on CPU: weight format (default quantized)")
     bench.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--out", default="results/", help="folder for the JSON result (default results/)")
     _add_shared_options(bench, top=False)

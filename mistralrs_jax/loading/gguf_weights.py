@@ -84,7 +84,7 @@ def gguf_module_name(module: str, arch: str) -> str | None:
 
 class GGUFWeights(WeightSource):
     """A GGUF file seen through HF names. `make_linear(gguf, name, row_transform, bias)` decides how
-    a projection is held (`make_linear_factory`: dense f32, or int8 blocks)."""
+    a projection is held (`make_linear_factory`: packed blocks, or dense f32)."""
 
     def __init__(self, gguf, config: ModelConfig, make_linear: Callable, dtype=None):
         self.gguf = gguf
@@ -146,8 +146,17 @@ class GGUFWeights(WeightSource):
             bias = transform(bias) if transform else bias
         return self.make_linear(self.gguf, gguf_module + ".weight", transform, bias=bias)
 
+    # Keep a quantized token table packed (set by build_model_from_gguf for cpu_weights="quantized").
+    packed_embeddings = False
+
     def embedding(self, module: str) -> Embedding:
-        return Embedding(self.gguf.dequantize(self._name(module + ".weight")), dtype=self.dtype)
+        from ..quant.packed import PACKED_TYPES, from_gguf
+
+        name = self._name(module + ".weight")
+        tensor = self.gguf.tensor(name)
+        if self.packed_embeddings and tensor.qtype in PACKED_TYPES:
+            return Embedding(packed=from_gguf(tensor.data, tensor.qtype, tensor.shape))
+        return Embedding(self.gguf.dequantize(name), dtype=self.dtype)
 
     def experts(self, layer: int, which: str) -> np.ndarray:
         return self.gguf.dequantize(f"blk.{layer}.{GGUF_EXPERT_NAMES[which]}.weight")  # [E, out, in]
@@ -205,4 +214,5 @@ def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "quantiz
     if wrap_linear is not None:
         make_linear = wrap_linear(make_linear)
     source = GGUFWeights(gguf, config, make_linear, weight_dtype)
+    source.packed_embeddings = cpu_weights == "quantized"
     return build_model(config, source, weight_dtype)

@@ -35,7 +35,7 @@ class ModelSpec:
     token_source: str = "cache"
     revision: str | None = None
     dtype: str = "auto"
-    cpu_weights: str = "f32"  # GGUF weights on CPU: "f32" (dequantized once) or "quantized"
+    cpu_weights: str = "quantized"  # GGUF weights: "quantized" (packed at the file's bits) or "f32" (dequantized)
     chat_template: str | None = None  # a template file or literal overriding the tokenizer's
     gqa: int | None = None  # legacy GGML: the KV-head grouping, checked against the tensors
     isq: str | int | None = None  # in-situ quantization type

@@ -87,14 +87,33 @@ class RMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, table: np.ndarray, dtype=jnp.float32):
-        self.table = nnx.Param(jnp.asarray(table, dtype=dtype))
+    """Token embedding table [vocab, hidden], also the tied lm_head. Held dense, or packed (a
+    GGUF table kept at the file's bits): a lookup then dequantizes only the rows it takes, and
+    the tied lm_head is a quantized matmul."""
+
+    def __init__(self, table: np.ndarray | None = None, dtype=jnp.float32, *, packed: PackedWeight | None = None):
+        self.quantized = packed is not None
+        if packed is not None:
+            self.blocks = nnx.Param(jnp.asarray(packed.blocks, dtype=jnp.uint8))
+            self.qtype = packed.qtype
+        else:
+            self.table = nnx.Param(jnp.asarray(table, dtype=dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
+        if self.quantized:
+            from pallas_kernels.quant_matmul import dequantize_blocks
+
+            return dequantize_blocks(jnp.take(self.blocks[...], ids, axis=0), self.qtype)
         return jnp.take(self.table[...], ids, axis=0).astype(jnp.float32)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied lm_head: logits = x @ table.T."""
+        if self.quantized:
+            from pallas_kernels.quant_matmul import quant_matmul
+
+            if jax.default_backend() == "gpu":
+                x = x.astype(jnp.bfloat16)
+            return quant_matmul(x, self.blocks[...], self.qtype)
         return jax.lax.dot_general(x, self.table[...].astype(x.dtype), (((1,), (1,)), ((), ())))
 
 
