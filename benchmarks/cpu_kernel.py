@@ -1,7 +1,7 @@
 """The CPU quantized-matmul kernel (XLA FFI) against a plain f32 XLA dot.
 
     python -m benchmarks.cpu_kernel [--types Q4_0,Q4_1,Q8_0,Q4_K,Q6_K] [--tokens 1,4,16,64]
-                                    [--shapes smollm2,1b] [--reps 30] [--out results/]
+                                    [--shapes smollm2,1b,NxK] [--reps 30] [--out results/]
 
 Shapes are (N out, K in) of real projections: SmolLM2-135M (576x576, 1536x576, 576x1536,
 and its 49152x576 embedding / lm_head) and Llama-3.2-1B (2048x2048, 8192x2048). Each row of
@@ -12,7 +12,12 @@ GGUF blocks, and `jnp.dot` on the same weights dequantized to f32. "G w/s" is we
 the GEMV rate; "GB/s" is the bytes of the stored weights per second.
 
 The kernel uses XLA's intra-op threads (all cores unless XLA_FLAGS restricts them), as the
-f32 dot does. Writes `results/cpu_kernel-YYYYmmdd-HHMMSS.json`.
+f32 dot does. On a machine shared with other work, wall-clock times swing with their load;
+per-core figures that do not are had on one core with the process's CPU time:
+
+    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 1 python -m benchmarks.cpu_kernel --cpu-time
+
+Writes `results/cpu_kernel-YYYYmmdd-HHMMSS.json`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ SHAPES = {
 }
 
 
+def _shapes(name: str) -> list[tuple[int, int]]:
+    """A named set, or one shape spelled NxK."""
+    if name in SHAPES:
+        return SHAPES[name]
+    n, _, k = name.partition("x")
+    return [(int(n), int(k))]
+
+
 CHAIN = 8  # matmuls per jitted call, each fed by the last: in-program cost, not Python dispatch
 
 
@@ -50,20 +63,20 @@ def _chain(matmul):
     return step
 
 
-def _best_s(fn, args, reps: int) -> float:
+def _best_s(fn, args, reps: int, clock=time.perf_counter) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times)
 
 
-def run(types: list[str], tokens: list[int], shape_sets: list[str], reps: int) -> list[dict]:
+def run(types: list[str], tokens: list[int], shape_sets: list[str], reps: int, clock=time.perf_counter) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    for n, k in (s for name in shape_sets for s in SHAPES[name]):
+    for n, k in (s for name in shape_sets for s in _shapes(name)):
         for tname in types:
             qtype = int(GGMLQuantizationType[tname])
             if k % LAYOUTS[qtype][0]:
@@ -76,8 +89,8 @@ def run(types: list[str], tokens: list[int], shape_sets: list[str], reps: int) -
             dense = jax.jit(_chain(lambda x, w: jnp.dot(x, w.T)))
             for t in tokens:
                 x = jnp.asarray(rng.standard_normal((t, k)).astype(np.float32))
-                s_k = _best_s(kern, (x, wq_dev), reps) / CHAIN
-                s_f = _best_s(dense, (x, wf_dev), reps) / CHAIN
+                s_k = _best_s(kern, (x, wq_dev), reps, clock) / CHAIN
+                s_f = _best_s(dense, (x, wf_dev), reps, clock) / CHAIN
                 rows.append(
                     dict(type=tname, n=n, k=k, t=t, kernel_ms=s_k * 1e3, f32_ms=s_f * 1e3,
                          kernel_gws=n * k / s_k / 1e9, f32_gws=n * k / s_f / 1e9,
@@ -99,16 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="smollm2,1b")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default="results")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the process's CPU time instead of the wall clock (see the module docstring)")
     a = p.parse_args(argv)
     if not cpu_kernel_available():
         print("the CPU kernel is unavailable here (see the log line above)")
         return 1
     print(f"kernel ISA: {load_kernel().isa}; cores: {os.cpu_count()}; jax {jax.__version__}")
-    rows = run(a.types.split(","), [int(t) for t in a.tokens.split(",")], a.shapes.split(","), a.reps)
+    clock = time.process_time if a.cpu_time else time.perf_counter
+    rows = run(a.types.split(","), [int(t) for t in a.tokens.split(",")], a.shapes.split(","), a.reps, clock)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cpu_kernel-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(dict(isa=load_kernel().isa, cpus=os.cpu_count(), rows=rows), indent=1))
+    meta = dict(isa=load_kernel().isa, cpus=os.cpu_count(), clock="cpu" if a.cpu_time else "wall",
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    path.write_text(json.dumps(dict(meta, rows=rows), indent=1))
     print(f"wrote {path}")
     return 0
 

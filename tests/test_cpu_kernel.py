@@ -17,6 +17,7 @@ the way): an integer error of one code would show as ~1e-3 of that sum.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import platform
@@ -246,3 +247,14 @@ def test_unavailable_kernel_logs_one_line(kernel, monkeypatch, caplog, tmp_path)
     monkeypatch.undo()
     assert cpu_kernel.cpu_kernel_available() is True
     assert cpu_kernel.supported_types() == {int(t) for t in TYPES}
+
+
+def test_benchmark_script_runs(kernel, tmp_path):
+    from benchmarks import cpu_kernel as bench
+
+    assert bench.main(["--types", "Q4_0,Q4_K", "--tokens", "1,3", "--shapes", "64x256", "--reps", "1",
+                       "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("cpu_kernel-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["type"], r["t"]) for r in rows] == [("Q4_0", 1), ("Q4_0", 3), ("Q4_K", 1), ("Q4_K", 3)]
+    assert all(r["kernel_ms"] > 0 and r["f32_ms"] > 0 for r in rows)
