@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .config import DEFAULT_MAX_SEQS, DEFAULT_SPECULATIVE_GAMMA  # the one default each (config imports no JAX)
 from .errors import InvalidRequestError
@@ -117,6 +117,20 @@ def positive_int(value: str) -> int:
 # --------------------------------------------------------------------------- global flags
 
 
+def _non_negative(cast: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        number = cast(value)
+        if not number >= 0:  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"must be {what} >= 0, got {value}")
+        return number
+
+    return parse
+
+
+non_negative_int = _non_negative(int, "an integer")
+non_negative_float = _non_negative(float, "a number of seconds")
+
+
 def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> None:
     """The flags of mistralrs-server that come before the model subcommand.
 
@@ -143,6 +157,17 @@ def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> No
     serve.add_argument("--allowed-local-media-path", metavar="DIR",
                        help="let chat requests name image files (paths, file:// URLs) under DIR (as vLLM's flag); "
                             "by default the server reads no local file a client names")
+    serve.add_argument("--max-waiting", type=non_negative_int, metavar="N",
+                       help="generation requests queued beyond --max-seqs; one more is answered 503 with "
+                            "Retry-After (default 256)")
+    serve.add_argument("--shutdown-timeout", type=non_negative_float, metavar="S",
+                       help="on SIGTERM/SIGINT, seconds the requests in flight get to finish before they are "
+                            "aborted (default 30)")
+    serve.add_argument("--stream-write-timeout", type=non_negative_float, metavar="S",
+                       help="abort a streamed response whose client takes no data for S seconds (default 30; "
+                            "0 waits forever)")
+    serve.add_argument("--max-body-bytes", type=positive_int, metavar="N",
+                       help="largest request body accepted, in bytes; larger is a 413 (default 16 MiB)")
     add_model_owned_flags(parser, top=True)
 
     sched = parser.add_argument_group("scheduling and KV cache")

@@ -4,9 +4,11 @@
     serve(llm, args)          # what `mistralrs-server` runs (hypercorn on --host/--port)
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/ID], GET /health,
-GET /metrics (Prometheus), GET /v1/status (JSON for dashboards), and POST /v1/re_isq,
+GET /metrics (Prometheus), GET /v1/status (JSON for dashboards), GET /openapi.json, and POST /v1/re_isq,
 POST /v1/images/generations (400 until the features behind them exist).
-With an API key, every route but /health (and CORS preflights) needs `Authorization: Bearer KEY`.
+With an API key, every route but /health and /openapi.json (and CORS preflights) needs
+`Authorization: Bearer KEY`. In front of the app, `limits.Admission` bounds the queue (503 when
+full), drains on shutdown and times out streams nobody reads.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from typing import Any
 from quart import Quart, Response, g, request
 
 from .errors import APIError, register_error_handlers
+from .limits import DEFAULT_MAX_WAITING, DEFAULT_SHUTDOWN_TIMEOUT_S, DEFAULT_WRITE_TIMEOUT_S, Admission
+from .openapi import build_openapi
 from .prometheus import EngineCollector, make_registry
 from .request_log import Exchange, RequestLog
 from .routes_admin import blueprint as admin_blueprint
@@ -29,15 +33,18 @@ from .state import ServerState
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any text prompt a context window holds
-OPEN_ROUTES = ("/health",)  # answer without the API key, so load balancers can probe
+OPEN_ROUTES = ("/health", "/openapi.json")  # answer without the API key, so load balancers can probe
 UNLOGGED_ROUTES = ("/health", "/metrics", "/v1/status")  # polled by monitors: not worth a log line each
 
 
 def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None = None,
                model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                truncate_sequence: bool = False, default_seed: int | None = None,
-               allowed_local_media_path: str | None = None) -> Quart:
-    """A Quart app serving `llm` (a `mistralrs_jax.LLM`). `model_name` defaults to `llm.model_name`."""
+               allowed_local_media_path: str | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
+               stream_write_timeout: float | None = DEFAULT_WRITE_TIMEOUT_S) -> Quart:
+    """A Quart app serving `llm` (a `mistralrs_jax.LLM`). `model_name` defaults to `llm.model_name`.
+    `max_waiting`: generation requests queued beyond the engine's max_seqs before a 503;
+    `stream_write_timeout`: seconds a response write may wait on a client that does not read."""
     app = Quart("mistralrs_jax_server")
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, RESPONSE_TIMEOUT=None)
     state = ServerState(llm=llm, model_name=model_name or llm.model_name, api_key=api_key or None,
@@ -52,6 +59,14 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
     for blueprint in (chat_blueprint, completions_blueprint, admin_blueprint):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    app.asgi_app = Admission(app.asgi_app, state, max_waiting=max_waiting,  # type: ignore[method-assign]
+                             write_timeout=stream_write_timeout)
+    app.extensions["mistralrs_admission"] = app.asgi_app
+    openapi = build_openapi(model_name=state.model_name)
+
+    @app.get("/openapi.json")
+    async def _openapi() -> Response:
+        return Response(json.dumps(openapi), status=200, content_type="application/json")
 
     @app.before_request
     async def _open_exchange() -> None:
@@ -105,5 +120,14 @@ def serve(llm: Any, args: argparse.Namespace) -> None:
     app = create_app(llm, api_key=getattr(args, "api_key", None), request_log=request_log,
                      truncate_sequence=bool(getattr(args, "truncate_sequence", False)),
                      default_seed=getattr(args, "seed", None),
-                     allowed_local_media_path=getattr(args, "allowed_local_media_path", None))
-    run_until_signal(app, args.host, args.port, model_name=app.extensions["mistralrs"].model_name)
+                     allowed_local_media_path=getattr(args, "allowed_local_media_path", None),
+                     max_body_bytes=getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
+                     max_waiting=_setting(args, "max_waiting", DEFAULT_MAX_WAITING),
+                     stream_write_timeout=_setting(args, "stream_write_timeout", DEFAULT_WRITE_TIMEOUT_S))
+    run_until_signal(app, args.host, args.port, model_name=app.extensions["mistralrs"].model_name,
+                     shutdown_timeout=_setting(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S))
+
+
+def _setting(args: argparse.Namespace, name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value

@@ -44,7 +44,8 @@ async def completions() -> Response:
         for prompt in raw_prompts:
             if isinstance(prompt, str):
                 prompts.append(Prompt(tokenizer.encode(prompt, add_special_tokens=True), prompt))
-            else:  # token ids: echo shows them as text
+            else:  # token ids: echo shows them as text, once they are known to be in the vocabulary
+                state.engine.validate(list(prompt), params)
                 prompts.append(Prompt(list(prompt), tokenizer.decode(prompt, skip_special_tokens=False)
                                       if echo else None))
         return prompts

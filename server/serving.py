@@ -61,21 +61,57 @@ async def serve_socket(app: Any, sock: socket.socket, stop: asyncio.Event) -> No
     await hypercorn_serve(app, _config(sock), shutdown_trigger=stop.wait)
 
 
-def run_until_signal(app: Any, host: str, port: int, model_name: str = "") -> None:
-    """Serve on host:port in this thread until SIGINT or SIGTERM, then shut down gracefully."""
+def run_until_signal(app: Any, host: str, port: int, model_name: str = "",
+                     shutdown_timeout: float = 30.0) -> None:
+    """Serve on host:port in this thread until SIGINT or SIGTERM, then shut down gracefully:
+    new requests get a 503 and the ones in flight get `shutdown_timeout` seconds to finish
+    before they are aborted (`limits.Admission.drain`). A second signal aborts at once."""
     sock = bind_socket(host, port)
     url = socket_url(sock)
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, signalled = asyncio.Event(), asyncio.Event()
+        hurry = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            (hurry if signalled.is_set() else signalled).set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         server = asyncio.create_task(serve_socket(app, sock, stop))
         print(f"mistralrs-jax: serving {model_name} on {url} (OpenAI API at {url}/v1; Ctrl-C stops)", flush=True)
+        waiter = asyncio.create_task(signalled.wait())
+        await asyncio.wait([server, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if signalled.is_set() and not server.done():
+            await drain_app(app, shutdown_timeout, hurry)
+        stop.set()
+        waiter.cancel()
         await server
 
     asyncio.run(main())
+
+
+async def drain_app(app: Any, timeout: float, hurry: asyncio.Event | None = None) -> None:
+    """Drain `app`'s admission (see limits.Admission.drain); `hurry` set cuts the wait short."""
+    admission = getattr(app, "extensions", {}).get("mistralrs_admission")
+    if admission is None:
+        return
+    log.info("shutting down: draining requests in flight (up to %.0f s)", timeout)
+    print(f"mistralrs-jax: shutting down, letting {admission.in_flight} requests finish "
+          f"(up to {timeout:.0f} s; signal again to abort them now)", flush=True)
+    drain = asyncio.create_task(admission.drain(timeout))
+    if hurry is not None:
+        hurried = asyncio.create_task(hurry.wait())
+        await asyncio.wait([drain, hurried], return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not drain.done():
+            drain.cancel()
+            admission.abort_all()
+            await asyncio.sleep(0.2)
+            return
+    finished = await drain
+    log.info("drained: %s", "every request finished" if finished else "the rest were aborted")
 
 
 class BackgroundServer:
