@@ -339,8 +339,16 @@ class LLM:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""
         self.engine.reset_prefix_cache()
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the model's weights occupy as held (packed blocks at the file's size, dense
+        weights at their dtype)."""
+        from .memory import weight_bytes
+
+        return weight_bytes(self.model)
+
     def metrics(self) -> dict:
-        return self.engine.stats()
+        return {**self.engine.stats(), "weight_bytes": self.weight_bytes}
 
     def shutdown(self) -> None:
         self.engine.shutdown()

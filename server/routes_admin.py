@@ -73,7 +73,8 @@ async def status() -> Response:
     limits = engine.limits
     return json_response({
         "model": {"id": state.model_name, "path": llm.model_path, "max_model_len": limits.max_model_len,
-                  "isq_type": getattr(llm, "isq_type", None), "config": _plain(llm.model_config)},
+                  "isq_type": getattr(llm, "isq_type", None), "weight_bytes": getattr(llm, "weight_bytes", None),
+                  "config": _plain(llm.model_config)},
         "engine": {"config": _plain(engine.config), "token_buckets": list(limits.token_buckets),
                    "seq_buckets": list(limits.seq_buckets)},
         "metrics": _plain(engine.stats()),

@@ -271,6 +271,8 @@ def test_models_health_status_and_metrics_format(live_server):
     status = live_server.status()
     assert status["model"]["id"] == live_server.llm.model_name
     assert status["model"]["max_model_len"] == live_server.llm.max_model_len
+    # the default SmolLM2 Q4_1 held packed: ~97 MB (the file is 98 MB; dequantized to f32 it would be 538 MB)
+    assert status["model"]["weight_bytes"] == live_server.llm.metrics()["weight_bytes"] < 110 * 2**20
     assert status["metrics"]["kv_blocks_total"] == snapshot["kv_blocks_total"]
 
 
