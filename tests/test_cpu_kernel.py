@@ -124,6 +124,7 @@ def test_activation_quantization_is_exact(kernel, group):
 
 CASES = [  # (T, N, K for 32-blocks, K for 256-blocks): T = 1 is the decode GEMV; odd N and a K tail of 32
     (1, 37, 96, 256),
+    (1, 6, 576, 768),  # the GEMV over several 64-element chunks (paired activations) and a tail block
     (3, 5, 576, 768),
     (17, 130, 160, 512),
     (40, 9, 8224, 8448),  # K in several 2048-slices with a tail, tokens in two L2-sized blocks

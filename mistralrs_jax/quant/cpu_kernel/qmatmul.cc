@@ -180,23 +180,69 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
 // T = 1 on 32-element block formats: two blocks are decoded straight into one 512-bit
 // register and dotted, with no unpacked copy of the row in memory.
 #define MJ_FUSED_GEMV 1
+
+// Nibble formats decode two blocks at once in "paired" order, [block 0 low nibbles, block 1
+// low, block 0 high, block 1 high] (16 codes each), which needs no lane shuffles; the
+// activations of every full 64-element chunk are put in the same order (pair_activations).
+template <class F>
+struct Paired {
+  static constexpr bool ok = false;
+};
+template <int QS, int QH, bool IQ4>  // byte offsets of qs and of the fifth bits (-1: none)
+struct NibblePair {
+  static constexpr bool ok = true;
+  static inline __m512i codes(const uint8_t* b0, const uint8_t* b1) {
+    const __m256i v = _mm256_loadu2_m128i((const __m128i*)(b1 + QS), (const __m128i*)(b0 + QS));
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    if constexpr (QH >= 0) {  // bits 0-15 go with the low nibbles, 16-31 with the high ones
+      const __m256i h0 = mj_bits32v(b0 + QH), h1 = mj_bits32v(b1 + QH);
+      lo = _mm256_or_si256(lo, _mm256_permute2x128_si256(h0, h1, 0x20));
+      hi = _mm256_or_si256(hi, _mm256_permute2x128_si256(h0, h1, 0x31));
+    }
+    if constexpr (IQ4) {
+      const __m128i tab = _mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
+                                        (char)166, (char)181, (char)197, (char)217, (char)241);
+      const __m256i t2 = _mm256_set_m128i(tab, tab);
+      lo = _mm256_shuffle_epi8(t2, lo), hi = _mm256_shuffle_epi8(t2, hi);
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+};
+template <>
+struct Paired<Fmt_q4_0> : NibblePair<2, -1, false> {};
+template <>
+struct Paired<Fmt_q4_1> : NibblePair<4, -1, false> {};
+template <>
+struct Paired<Fmt_q5_0> : NibblePair<6, 2, false> {};
+template <>
+struct Paired<Fmt_q5_1> : NibblePair<8, 4, false> {};
+template <>
+struct Paired<Fmt_iq4_nl> : NibblePair<2, -1, true> {};
+
 template <class F, int R, bool Full>
 static inline void gemv32_step(const uint8_t* const* rows, int64_t e, __m512i av, __m128 dav, __m128 qav,
                                __m512* acc, __m128* corr) {
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  constexpr bool paired = Paired<F>::ok && Full;
+  const __m512i spread = paired ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                                : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int r = 0; r < R; ++r) {
     const uint8_t* b = rows[r] + e / 32 * F::bytes;
     __m128 sv, cv;
     __m256i hi = _mm256_setzero_si256();
     if (Full) {
       MjBlock32<F>::sc2(b, &sv, &cv);
-      hi = MjBlock32<F>::codes(b + F::bytes);
+      if constexpr (!paired) hi = MjBlock32<F>::codes(b + F::bytes);
     } else {
       float s0, c0;
       MjBlock32<F>::sc(b, &s0, &c0);
       sv = _mm_set_ss(s0), cv = _mm_set_ss(c0);
     }
-    const __m512i uv = _mm512_inserti64x4(_mm512_castsi256_si512(MjBlock32<F>::codes(b)), hi, 1);
+    __m512i uv;
+    if constexpr (paired)
+      uv = Paired<F>::codes(b, b + F::bytes);
+    else
+      uv = _mm512_inserti64x4(_mm512_castsi256_si512(MjBlock32<F>::codes(b)), hi, 1);
     const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av);
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
                              _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sv, dav))), acc[r]);
@@ -284,6 +330,10 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
 }
 #define MJ_INTERLEAVE 0
 #define MJ_FUSED_GEMV 0
+template <class F>
+struct Paired {
+  static constexpr bool ok = false;
+};
 constexpr int kLanes = 16;
 template <class F, int R>
 static inline void gemv32(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*) {}
@@ -411,6 +461,27 @@ static void work(Job& job) {
   }
 }
 
+// T = 1 on a paired format: each full 64-element chunk of activations into paired order
+// (swap its second and third 16 bytes), the order Paired<F>::codes decodes weights in.
+static void pair_activations(int64_t type, int8_t* a, int64_t K) {
+  bool paired = false;
+  switch (type) {
+#define MJ_CASE(name, id, blk, nbytes, grp) \
+  case id:                                  \
+    paired = Paired<Fmt_##name>::ok;        \
+    break;
+    MJ_FORMATS(MJ_CASE)
+#undef MJ_CASE
+  }
+  if (!paired) return;
+  for (int64_t e = 0; e + 64 <= K; e += 64) {
+    int8_t tmp[16];
+    std::memcpy(tmp, a + e + 16, 16);
+    std::memcpy(a + e + 16, a + e + 32, 16);
+    std::memcpy(a + e + 32, tmp, 16);
+  }
+}
+
 static std::atomic<int64_t> g_pool_threads{0};  // XLA's intra-op threads seen by the last call
 
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
@@ -436,6 +507,7 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     quantize_row(x.typed_data() + t * K, K, fmt->group, act.a.data() + t * K, act.da.data() + t * K / fmt->group,
                  act.qa.data() + t * K / fmt->group);
 
+  if (T == 1) pair_activations(qtype, act.a.data(), K);
   if (const int64_t kfull = interleaved_bytes(T, K, fmt->group)) {
     for (int64_t t = 0; t < T; ++t) {
       uint8_t* row = reinterpret_cast<uint8_t*>(act.a.data() + t * K);
