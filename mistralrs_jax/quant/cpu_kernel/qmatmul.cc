@@ -195,18 +195,22 @@ struct NibblePair {
     const __m256i v = _mm256_loadu2_m128i((const __m128i*)(b1 + QS), (const __m128i*)(b0 + QS));
     const __m256i m = _mm256_set1_epi8(0x0f);
     __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-    if constexpr (QH >= 0) {  // bits 0-15 go with the low nibbles, 16-31 with the high ones
-      const __m256i h0 = mj_bits32v(b0 + QH), h1 = mj_bits32v(b1 + QH);
-      lo = _mm256_or_si256(lo, _mm256_permute2x128_si256(h0, h1, 0x20));
-      hi = _mm256_or_si256(hi, _mm256_permute2x128_si256(h0, h1, 0x31));
-    }
     if constexpr (IQ4) {
       const __m128i tab = _mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
                                         (char)166, (char)181, (char)197, (char)217, (char)241);
       const __m256i t2 = _mm256_set_m128i(tab, tab);
       lo = _mm256_shuffle_epi8(t2, lo), hi = _mm256_shuffle_epi8(t2, hi);
     }
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    if constexpr (QH >= 0) {  // fifth bits as a byte mask: bits 0-15 go with the low nibbles
+      uint32_t h0, h1;
+      std::memcpy(&h0, b0 + QH, 4);
+      std::memcpy(&h1, b1 + QH, 4);
+      const uint64_t bits = (uint64_t)(h0 & 0xffffu) | (uint64_t)(h1 & 0xffffu) << 16 | (uint64_t)(h0 >> 16) << 32 |
+                            (uint64_t)(h1 >> 16) << 48;
+      return _mm512_mask_or_epi32(codes, 0xffff, codes, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10)));
+    }
+    return codes;
   }
 };
 template <>
