@@ -5,7 +5,9 @@
 // codes with f32 group scales and offsets (unpack.h), and each group's dot product is
 // taken in integers (u8 x s8 -> s32), then scaled in f32:
 //     y = sum_g s[g] * da[g] * sum_{i in g} u[i] * a[i]  +  c[g] * da[g] * sum_{i in g} a[i]
-// which is exactly W_dequantized . x_hat with x_hat = da * a, up to f32 rounding.
+// which is exactly W_dequantized . x_hat with x_hat = da * a, up to f32 rounding. As
+// |x_hat - x| <= da / 2 elementwise, each output is within sum_b (da_b / 2) sum_{i in b} |w_i|
+// of the f32 product (b: the 32-element blocks of x), which tests/test_cpu_kernel.py asserts.
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
 // (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T = 1 the
