@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "activations.h"
 #include "unpack.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -43,60 +44,6 @@ constexpr int64_t kWorkPerThread = 1 << 18;  // multiply-adds that justify one m
 constexpr int kSub = 64;  // output rows gathered before they are written (a multiple of kRows)
 constexpr int64_t kSlice = 2048;  // elements of K per pass (a multiple of every interleaved run)
 constexpr int64_t kActivationBytes = 1 << 18;  // activation codes kept in L2 while rows stream past
-
-// ---------------------------------------------------------------------------------------
-// Activations: 8-bit codes per 32 elements, the scale and the code sum per weight group.
-
-struct Activations {
-  int64_t T = 0, K = 0, G = 32;
-  std::vector<int8_t> a;   // T * K
-  std::vector<float> da;   // T * K / G: the 32-block scale of each group
-  std::vector<float> qa;   // T * K / G: da * (sum of the group's codes)
-};
-
-// One row of K floats (K a multiple of 32). Exposed for tests (C ABI, see mj_quantize_rows).
-static void quantize_row(const float* x, int64_t K, int G, int8_t* a, float* da, float* qa) {
-  for (int64_t b = 0; b < K; b += 32) {
-    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
-    for (int j = 0; j < 32; j += 8) {
-      const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b + j));
-      m = _mm256_max_ps(m, v);
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // NaN or infinite
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float amax = _mm_cvtss_f32(m4);
-    // A NaN or infinite input makes the block's scale NaN, so it reaches the output as in f32.
-    const float d = _mm256_movemask_ps(bad) ? NAN : amax / 127.0f;
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    const __m256 idv = _mm256_set1_ps(id);
-    __m256i q[4];
-    for (int j = 0; j < 4; ++j)
-      q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b + 8 * j), idv),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    // int32 -> int8 (values within +-127): two packs interleave 128-bit lanes, a permute restores order
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    _mm256_storeu_si256((__m256i*)(a + b), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    int sums[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i s8 = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
-      sums[h] = _mm_cvtsi128_si32(s4);
-    }
-    if (G == 32) {
-      da[b / 32] = d;
-      qa[b / 32] = d * (float)(sums[0] + sums[1]);
-    } else {
-      da[b / 16] = da[b / 16 + 1] = d;
-      qa[b / 16] = d * (float)sums[0];
-      qa[b / 16 + 1] = d * (float)sums[1];
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------
 // Dot products of R unpacked weight rows with one activation row.
@@ -278,6 +225,51 @@ static inline void gemv32(const uint8_t* const* rows, int64_t K, const int8_t* a
   reduce_rows<R>(acc, out);
 }
 
+// T = 1 on Q4_K: each 64-element chunk of a super-block is one load of 32 bytes (low
+// nibbles: group 2p, high nibbles: group 2p + 1), in natural order. (Q5_K read this way,
+// with its fifth bits through a byte mask, measured slower than unpacking it.)
+template <class F>
+struct KPair {
+  static constexpr bool ok = false;
+};
+template <>
+struct KPair<Fmt_q4_k> {
+  static constexpr bool ok = true;
+  static inline void scales(const uint8_t* b, float* s, float* c) { mj_scales_k4(mj_f16(b), mj_f16(b + 2), b + 4, s, c); }
+  static inline __m512i codes(const uint8_t* b, int p) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * p)), m = _mm256_set1_epi8(0x0f);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, m)),
+                              _mm256_and_si256(_mm256_srli_epi16(q, 4), m), 1);
+  }
+};
+
+template <class F, int R>
+static inline void gemvk(const uint8_t* const* rows, int64_t K, const int8_t* a, const float* da, const float* qa,
+                         float* out) {
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R];
+  __m128 corr[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), corr[r] = _mm_setzero_ps();
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    alignas(32) float s[R][8], c[R][8];
+    for (int r = 0; r < R; ++r) KPair<F>::scales(rows[r] + sb * F::bytes, s[r], c[r]);
+    for (int p = 0; p < 4; ++p) {
+      const int64_t e = 256 * sb + 64 * p;
+      const __m512i av = _mm512_loadu_si512(a + e);
+      const __m128 dav = _mm_castpd_ps(_mm_load_sd((const double*)(da + e / 32)));
+      const __m128 qav = _mm_castpd_ps(_mm_load_sd((const double*)(qa + e / 32)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i pr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), KPair<F>::codes(rows[r] + sb * F::bytes, p), av);
+        const __m128 sd = _mm_mul_ps(_mm_castpd_ps(_mm_load_sd((const double*)(s[r] + 2 * p))), dav);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pr), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)), acc[r]);
+        corr[r] = _mm_fmadd_ps(_mm_castpd_ps(_mm_load_sd((const double*)(c[r] + 2 * p))), qav, corr[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_castps128_ps512(corr[r]));
+  reduce_rows<R>(acc, out);
+}
+
 #else  // AVX2
 #if defined(__AVXVNNI__)
 #define MJ_ISA "avx2+avxvnni"
@@ -341,8 +333,14 @@ struct Paired {
   static constexpr bool ok = false;
 };
 constexpr int kLanes = 16;
+template <class F>
+struct KPair {
+  static constexpr bool ok = false;
+};
 template <class F, int R>
 static inline void gemv32(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*) {}
+template <class F, int R>
+static inline void gemvk(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*) {}
 #endif
 
 // The first `kfull` bytes of a row (whole runs of kLanes groups) into the interleaved layout.
@@ -374,7 +372,8 @@ struct Job {
   std::atomic<int64_t> done{0};
 };
 
-// T = 1 on a 32-element block format: blocks are read in place (gemv32), four rows at a time.
+// T = 1 on a 32-element block format or Q4_K: blocks are read in place (gemv32, gemvk),
+// four rows at a time.
 template <class F>
 static void run_rows_gemv(const Job& job, int64_t r0, int64_t r1) {
   const Activations& A = *job.act;
@@ -383,7 +382,13 @@ static void run_rows_gemv(const Job& job, int64_t r0, int64_t r1) {
     const uint8_t* rows[kRows];
     for (int64_t i = 0; i < kRows; ++i) rows[i] = job.w + (r + std::min<int64_t>(i, R - 1)) * job.row_bytes;
     float out[kRows] = {};
-    if (R == kRows) {
+    if constexpr (KPair<F>::ok) {
+      if (R == kRows) {
+        gemvk<F, kRows>(rows, job.K, A.a.data(), A.da.data(), A.qa.data(), out);
+      } else {
+        for (int64_t i = 0; i < R; ++i) gemvk<F, 1>(rows + i, job.K, A.a.data(), A.da.data(), A.qa.data(), out + i);
+      }
+    } else if (R == kRows) {
       gemv32<F, kRows>(rows, job.K, A.a.data(), A.da.data(), A.qa.data(), out);
     } else {
       for (int64_t i = 0; i < R; ++i) gemv32<F, 1>(rows + i, job.K, A.a.data(), A.da.data(), A.qa.data(), out + i);
@@ -396,7 +401,7 @@ template <class F>
 static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t>& buf) {
   constexpr int G = F::group, BPG = F::block / F::group;  // groups per block
   const int64_t K = job.K, T = job.act->T, ng = K / G, nb = K / F::block;
-  if constexpr (MJ_FUSED_GEMV && MjBlock32<F>::ok) {
+  if constexpr (MJ_FUSED_GEMV && (MjBlock32<F>::ok || KPair<F>::ok)) {
     if (T == 1) return run_rows_gemv<F>(job, r0, r1);
   }
   const int64_t kfull = interleaved_bytes(T, K, G);
