@@ -203,6 +203,22 @@ def test_portable_instruction_sets_agree(kernel, isa):
         np.testing.assert_allclose(ours, native, rtol=1e-5, atol=1e-5 * np.abs(native).max())
 
 
+def test_independent_calls_in_one_program(kernel):
+    """Several kernel calls XLA may run at once (q, k, v of a layer) each give their own result."""
+    rng = np.random.default_rng(9)
+    k = 512
+    ws = [random_blocks(int(t), n, k, rng) for t, n in ((Q.Q4_1, 300), (Q.Q8_0, 64), (Q.Q6_K, 64))]
+    types = (int(Q.Q4_1), int(Q.Q8_0), int(Q.Q6_K))
+    x = rng.standard_normal((5, k)).astype(np.float32)
+
+    @jax.jit
+    def layer(x, w0, w1, w2):
+        return [quant_matmul_cpu(x, w, t, k) for w, t in zip((w0, w1, w2), types)]
+
+    for got, w, t in zip(layer(x, *ws), ws, types):
+        np.testing.assert_array_equal(np.asarray(got), _run(x, w, t, k))
+
+
 def test_nan_and_inf_inputs_reach_the_output(kernel):
     """As in an f32 dot: a NaN or infinite activation makes its token's outputs NaN, not finite noise."""
     rng = np.random.default_rng(8)
