@@ -275,3 +275,26 @@ def test_benchmark_script_runs(kernel, tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert [(r["type"], r["t"]) for r in rows] == [("Q4_0", 1), ("Q4_0", 3), ("Q4_K", 1), ("Q4_K", 3)]
     assert all(r["kernel_ms"] > 0 and r["f32_ms"] > 0 for r in rows)
+
+
+def test_real_smollm2_tensors(kernel, smollm2_gguf_path):
+    """The default model's own Q4_1 projections and Q8_0 embedding (its tied lm_head), with
+    activations of a realistic spread: within the stated bound of gguf-py's f32 product."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(smollm2_gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    rng = np.random.default_rng(10)
+    for name in ("blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.29.ffn_up.weight", "token_embd.weight"):
+        t = tensors[name]
+        w = np.asarray(t.data)[:4096]  # (rows, row bytes): the lm_head's first 4096 vocabulary rows
+        k = int(t.shape[0])
+        x = (rng.standard_normal((3, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)  # some large channels
+        y = _run(x, w, int(t.tensor_type), k)
+        w_deq = gguf_quants.dequantize(w, t.tensor_type).astype(np.float64)
+        exact = x.astype(np.float64) @ w_deq.T
+        amax = np.abs(x.reshape(3, k // 32, 32)).max(-1)
+        bound = 0.5 * (amax / 127.0) @ np.abs(w_deq).reshape(len(w), k // 32, 32).sum(-1).T
+        assert (np.abs(y - exact) <= bound + 1e-5 * (np.abs(x) @ np.abs(w_deq).T)).all(), name
+        rel = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+        assert rel < 0.02, f"{name}: relative error {rel:.4f}"
