@@ -22,6 +22,7 @@ import jinja2.sandbox
 import jinja2.utils
 
 from mistralrs_jax.errors import InvalidRequestError, TemplateError
+from mistralrs_jax.loading.template_sandbox import check_syntax, shared_worker
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +173,10 @@ class ChatTemplate:
         self._named_sources = dict(named_templates or {})
 
     @staticmethod
-    def _compile(env: jinja2.Environment, template: str, what: str) -> jinja2.Template:
-        try:
-            return env.from_string(template)
-        except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(
-                f"the model's {what} is not valid Jinja (line {exc.lineno}: {exc.message}); "
-                "pass a working one with --chat-template"
-            ) from exc
+    def _compile(env: jinja2.Environment, template: str, what: str) -> str:
+        # Parsed here for syntax errors only; compiled and rendered in the bounded worker (template_sandbox.py).
+        check_syntax(env, template, what)
+        return template
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, override: str | None = None) -> "ChatTemplate":
@@ -271,7 +268,7 @@ class ChatTemplate:
             add_generation_prompt=add_generation_prompt,
         )
         try:
-            return compiled.render(**context)
+            return shared_worker(f"{__name__}:_environment").render(compiled, context)
         except jinja2.exceptions.SecurityError as exc:
             raise TemplateError(f"chat template tried an operation the sandbox forbids: {exc}") from exc
         except jinja2.exceptions.TemplateError as exc:  # raise_exception(), undefined names, ...

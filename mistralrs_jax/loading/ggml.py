@@ -120,6 +120,13 @@ class GGMLFile(GGUFFile):
 
         self.path = os.fspath(path)
         self._map = open_map(self.path)
+        try:
+            self._read_legacy(gqa, config_path, nbytes, qtype_name)
+        except BaseException:
+            self.close()  # a refused file leaves no mapping behind
+            raise
+
+    def _read_legacy(self, gqa: int | None, config_path: str | None, nbytes, qtype_name) -> None:
         data = self._map
         self.container = FORMATS.get(bytes(data[:4]))
         if self.container is None:
@@ -138,6 +145,7 @@ class GGMLFile(GGUFFile):
             values = struct.unpack_from("<7i", data, offset)
             offset += 28
             self.hyperparameters = dict(zip(HYPERPARAMETERS, values))
+            self._check_hyperparameters()
             vocab, offset = self._read_vocab(data, offset, self.hyperparameters["n_vocab"])
             infos = self._read_tensor_table(data, offset, qtype_name, nbytes)
         except (struct.error, IndexError, ValueError, OverflowError) as exc:
@@ -156,6 +164,20 @@ class GGMLFile(GGUFFile):
         log.info("%s: %s v%d, %d tensors, %d layers, %d KV heads", self.path, self.container, self.version,
                  len(self._tensors), self.hyperparameters["n_layer"],
                  self.metadata["llama.attention.head_count_kv"])
+
+    def _check_hyperparameters(self) -> None:
+        """Sizes a LLaMA model can have, before anything is computed or allocated from them."""
+        from ..models.model_config import MAX_HEADS, MAX_LAYERS, MAX_WIDTH
+
+        hp = self.hyperparameters
+        limits = {"n_embd": MAX_WIDTH, "n_head": MAX_HEADS, "n_layer": MAX_LAYERS, "n_rot": MAX_WIDTH}
+        for name, limit in limits.items():
+            if not 0 < hp[name] <= limit:
+                raise CorruptModelFileError(f"{self.path}: {name} = {hp[name]} is outside 1..{limit}; the file "
+                                            "is corrupt")
+        if hp["n_embd"] % hp["n_head"]:
+            raise CorruptModelFileError(
+                f"{self.path}: n_embd {hp['n_embd']} is not a multiple of n_head {hp['n_head']}; the file is corrupt")
 
     def _read_vocab(self, data, offset: int, n_vocab: int) -> tuple[list[tuple[bytes, float]], int]:
         if not 0 < n_vocab < 1 << 22:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import struct
 from typing import Any, Callable
@@ -46,42 +47,88 @@ def _numpy_dtypes() -> dict[str, Any]:
             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+# The safetensors format's own bound on the JSON header (100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
 class SafetensorsFile:
     """One .safetensors file: an 8-byte little-endian header length, a JSON header naming each
-    tensor's dtype, shape and byte range, then the bytes. Tensors are views of a memory map."""
+    tensor's dtype, shape and byte range, then the bytes. Tensors are views of a memory map.
+
+    The header is checked whole when the file opens, as the safetensors library checks it: an
+    object of {dtype, shape, data_offsets} entries whose byte ranges match dtype x shape, lie in
+    the file, and cover the data without overlap or gap. A corrupt file is refused here, named."""
 
     def __init__(self, path: str):
         self.path = path
         try:
             with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size < 8:
+                    raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
                 (header_len,) = struct.unpack("<Q", handle.read(8))
-                if header_len > os.path.getsize(path) - 8:
-                    raise ValueError(f"header length {header_len} exceeds the file")
+                if header_len > min(size - 8, MAX_HEADER_BYTES):
+                    raise ValueError(f"header length {header_len} exceeds the file or the format's limit")
                 header = json.loads(handle.read(header_len))
-        except (OSError, ValueError, struct.error) as exc:
+        except (OSError, ValueError, struct.error, RecursionError) as exc:
             raise CorruptModelFileError(
                 f"{path} is not a readable safetensors file ({exc}); download it again") from exc
-        header.pop("__metadata__", None)
-        self.entries: dict[str, dict] = header
         self._data_start = 8 + header_len
+        self.entries: dict[str, dict] = self._checked_entries(header, size - self._data_start)
         self._map: np.memmap | None = None
+
+    def _corrupt(self, why: str) -> CorruptModelFileError:
+        return CorruptModelFileError(f"{self.path}: {why}; the safetensors file is corrupt, download it again")
+
+    def _checked_entries(self, header: Any, data_size: int) -> dict[str, dict]:
+        if not isinstance(header, dict):
+            raise self._corrupt(f"the header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise self._corrupt("__metadata__ is not an object")
+        dtypes = _numpy_dtypes()
+        spans = []
+        for name, entry in header.items():
+            if not isinstance(entry, dict):
+                raise self._corrupt(f"the entry of tensor {name!r} is not an object")
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            if not isinstance(dtype, str):
+                raise self._corrupt(f"tensor {name!r} has no dtype name")
+            if dtype not in dtypes:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has dtype {dtype}, which is not supported")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise self._corrupt(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1] <= data_size):
+                raise self._corrupt(f"tensor {name!r} has data_offsets {offsets!r}, not a byte range inside the "
+                                    f"{data_size} data bytes")
+            expected = math.prod(shape) * np.dtype(dtypes[dtype]).itemsize
+            if offsets[1] - offsets[0] != expected:
+                raise self._corrupt(f"tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes, its byte "
+                                    f"range holds {offsets[1] - offsets[0]}")
+            spans.append((offsets[0], offsets[1], name))
+        end = 0
+        for begin, stop, name in sorted(spans):
+            if begin != end:
+                raise self._corrupt(f"tensor {name!r} starts at data byte {begin}, expected {end} "
+                                    f"({'an overlap' if begin < end else 'a gap'})")
+            end = stop
+        if end != data_size:
+            raise self._corrupt(f"the tensors cover {end} data bytes but the file holds {data_size} (a wrong header "
+                                "length, or a truncated or padded file)")
+        return header
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def tensor(self, name: str) -> np.ndarray:
         entry = self.entries[name]
-        dtype = _numpy_dtypes().get(entry["dtype"])
-        if dtype is None:
-            raise ModelLoadError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, which is not supported")
+        dtype = _numpy_dtypes()[entry["dtype"]]
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
         raw = self._map[self._data_start + begin:self._data_start + end]
-        shape = tuple(entry["shape"])
-        if raw.size != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise CorruptModelFileError(f"{self.path}: tensor {name!r} does not fit its byte range; download it again")
-        return raw.view(dtype).reshape(shape)
+        return raw.view(dtype).reshape(tuple(entry["shape"]))
 
     def close(self) -> None:
         self._map = None

@@ -34,7 +34,8 @@ from mistralrs_jax.loading.gguf_vocab import (
     sentencepiece_model,
     wordpiece_model,
 )
-from mistralrs_jax.errors import CorruptModelFileError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
+from mistralrs_jax.errors import (CorruptModelFileError, MistralRsError, ModelLoadError, ModelNotFoundError,
+                                  UnsupportedArchitectureError)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,23 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, fields: dict[str, Any], source: str = "<gguf metadata>") -> "Tokenizer":
-        """Rebuild the tokenizer a GGUF file describes from its metadata (key -> plain Python value)."""
+        """Rebuild the tokenizer a GGUF file describes from its metadata (key -> plain Python value).
+        Whatever is wrong with the vocabulary comes out as a typed error naming `source`."""
+        try:
+            return cls._from_gguf_metadata(fields, source)
+        except CorruptModelFileError as exc:
+            if source in str(exc):
+                raise
+            raise CorruptModelFileError(f"{source}: {exc}") from exc
+        except MistralRsError:
+            raise
+        except Exception as exc:  # tokenizers raises plain Exception for broken vocabularies and merges
+            raise CorruptModelFileError(
+                f"{source}: the tokenizer cannot be rebuilt from the GGUF vocabulary ({type(exc).__name__}: {exc}); "
+                "the file is corrupt") from exc
+
+    @classmethod
+    def _from_gguf_metadata(cls, fields: dict[str, Any], source: str) -> "Tokenizer":
         model_type = fields.get("tokenizer.ggml.model")
         tokens = fields.get("tokenizer.ggml.tokens")
         if not model_type or not tokens:

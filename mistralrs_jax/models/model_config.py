@@ -5,6 +5,7 @@ builder never asks which format its config came from. `source` names the file in
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -16,6 +17,16 @@ from .registry import (GGUF_ACTIVATIONS, HF_DEFAULT_ROPE_THETA, HF_TIED_BY_DEFAU
 
 
 def config_from_gguf(meta: dict[str, Any], source: str) -> ModelConfig:
+    try:
+        return _config_from_gguf(meta, source)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise CorruptModelFileError(f"{source}: a GGUF hyperparameter has an unusable value ({exc}); the file is "
+                                    "corrupt") from exc
+
+
+def _config_from_gguf(meta: dict[str, Any], source: str) -> ModelConfig:
     """`meta` maps GGUF keys to python values; `source` names the file in errors.
 
     Values llama.cpp hard-codes per architecture instead of storing (Gemma's sliding
@@ -34,13 +45,18 @@ def config_from_gguf(meta: dict[str, Any], source: str) -> ModelConfig:
             raise ModelLoadError(f"{source}: GGUF metadata is missing the required key {full!r}")
         return default
 
-    hidden = int(get("embedding_length"))
-    num_heads = int(get("attention.head_count"))
-    num_layers = int(get("block_count"))
+    def count(key: str, default: Any = KeyError) -> int:
+        return _whole(get(key, default), f"{arch}.{key}", source)
+
+    hidden = count("embedding_length")
+    num_heads = count("attention.head_count")
+    num_layers = count("block_count")
+    _check_sizes(source, hidden_size=hidden, num_heads=num_heads, num_layers=num_layers)
     num_kv = get("attention.head_count_kv", num_heads)
-    if isinstance(num_kv, list):  # per-layer lists exist in some files; uniform here
+    if isinstance(num_kv, list) and num_kv:  # per-layer lists exist in some files; uniform here
         num_kv = max(num_kv)
-    head_dim = int(get("attention.key_length", hidden // num_heads))
+    num_kv = _whole(num_kv, f"{arch}.attention.head_count_kv", source)
+    head_dim = count("attention.key_length", hidden // num_heads)
     vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -61,9 +77,9 @@ def config_from_gguf(meta: dict[str, Any], source: str) -> ModelConfig:
         # llama.cpp: the 27B models scale by hidden/heads, every other size by head_dim.
         is_27b = num_layers == (46 if arch == "gemma2" else 62)
         query_pre_attn_scalar = float(hidden // num_heads) if is_27b else float(head_dim)
-    return ModelConfig(
+    return checked_config(ModelConfig(
         arch=arch,
-        vocab_size=int(vocab),
+        vocab_size=_whole(vocab, "the vocabulary size", source),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
         num_layers=num_layers,
@@ -87,7 +103,7 @@ def config_from_gguf(meta: dict[str, Any], source: str) -> ModelConfig:
         query_pre_attn_scalar=query_pre_attn_scalar,
         num_experts=int(get("expert_count", 0)),
         num_experts_per_tok=int(get("expert_used_count", 0)),
-    )
+    ), source)
 
 def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     """A Hugging Face `config.json` (already parsed). `source` names the file in errors.
@@ -111,9 +127,10 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
             f"{source} has no {key!r}, which a {model_type or family} model needs; the file is incomplete: "
             "download config.json again or add the key")
 
-    hidden = int(required("hidden_size", "n_embd"))
-    num_layers = int(required("num_hidden_layers", "n_layer"))
-    num_heads = int(required("num_attention_heads", "n_head"))
+    hidden = _whole(required("hidden_size", "n_embd"), "hidden_size", source)
+    num_layers = _whole(required("num_hidden_layers", "n_layer"), "num_hidden_layers", source)
+    num_heads = _whole(required("num_attention_heads", "n_head"), "num_attention_heads", source)
+    _check_sizes(source, hidden_size=hidden, num_heads=num_heads, num_layers=num_layers)
     vocab = int(required("vocab_size"))
     intermediate = int(required("intermediate_size", "n_inner"))
     num_kv = int(cfg.get("num_key_value_heads") or num_heads)
@@ -133,7 +150,7 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     query_pre_attn_scalar = None
     if family in ("gemma2", "gemma3"):
         query_pre_attn_scalar = float(cfg.get("query_pre_attn_scalar") or 256)
-    return ModelConfig(
+    return checked_config(ModelConfig(
         arch=family,
         vocab_size=vocab,
         hidden_size=hidden,
@@ -161,7 +178,71 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         num_experts=int(cfg.get("num_local_experts") or 0),
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0) if cfg.get("num_local_experts") else 0,
         dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-    )
+    ), source)
+
+
+# Bounds that no real model reaches; a value past one is a corrupt file, refused before anything is
+# allocated from it (a 2^32-layer list, a 2^31-wide rotary table).
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 20  # hidden, intermediate and head sizes
+MAX_HEADS = 1 << 14
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 28
+
+
+def _whole(value: Any, what: str, source: str) -> int:
+    """`value` as an int, refusing NaN, fractions, strings and lists (a corrupt file's hyperparameter)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
+        raise CorruptModelFileError(f"{source}: {what} is {value!r}, not a whole number; the file is corrupt")
+    return int(value)
+
+
+def _check_sizes(source: str, **sizes: int) -> None:
+    limits = {"num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "vocab_size": MAX_VOCAB,
+              "max_position_embeddings": MAX_CONTEXT}
+    for name, value in sizes.items():
+        limit = limits.get(name, MAX_WIDTH)
+        if not 0 < value <= limit:
+            raise CorruptModelFileError(
+                f"{source}: {name} = {value} is outside 1..{limit}; the model file is corrupt")
+
+
+def _check_positive(source: str, **values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise CorruptModelFileError(f"{source}: {name} = {value} must be a finite number above 0; the model "
+                                        "file is corrupt")
+
+
+def checked_config(config: ModelConfig, source: str) -> ModelConfig:
+    """`config` after the checks every model builder relies on: positive bounded sizes, heads that
+    divide, a rotary width inside the head, finite positive epsilon / RoPE bases. A corrupt file is
+    refused here, naming `source`, instead of dividing by zero or giving NaN logits later."""
+    _check_sizes(source, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                 intermediate_size=config.intermediate_size, num_layers=config.num_layers,
+                 num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                 max_position_embeddings=config.max_position_embeddings)
+    if config.num_heads % config.num_kv_heads:
+        raise CorruptModelFileError(f"{source}: {config.num_heads} attention heads cannot be shared by "
+                                    f"{config.num_kv_heads} KV heads; the model file is corrupt")
+    rope_dim = config.rotary_dim
+    if not 0 < rope_dim <= config.head_dim or rope_dim % 2:
+        raise CorruptModelFileError(f"{source}: the rotary width {rope_dim} must be even and within the head size "
+                                    f"{config.head_dim}; the model file is corrupt")
+    _check_positive(source, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                    rope_local_theta=config.rope_local_theta, attn_logit_softcapping=config.attn_logit_softcapping,
+                    final_logit_softcapping=config.final_logit_softcapping,
+                    query_pre_attn_scalar=config.query_pre_attn_scalar)
+    if config.rms_norm_eps >= 1:
+        raise CorruptModelFileError(f"{source}: a norm epsilon of {config.rms_norm_eps} is not plausible (below 1 "
+                                    "expected); the model file is corrupt")
+    windows = [config.sliding_window, *(config.layer_sliding_windows or ())]
+    if any(w is not None and w <= 0 for w in windows):
+        raise CorruptModelFileError(f"{source}: a sliding window must be positive; the model file is corrupt")
+    if config.num_experts < 0 or not 0 <= config.num_experts_per_tok <= config.num_experts:
+        raise CorruptModelFileError(f"{source}: {config.num_experts_per_tok} experts per token of "
+                                    f"{config.num_experts}; the model file is corrupt")
+    return config
 
 
 def with_generation_eos(config: ModelConfig, model_dir: str) -> ModelConfig:
