@@ -127,8 +127,10 @@ def test_image_runs_the_server_as_promised(name):
     # The Hugging Face cache and the XLA cache live on the volume.
     volumes = json.loads(only(steps, "VOLUME"))
     env = env_of(steps)
-    for variable in ("HF_HOME", "MISTRALRS_JAX_CACHE_DIR"):
-        assert any(env[variable].startswith(volume + "/") for volume in volumes), (variable, env[variable], volumes)
+    caches = ["HF_HOME", "MISTRALRS_JAX_CACHE_DIR"] + ["MISTRALRS_JAX_KERNEL_CACHE"] * (name == "Dockerfile")
+    for variable in caches:
+        value = env.get(variable, "")
+        assert any(value.startswith(volume + "/") for volume in volumes), (variable, value, volumes)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -179,6 +181,7 @@ def _debootstrap_base() -> str:
     It trusts this machine's CA bundle, so pip works in the build behind a TLS-inspecting proxy.
     """
     with tempfile.TemporaryDirectory(prefix="mistralrs-jax-rootfs-") as root:
+        os.chmod(root, 0o755)  # it becomes the image's /: a 0700 / locks every other user out
         subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
                         "bookworm", root, "http://deb.debian.org/debian"],
                        check=True, capture_output=True, timeout=900)
@@ -264,6 +267,8 @@ def test_cpu_image_serves_a_chat_request(docker_daemon, llm):
         assert reply.usage.completion_tokens == len(expected.token_ids)
 
         assert docker("exec", container, "id", "-u", check=True).stdout.strip() == "1000"
+        # The image has the compiler the CPU quantized-matmul kernel needs.
+        assert "kernel unavailable" not in docker("logs", container).stderr
         deadline = time.monotonic() + 60
         while (status := docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()) != "healthy":
             assert time.monotonic() < deadline, f"the image's HEALTHCHECK says {status!r}"
