@@ -34,7 +34,7 @@ Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class StreamWriteTimeout(Exception):
+class StreamWriteTimeout(TimeoutError):
     """The client did not take a response chunk in time (it stopped reading)."""
 
 
@@ -97,6 +97,8 @@ class Admission:
             try:
                 await asyncio.wait_for(send(message), timeout)
             except asyncio.TimeoutError:
+                # Quart ends a response quietly on TimeoutError and closes its body generator,
+                # which aborts the request (routes' `finally: abort_unfinished`).
                 log.warning("a client took no response data for %.0f s: ending its response and aborting "
                             "its request", timeout)
                 raise StreamWriteTimeout(f"the client took no data for {timeout} s") from None

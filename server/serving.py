@@ -22,6 +22,10 @@ from mistralrs_jax.errors import MistralRsError
 log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 3.0
+# The kernel's send buffer per connection (inherited from the listening socket). Autotuned it
+# grows to megabytes, and a client that stops reading would hold its sequence until that much
+# output was buffered; bounded, the stream write timeout (limits.py) notices such a client soon.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 class ServerStartError(MistralRsError):
@@ -36,6 +40,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
                                "(or --host), or stop the program using it") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     return sock
 
 

@@ -39,6 +39,9 @@ PIL_BICUBIC = 3
 # Downloads: an image URL must answer within this many seconds and stay under this size.
 IMAGE_FETCH_TIMEOUT_S = 10.0
 MAX_IMAGE_BYTES = 32 << 20
+# Decompression bombs: an image may declare at most this many pixels (checked from its header,
+# before anything is decoded). 40 MP is far above what any vision encoder here takes in.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def _size_dict(value: Any, default: dict[str, int]) -> dict[str, int]:
@@ -223,13 +226,25 @@ def preprocess_pixels(pixels: np.ndarray, config: ImageProcessorConfig) -> np.nd
 def _open_image_bytes(data: bytes, where: str):
     from PIL import Image, UnidentifiedImageError
 
+    unreadable = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except unreadable as exc:
+        raise _unreadable(where, exc) from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{where} declares {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} this "
+                         "server decodes; send a smaller image")
+    try:
         image.load()  # decode now, so a truncated file fails here and not inside the engine
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{where} is not a readable image ({type(exc).__name__}: {exc}); send a PNG, JPEG, "
-                         "GIF, WebP or BMP file") from None
+    except unreadable as exc:
+        raise _unreadable(where, exc) from None
     return image
+
+
+def _unreadable(where: str, exc: Exception) -> ImageError:
+    return ImageError(f"{where} is not a readable image ({type(exc).__name__}: {exc}); send a PNG, JPEG, "
+                      "GIF, WebP or BMP file")
 
 
 def _decode_data_url(url: str):
