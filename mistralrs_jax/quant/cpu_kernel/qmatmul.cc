@@ -76,26 +76,40 @@ static inline void reduce_rows(const __m512* acc, float* out) {
   }
 }
 
-template <int R, int G>
+// NT tokens per pass share the weight loads: token n reads a + n * astride, da / qa + n * gstride
+// and adds its R sums to out + n * ostride.
+template <int R, int G, int NT = 1>
 static inline void dot_rows(const uint8_t* u, const float* s, const float* c, int64_t K, int64_t stride,
-                            int64_t kfull, const int8_t* a, const float* da, const float* qa, float* out) {
+                            int64_t kfull, const int8_t* a, const float* da, const float* qa, float* out,
+                            int64_t astride = 0, int64_t gstride = 0, int64_t ostride = 0) {
+  constexpr int P = NT == 1 ? 2 : 1;  // integer accumulators per (token, row): enough independent chains
   const int64_t ng_row = K / G, sstride = stride / G;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[NT][R];
+  for (int n = 0; n < NT; ++n)
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_setzero_ps();
   for (int64_t base = 0; base < kfull; base += kLanes * G) {
     const int64_t g0 = base / G;
-    __m512i ai[R][2];
-    for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_setzero_si512();
-    for (int j = 0; j < G / 4; ++j) {
-      const __m512i av = _mm512_loadu_si512(a + base + 64 * j);
+    __m512i ai[NT][R][P];
+    for (int n = 0; n < NT; ++n)
       for (int r = 0; r < R; ++r)
-        ai[r][j & 1] = _mm512_dpbusd_epi32(ai[r][j & 1], _mm512_loadu_si512(u + r * stride + base + 64 * j), av);
+        for (int q = 0; q < P; ++q) ai[n][r][q] = _mm512_setzero_si512();
+    for (int j = 0; j < G / 4; ++j) {
+      __m512i av[NT];
+      for (int n = 0; n < NT; ++n) av[n] = _mm512_loadu_si512(a + n * astride + base + 64 * j);
+      for (int r = 0; r < R; ++r) {
+        const __m512i uv = _mm512_loadu_si512(u + r * stride + base + 64 * j);
+        for (int n = 0; n < NT; ++n) ai[n][r][j % P] = _mm512_dpbusd_epi32(ai[n][r][j % P], uv, av[n]);
+      }
     }
-    const __m512 dav = _mm512_loadu_ps(da + g0), qav = _mm512_loadu_ps(qa + g0);
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ai[r][0], ai[r][1])),
-                               _mm512_mul_ps(_mm512_loadu_ps(s + r * sstride + g0), dav), acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(c + r * sstride + g0), qav, acc[r]);
+    for (int n = 0; n < NT; ++n) {
+      const __m512 dav = _mm512_loadu_ps(da + n * gstride + g0), qav = _mm512_loadu_ps(qa + n * gstride + g0);
+      for (int r = 0; r < R; ++r) {
+        __m512i sum = ai[n][r][0];
+        if (P == 2) sum = _mm512_add_epi32(sum, ai[n][r][P - 1]);
+        acc[n][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_loadu_ps(s + r * sstride + g0), dav),
+                                    acc[n][r]);
+        acc[n][r] = _mm512_fmadd_ps(_mm512_loadu_ps(c + r * sstride + g0), qav, acc[n][r]);
+      }
     }
   }
   // The rest in chunks of 64 elements: 64 / G groups, each group's scale spread over its lanes.
@@ -107,24 +121,28 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
     const __mmask64 bm = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
     const __mmask8 gm = full ? (__mmask8)((1u << NG) - 1) : (__mmask8)((1u << (NG / 2)) - 1);
     const int64_t g = e / G;
-    const __m512i av = _mm512_maskz_loadu_epi8(bm, a + e);
-    const __m128 dav = _mm_maskz_loadu_ps(gm, da + g);
     for (int r = 0; r < R; ++r) {
       const __m512i uv = _mm512_maskz_loadu_epi8(bm, u + r * stride + e);
-      const __m128 sd = _mm_mul_ps(_mm_maskz_loadu_ps(gm, s + r * sstride + g), dav);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
-                               _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)), acc[r]);
+      const __m128 sv = _mm_maskz_loadu_ps(gm, s + r * sstride + g);
+      for (int n = 0; n < NT; ++n) {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, _mm512_maskz_loadu_epi8(bm, a + n * astride + e));
+        const __m128 sd = _mm_mul_ps(sv, _mm_maskz_loadu_ps(gm, da + n * gstride + g));
+        acc[n][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)),
+                                    acc[n][r]);
+      }
     }
   }
   // Offsets of the groups outside the interleaved runs: c[g] * da[g] * (sum of the group's codes).
   for (int64_t g = kfull / G; g < ng_row; g += 16) {
     const __mmask16 m = g + 16 <= ng_row ? (__mmask16)0xffff : (__mmask16)((1u << (ng_row - g)) - 1);
-    const __m512 qav = _mm512_maskz_loadu_ps(m, qa + g);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + r * sstride + g), qav, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 cv = _mm512_maskz_loadu_ps(m, c + r * sstride + g);
+      for (int n = 0; n < NT; ++n) acc[n][r] = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(m, qa + n * gstride + g), acc[n][r]);
+    }
   }
-  reduce_rows<R>(acc, out);
+  for (int n = 0; n < NT; ++n) reduce_rows<R>(acc[n], out + n * ostride);
 }
+#define MJ_PAIR_TOKENS 1
 
 // T = 1 on 32-element block formats: two blocks are decoded straight into one 512-bit
 // register and dotted, with no unpacked copy of the row in memory.
@@ -328,6 +346,7 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
 }
 #define MJ_INTERLEAVE 0
 #define MJ_FUSED_GEMV 0
+#define MJ_PAIR_TOKENS 0
 template <class F>
 struct Paired {
   static constexpr bool ok = false;
@@ -437,6 +456,13 @@ static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t
           const float* da = A.da.data() + t * ng + g0;
           const float* qa = A.qa.data() + t * ng + g0;
           float* out = ybuf.data() + (t - t0) * kSub + (r - sub0);
+#if MJ_PAIR_TOKENS
+          if (R == kRows && t + 1 < t1) {  // two tokens per pass over the unpacked rows
+            dot_rows<kRows, G, 2>(u + e0, s + g0, c + g0, len, K, kf, a, da, qa, out, K, ng, kSub);
+            ++t;
+            continue;
+          }
+#endif
           if (R == kRows) {
             dot_rows<kRows, G>(u + e0, s + g0, c + g0, len, K, kf, a, da, qa, out);
           } else {
