@@ -74,7 +74,7 @@ class Workload:
     tg: int
     reps: int
     vocab_size: int
-    cpu_weights: str = "f32"
+    cpu_weights: str = "quantized"
     seed: int = 0
 
     def prompts(self, count: int) -> list[list[int]]:
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="results/", help="folder for the JSON result")
     parser.add_argument(
-        "--cpu-weights", choices=("f32", "quantized"), default="f32", help="our engine's CPU weight format"
+        "--cpu-weights", choices=("f32", "quantized"), default="quantized", help="our engine's CPU weight format"
     )
     parser.add_argument("--llama-bench", help="path of a llama-bench binary (default: search PATH)")
     parser.add_argument(
