@@ -248,6 +248,53 @@ def test_ggml_hyperparameters_are_checked_before_use(tmp_path, changes, match):
     assert str(path) in str(caught.value)
 
 
+def _ggjt_with_tensors() -> bytes:
+    """A small valid ggjt v3 file: the header above, then three F32 tensors a LLaMA file needs."""
+    data = bytearray(_ggjt(n_layer=1))
+    rng = np.random.default_rng(0)
+    for name, rows in (("tok_embeddings.weight", 4), ("layers.0.attention.wk.weight", 64),
+                       ("layers.0.feed_forward.w1.weight", 128)):
+        encoded = name.encode()
+        data += struct.pack("<3i", 2, len(encoded), 0) + struct.pack("<2i", 64, rows) + encoded
+        data += b"\0" * (-len(data) % 32)
+        data += rng.standard_normal((rows, 64)).astype(np.float32).tobytes()
+    return bytes(data)
+
+
+def test_fuzzed_ggml_files_give_typed_errors_naming_the_file(tmp_path):
+    from mistralrs_jax.loading.ggml import GGMLFile
+
+    raw = _ggjt_with_tensors()
+    path = tmp_path / "fuzzed.bin"
+    path.write_bytes(raw)
+    GGMLFile(str(path))  # the unmutated file loads
+    header_bytes = len(raw) - 196 * 64 * 4  # the tensor data are not worth flipping
+    counts = {"loaded": 0, "refused": 0}
+
+    @settings(max_examples=200, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.integers(min_value=0, max_value=header_bytes * 8 - 1), st.sampled_from(["flip", "cut", "max"]))
+    def case(position, how):
+        at = position // 8
+        if how == "cut":
+            data = raw[:at]
+        else:
+            byte = raw[at] ^ (1 << position % 8) if how == "flip" else 0xFF
+            data = raw[:at] + bytes([byte]) + raw[at + 1:]
+        path.write_bytes(data)
+        try:
+            gguf = GGMLFile(str(path))
+            check_tensor_shapes(gguf, config_from_gguf(gguf.metadata, str(path)))
+            counts["loaded"] += 1
+        except MistralRsError as exc:
+            assert str(path) in str(exc), exc
+            counts["refused"] += 1
+
+    case()
+    print(f"GGML fuzz: 200 cases, {counts}")
+    assert counts["refused"] > 0
+
+
 # --------------------------------------------------------------------------- fuzzing GGUF
 
 

@@ -207,6 +207,8 @@ class GGMLFile(GGUFFile):
             if not 1 <= n_dims <= 4 or not 0 < name_length < 4096:
                 raise ValueError(f"bad tensor header at byte {offset} ({n_dims} dims, name of {name_length} bytes)")
             dims = struct.unpack_from(f"<{n_dims}i", data, offset + 12)
+            if any(d <= 0 for d in dims):
+                raise ValueError(f"tensor header at byte {offset} has dimensions {list(dims)}")
             offset += 12 + 4 * n_dims
             legacy = bytes(data[offset:offset + name_length]).decode("utf-8", errors="replace")
             offset += name_length

@@ -20,6 +20,7 @@ from ..errors import ModelLoadError, NotSupportedError
 from ..models.layers import Embedding, Linear
 from ..models.registry import build_model, check_gguf_architecture, resolve_dtype
 from ..models.weights import WeightSource
+from .gguf import check_tensor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def build_model_from_gguf(gguf, config: ModelConfig, cpu_weights: str = "quantiz
     """`wrap_linear(make_linear) -> make_linear`, when given, decides how projections are built
     from the default factory (LLM passes ISQ's `wrap_factory` here and keeps what it returns)."""
     check_gguf_architecture(gguf.path, config.arch)
+    check_tensor_shapes(gguf, config)
     weight_dtype = resolve_dtype(dtype)
     make_linear = make_linear_factory(cpu_weights, weight_dtype)
     if wrap_linear is not None:

@@ -129,7 +129,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         gguf = open_model_file(path, gqa=spec.gqa, config_path=_config_json_near(tokenizer_source, path))
         check_gguf_architecture(path, gguf.architecture)
         config = config_from_gguf(gguf.metadata, path)
-        tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else Tokenizer.from_gguf_metadata(gguf.metadata)
+        tokenizer = (load_tokenizer(tokenizer_source) if tokenizer_source
+                     else Tokenizer.from_gguf_metadata(gguf.metadata, source=path))
 
         def build(wrap):
             return build_model_from_gguf(gguf, config, cpu_weights=spec.cpu_weights, dtype=spec.dtype,

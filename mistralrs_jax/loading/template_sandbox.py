@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import selectors
 import subprocess
 import sys
@@ -143,7 +142,6 @@ def worker_main(factory: str, memory_limit: int) -> None:
 
     if memory_limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-    sys.set_int_max_str_digits(4300)
     environment = bounded_environment(factory)
     cache: dict = {}
     out = sys.stdout
@@ -178,7 +176,7 @@ class TemplateWorker:
                    "import sys; from mistralrs_jax.loading.template_sandbox import worker_main; "
                    "worker_main(sys.argv[1], int(sys.argv[2]))", self.environment, str(self.memory_limit)]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                   text=True, encoding="utf-8", env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                                   text=True, encoding="utf-8")
         if self._read_line(process, STARTUP_TIMEOUT_S) is None:
             self._kill(process)
             raise TemplateError("the chat template worker process did not start")
