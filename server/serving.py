@@ -153,6 +153,12 @@ class BackgroundServer:
         self._ready.wait(timeout=30)
         return self
 
+    def drain(self, timeout: float) -> bool:
+        """Drain the app as a shutdown signal does (limits.Admission.drain), from any thread:
+        True if every request in flight finished within `timeout` seconds."""
+        admission = self.app.extensions["mistralrs_admission"]
+        return asyncio.run_coroutine_threadsafe(admission.drain(timeout), self._loop).result()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop.set)
