@@ -36,6 +36,7 @@ COUNTERS = {
     "requests_total": ("requests", "requests received by the engine"),
     "requests_finished": ("requests_finished", "requests finished (aborted ones included)"),
     "requests_aborted": ("requests_aborted", "requests aborted"),
+    "requests_failed": ("requests_failed", "requests ended by an engine error (model step, sampler, detokenizer)"),
     "steps_total": ("engine_steps", "engine steps run"),
     "compiles": ("xla_compiles", "XLA compilations in this process (warm-up included)"),
     "spec_draft_tokens_total": ("speculative_draft_tokens", "draft tokens proposed and checked by the target model"),

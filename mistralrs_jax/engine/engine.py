@@ -342,10 +342,17 @@ class Engine:
             self._update_gauges()
             return
         prompt_tokens = sum(n for seq, n in output.scheduled if not seq.is_decoding)
-        # Speculation: the draft model fills the lookahead slots the scheduler reserved.
-        proposal = self.proposer.propose(output) if self.proposer is not None else None
-        # One sampled token per row, or (speculation) the accepted drafts and one more.
-        result = self.runner.execute(output.scheduled, self.constraints, proposal=proposal)
+        try:
+            # Speculation: the draft model fills the lookahead slots the scheduler reserved.
+            proposal = self.proposer.propose(output) if self.proposer is not None else None
+            # One sampled token per row, or (speculation) the accepted drafts and one more.
+            result = self.runner.execute(output.scheduled, self.constraints, proposal=proposal)
+        except Exception as exc:  # the model or the sampler failed: only this step's requests fail
+            log.exception("engine step failed; failing the %d sequences in it", len(output.scheduled))
+            for request_id in dict.fromkeys(seq.request_id for seq, _ in output.scheduled):
+                self._fail_request(request_id, exc)
+            self._update_gauges()
+            return
         new_tokens = {seq.seq_id: result.tokens(row) for row, (seq, _) in enumerate(output.scheduled)}
         cacheable = self.proposer.after_step(output, new_tokens) if self.proposer is not None else None
         rows = {seq.seq_id: row for row, (seq, _) in enumerate(output.scheduled)}
@@ -353,8 +360,16 @@ class Engine:
         for seq, tokens in self.scheduler.update_after_step(output, new_tokens, cacheable):
             for position, token in enumerate(tokens):
                 generated += 1
-                if self._postprocess(seq, token, position == len(tokens) - 1, (result, rows[seq.seq_id], position)):
-                    break  # a stop string or grammar ended it inside a speculative run
+                if seq.seq_id not in self._states:
+                    break  # its request failed earlier in this loop
+                try:
+                    last = position == len(tokens) - 1
+                    if self._postprocess(seq, token, last, (result, rows[seq.seq_id], position)):
+                        break  # a stop string or grammar ended it inside a speculative run
+                except Exception as exc:  # e.g. the detokenizer: only this request fails
+                    log.exception("processing the output of request %s failed; failing it", seq.request_id)
+                    self._fail_request(seq.request_id, exc)
+                    break
         if self.proposer is not None:
             self.proposer.retain({seq.seq_id for seq in self.scheduler.running})
         self.metrics.record_step(prompt_tokens, generated)
@@ -452,6 +467,16 @@ class Engine:
             self.metrics.count("requests_finished")
             handle.metrics["e2e_s"] = time.monotonic() - seq.arrival_time
             self.metrics.observe("e2e", handle.metrics["e2e_s"])
+
+    def _fail_request(self, request_id: str, exc: BaseException) -> None:
+        """End one request with an error: its sequences are aborted (blocks freed), its handle raises `exc`."""
+        for seq in self.scheduler.abort(request_id):
+            self._states.pop(seq.seq_id, None)
+            self.constraints.release(seq.seq_id)
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            self.metrics.count("requests_failed")
+            handle._fail(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._handles):

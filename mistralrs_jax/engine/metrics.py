@@ -74,6 +74,7 @@ class EngineMetrics:
         self.requests_total = 0
         self.requests_finished = 0
         self.requests_aborted = 0
+        self.requests_failed = 0  # ended by an engine error (the model step, the sampler, the detokenizer)
         self.steps_total = 0
         self.ttft = Histogram()
         self.itl = Histogram()
@@ -116,6 +117,7 @@ class EngineMetrics:
                 requests_total=self.requests_total,
                 requests_finished=self.requests_finished,
                 requests_aborted=self.requests_aborted,
+                requests_failed=self.requests_failed,
                 steps_total=self.steps_total,
                 prompt_tokens_per_s=sum(r[1] for r in window) / span if window else 0.0,
                 generation_tokens_per_s=sum(r[2] for r in window) / span if window else 0.0,
