@@ -323,6 +323,7 @@ def field_list(smollm2_header):
 FUZZ_CASES = 300
 
 
+@pytest.mark.slow
 def test_fuzzed_gguf_headers_give_typed_errors_naming_the_file(tmp_path_factory, smollm2_header, field_list):
     header, size, _ = smollm2_header
     directory = tmp_path_factory.mktemp("fuzz")
@@ -389,6 +390,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_header_field_mutated_in_a_memory_capped_child(tmp_path, smollm2_gguf_path):
     """Each header field (bar the vocabulary's 100k strings) zeroed, saturated, bit-flipped and cut,
     in a child whose address space may grow by at most 1 GiB (the file is 94 MB): an allocation
