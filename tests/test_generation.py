@@ -70,11 +70,31 @@ def test_seeds_from_2_31_up_are_their_own_and_repeat(llm):
     exactly what seed 1 did. 64-bit seeds fold by xor of their halves."""
     prompt = llm.apply_chat_template([{"role": "user", "content": STORY_PROMPT}])
     small, large = [1, 2, 3], [2**31 + 1, 2**31 + 2, 2**31 + 3]
-    outputs = llm.generate([prompt] * 7, [_sampled(seed) for seed in small + large + [2**40 + 3]])
-    tokens = [output.outputs[0].token_ids for output in outputs]
+    params = [_sampled(seed) for seed in small + large + [2**40 + 3]]
+    tokens = [output.outputs[0].token_ids for output in llm.generate([prompt] * 7, params)]
     assert any(tokens[i] != tokens[i + 3] for i in range(3)), "seeds s and 2**31 + s sampled the same text"
-    again = llm.generate([prompt] * 2, [_sampled(large[0]), _sampled(2**40 + 3)])
-    assert [output.outputs[0].token_ids for output in again] == [tokens[3], tokens[6]]
+    # The same batch again (batch composition is another test's subject): the same samples.
+    assert [output.outputs[0].token_ids for output in llm.generate([prompt] * 7, params)] == tokens
+
+
+def test_llm_from_specs_takes_the_engine_config_as_given(llm, smollm2_gguf_path):
+    """The composition root without 27 keywords: a ModelSpec and an EngineConfig, used as given
+    (the engine reports them back) and serving the same greedy tokens as LLM()."""
+    from mistralrs_jax.config import EngineConfig
+    from mistralrs_jax.loading.model_loader import ModelSpec
+
+    engine_config = EngineConfig(max_seqs=2, max_num_batched_tokens=16, token_buckets=[8], pa_ctxt_len=256,
+                                 warmup=False)
+    small = LLM.from_specs(ModelSpec(model=smollm2_gguf_path), engine_config)  # LLM()'s weight defaults
+    try:
+        assert small.engine.config is engine_config
+        limits = small.engine.limits
+        assert (limits.max_seqs, limits.token_buckets, limits.max_model_len) == (2, (8, 16), 256)
+        prompt = "The capital of France is"
+        ours = small.generate(prompt, _greedy(6))[0].outputs[0].token_ids
+    finally:
+        small.shutdown()
+    assert ours == llm.generate(prompt, _greedy(6))[0].outputs[0].token_ids
 
 
 # --------------------------------------------------------------------------- stop rules
