@@ -83,9 +83,18 @@ def dispatch(qtype: str | None = None) -> str:
     backend = jax.default_backend()
     impl = choose_implementation(ENV_VAR, backend == "gpu" and _pallas_available())
     forced = os.environ.get(ENV_VAR, "").strip()
-    if impl == "reference" and not forced and backend == "cpu" and qtype is not None and cpu_kernel_serves(qtype):
-        return "cpu-kernel"
+    if impl == "reference" and not forced and backend == "cpu" and qtype is not None:
+        if cpu_kernel_serves(qtype):
+            return "cpu-kernel"
+        _note_reference(qtype)
     return impl
+
+
+@functools.cache
+def _note_reference(qtype: str) -> None:
+    if _cpu_kernel() is not None:
+        log.info("quantized matmul: the CPU kernel does not serve %s; its matmuls use the XLA reference (slower)",
+                 qtype)
 
 
 def quant_matmul(x: jax.Array, blocks: jax.Array, qtype: str, *, impl: str | None = None) -> jax.Array:

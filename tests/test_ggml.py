@@ -44,8 +44,10 @@ VARIANTS = {
     "ggml-F16": ("ggml", 0, "F16", None),
 }
 # As in test_families.py: one sequence, prompts up to 128 tokens, two step shapes compiled on demand.
+# cpu_weights="f32": these tests hold the conversion to transformers' numbers (1e-4); the CPU
+# kernel's 8-bit activations are checked against f32 in test_packed_engine.py.
 LLM_KWARGS = dict(warmup=False, max_seqs=1, max_num_batched_tokens=128, token_buckets=[2, 128], pa_ctxt_len=256,
-                  prefix_cache_n=0)
+                  prefix_cache_n=0, cpu_weights="f32")
 MAX_ABS_DIFF = 1e-4  # f32 summation order (test_families.py measured <= 6.2e-6)
 SCORE_LEN = 80
 
