@@ -52,14 +52,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def projection_bytes(factory) -> int:
-    total = 0
-    for linear in factory.linears.values():
-        if linear.quantized:
-            total += linear.q[...].nbytes + linear.scale[...].nbytes
-            total += linear.offset[...].nbytes if linear.offset is not None else 0
-        else:
-            total += linear.weight[...].nbytes
-    return total
+    return sum(linear.nbytes for linear in factory.linears.values())
 
 
 def decode_tokens_per_second(model, config, prompt: list[int], tg: int) -> float:
