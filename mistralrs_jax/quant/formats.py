@@ -12,7 +12,7 @@ axis is the one cut into blocks (GGUF lists dimensions the other way round).
 one f32 (scale, offset) per group of `g` consecutive values along a row. It is exact:
 evaluating it in f32 gives the same floats as `dequantize`, and for every type with a
 nonzero offset each product q * scale is exact in f32, so a fused multiply-add gives
-the same bits too. This is the form a quantized Linear keeps in memory.
+the same bits too. (Linear keeps the packed bytes instead: quant/packed.py.)
 """
 
 from __future__ import annotations
