@@ -114,3 +114,11 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_answer(live_ser
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:20])
     assert sum(tried.values()) >= 300
     assert not any(status >= 500 for status in statuses)
+
+
+def test_the_document_needs_no_api_key_and_lists_the_401(keyed_server):
+    document = httpx.get(f"{keyed_server.url}/openapi.json", timeout=30)
+    assert document.status_code == 200  # published like /health: clients read it before they have a key
+    assert "401" in document.json()["paths"]["/v1/chat/completions"]["post"]["responses"]
+    refused = httpx.post(f"{keyed_server.url}/v1/chat/completions", json={"messages": []}, timeout=30)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
