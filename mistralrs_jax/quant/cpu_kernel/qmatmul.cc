@@ -1,13 +1,16 @@
 // y[T, N] = x[T, K] @ W[N, K]^T with W held as raw GGML blocks: an XLA FFI handler for CPU.
 //
-// As llama.cpp does, activations are quantized to 8 bits per 32-element block
-// (a = rint(x * 127 / amax), da = amax / 127, kept in f32), weights are unpacked to u8
-// codes with f32 group scales and offsets (unpack.h), and each group's dot product is
-// taken in integers (u8 x s8 -> s32), then scaled in f32:
-//     y = sum_g s[g] * da[g] * sum_{i in g} u[i] * a[i]  +  c[g] * da[g] * sum_{i in g} a[i]
-// which is exactly W_dequantized . x_hat with x_hat = da * a, up to f32 rounding. As
-// |x_hat - x| <= da / 2 elementwise, each output is within sum_b (da_b / 2) sum_{i in b} |w_i|
-// of the f32 product (b: the 32-element blocks of x), which tests/test_cpu_kernel.py asserts.
+// The arithmetic is llama.cpp's CPU backend's, so that greedy outputs agree with it:
+// activations are quantized to 8 bits as ggml quantizes them for the weight type
+// (Q8_0, Q8_1 or Q8_K blocks, activations.h), weights are unpacked to u8 codes with f32
+// group scales and offsets (unpack.h), and each group's dot product is taken in integers
+// (u8 x s8 -> s32), then scaled in f32:
+//     y = sum_g s[g] * da[g] * sum_{i in g} u[i] * a[i]  +  c[g] * qa[g]
+// which is ggml's vec_dot (sum over blocks of d_w * d_a * isum, plus m * s for Q4_1/Q5_1 and
+// dmin * d * sum(min * bsum) for the K-quants) up to the order of the f32 roundings. As
+// x_hat = da * a is within da / 2 (+ the f16 rounding of da) of x elementwise, each output is
+// within sum_b (da_b / 2 + 127 ulp16(da_b) / 2) sum_{i in b} |w_i| of the f32 product (b: the
+// activation blocks), which tests/test_cpu_kernel.py asserts with llama.cpp's own vec_dot.
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
 // (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T = 1 the
@@ -132,7 +135,7 @@ static inline void dot_rows(const uint8_t* u, const float* s, const float* c, in
       }
     }
   }
-  // Offsets of the groups outside the interleaved runs: c[g] * da[g] * (sum of the group's codes).
+  // Offsets of the groups outside the interleaved runs: c[g] * qa[g].
   for (int64_t g = kfull / G; g < ng_row; g += 16) {
     const __mmask16 m = g + 16 <= ng_row ? (__mmask16)0xffff : (__mmask16)((1u << (ng_row - g)) - 1);
     for (int r = 0; r < R; ++r) {
@@ -519,6 +522,12 @@ static void pair_activations(int64_t type, int8_t* a, int64_t K) {
   }
 }
 
+// ggml's vec_dot_type of each weight type: what its activations are quantized to.
+static int act_kind(const MjFormat& f) {
+  if (f.block == 256) return kActQ8_K;
+  return f.type == Fmt_q4_1::type || f.type == Fmt_q5_1::type ? kActQ8_1 : kActQ8_0;
+}
+
 static std::atomic<int64_t> g_pool_threads{0};  // XLA's intra-op threads seen by the last call
 
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
@@ -540,9 +549,10 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   act.a.resize(T * K);
   act.da.resize(T * K / fmt->group);
   act.qa.resize(T * K / fmt->group);
+  const int kind = act_kind(*fmt);
   for (int64_t t = 0; t < T; ++t)
-    quantize_row(x.typed_data() + t * K, K, fmt->group, act.a.data() + t * K, act.da.data() + t * K / fmt->group,
-                 act.qa.data() + t * K / fmt->group);
+    quantize_row(x.typed_data() + t * K, K, kind, fmt->group, act.a.data() + t * K,
+                 act.da.data() + t * K / fmt->group, act.qa.data() + t * K / fmt->group);
 
   if (T == 1) pair_activations(qtype, act.a.data(), K);
   if (const int64_t kfull = interleaved_bytes(T, K, fmt->group)) {
@@ -597,9 +607,15 @@ int mj_supports(int64_t qtype) { return mj_format(qtype) != nullptr; }
 
 int64_t mj_pool_threads() { return g_pool_threads.load(std::memory_order_relaxed); }
 
-// x: T x K floats -> a (T x K int8), da and qa (T x K/G floats each).
-void mj_quantize_rows(const float* x, int64_t T, int64_t K, int G, int8_t* a, float* da, float* qa) {
-  for (int64_t t = 0; t < T; ++t) quantize_row(x + t * K, K, G, a + t * K, da + t * K / G, qa + t * K / G);
+// x: T x K floats -> a (T x K int8), da and qa (T x K/G floats each), as the kernel quantizes
+// activations for weights of type `qtype` (G: its group size, returned; -1: unsupported type or K).
+int mj_quantize_rows(int64_t qtype, const float* x, int64_t T, int64_t K, int8_t* a, float* da, float* qa) {
+  const MjFormat* f = mj_format(qtype);
+  if (f == nullptr || K % f->block != 0) return -1;
+  const int G = f->group;
+  for (int64_t t = 0; t < T; ++t)
+    quantize_row(x + t * K, K, act_kind(*f), G, a + t * K, da + t * K / G, qa + t * K / G);
+  return G;
 }
 
 // One row of blocks -> u (K bytes), s and c (K/G floats each).
