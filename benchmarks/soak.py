@@ -115,7 +115,9 @@ class Soak:
             response = await client.post(path, json=body)
             error = None
             if response.status_code == 200 and kind == "json_schema":
-                json.loads(response.json()["choices"][0]["message"]["content"])  # constrained: valid JSON
+                choice = response.json()["choices"][0]
+                if choice["finish_reason"] == "stop":  # complete (not cut by max_tokens): valid JSON
+                    json.loads(choice["message"]["content"])
             elif response.status_code != 200:
                 error = response.text[:300]
             return Outcome(kind, start, time.monotonic(), response.status_code, error)
