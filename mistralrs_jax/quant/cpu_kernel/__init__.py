@@ -4,8 +4,10 @@
 
 `w` holds each output row's GGUF blocks exactly as the file stores them (Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS; `qtype` is gguf-py's GGMLQuantizationType id).
-Activations are quantized to 8 bits per 32 elements and dotted with the weight codes in
-integers, as llama.cpp does; see qmatmul.cc for the arithmetic and the error it implies.
+Activations are quantized to 8 bits exactly as llama.cpp's CPU backend quantizes them for the
+weight type (Q8_0, Q8_1 or Q8_K blocks, activations.h) and dotted with the weight codes in
+integers, so each output is ggml's vec_dot up to the order of f32 roundings; see qmatmul.cc
+for the arithmetic and the error it implies.
 
 The kernel is C++ with AVX2 / AVX-512 VNNI intrinsics against XLA's FFI headers (the route
 JAX documents), compiled with the system's g++ at first use and cached (build.py), so
