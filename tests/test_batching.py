@@ -2,8 +2,13 @@
 preemptions leave no trace, the prefix cache changes nothing but the work done, no
 compile after warm-up, and the --no-paged-attn slots give the paged outputs.
 
-Reference: each prompt run alone (batch 1) through the same engine, greedy. The engine
-computes in f32 on XLA:CPU; a batch of another shape may reduce in another order, which
+Reference: each prompt run alone (batch 1) through the same engine, greedy. These engines
+compute in f32 on XLA:CPU (`cpu_weights="f32"`): they check the engine's logic (scheduling,
+paging, preemption, the prefix cache) at the precision that logic must keep. The default packed
+engine quantizes each matmul's activations to 8 bits as llama.cpp does; that rounding is a step
+function, so a 1e-6 difference in reduction order can flip a code and move later logits by up
+to ~1 (measured against f32: mean 0.17, max 1.3), and batched == alone holds for it only up to
+near-ties of that size (last test of this file). In f32, a batch of another shape may reduce in another order, which
 moves log-probabilities by ~1e-5 here (measured: at most 1.7e-5 over 16 x 24 tokens).
 So token ids are expected to be *identical*, and the only divergence tolerated is an
 argmax near-tie: at the first differing token the reference's two best logits must be
@@ -55,7 +60,8 @@ def forget_prefix_cache(llm: LLM) -> None:
     llm.block_manager.reset_prefix_cache()
 
 
-def check_greedy_match(llm: LLM, prompt: list[int], got: list[int], expected: list[int]) -> bool:
+def check_greedy_match(llm: LLM, prompt: list[int], got: list[int], expected: list[int],
+                       near_tie: float = NEAR_TIE) -> bool:
     """True if identical; False for a tolerated near-tie divergence (else fail)."""
     assert len(got) == len(expected)
     if got == expected:
@@ -63,7 +69,7 @@ def check_greedy_match(llm: LLM, prompt: list[int], got: list[int], expected: li
     first = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
     logits = llm.score(prompt + expected[:first])[-1]
     best, runner_up = np.sort(logits)[-2:][::-1]
-    assert best - runner_up < NEAR_TIE, (
+    assert best - runner_up < near_tie, (
         f"tokens differ at output position {first} ({got[first]} vs {expected[first]}) although the "
         f"reference's top-2 logits are {best - runner_up:.2e} apart: not a rounding near-tie")
     return False
@@ -72,7 +78,7 @@ def check_greedy_match(llm: LLM, prompt: list[int], got: list[int], expected: li
 @pytest.fixture(scope="module")
 def paged(smollm2_gguf_path):
     llm = LLM(max_seqs=16, token_buckets=[2, 8, 32, 128], max_num_batched_tokens=128,
-              pa_ctxt_len=PAGED_POOL_TOKENS)
+              pa_ctxt_len=PAGED_POOL_TOKENS, cpu_weights="f32")
     try:
         yield llm
     finally:
@@ -82,7 +88,8 @@ def paged(smollm2_gguf_path):
 @pytest.fixture(scope="module")
 def contiguous(smollm2_gguf_path):
     """--no-paged-attn: 4 slots of 256 tokens, two step buckets (a short start-up)."""
-    llm = LLM(no_paged_attn=True, max_seqs=4, max_model_len=256, token_buckets=[2], max_num_batched_tokens=64)
+    llm = LLM(no_paged_attn=True, max_seqs=4, max_model_len=256, token_buckets=[2], max_num_batched_tokens=64,
+              cpu_weights="f32")
     try:
         yield llm
     finally:
@@ -290,3 +297,20 @@ def test_prompts_longer_than_the_context_are_refused_at_once(paged, contiguous):
             llm.engine.add_request([1] * limit, greedy(4))
         # ... and the engine goes on serving.
         assert len(llm.generate([[1, 2, 3]], greedy(2))[0].outputs[0].token_ids) == 2
+
+
+# The packed default engine: 8-bit activations (see the module docstring). Its noise against f32
+# is mean 0.17 / max 1.3 logits (tests/test_packed_engine.py), so a divergence from the solo run
+# must be a near-tie within PACKED_NEAR_TIE, judged by the packed engine itself.
+PACKED_NEAR_TIE = 0.5
+
+
+def test_packed_default_engine_batched_matches_alone_up_to_its_activation_rounding(llm, short_prompts):
+    solo = [llm.generate([prompt], greedy(BATCH_TOKENS))[0].outputs[0].token_ids for prompt in short_prompts]
+    batched = llm.generate(short_prompts, [greedy(BATCH_TOKENS)] * len(short_prompts))
+    identical = [check_greedy_match(llm, prompt, out.outputs[0].token_ids, alone, near_tie=PACKED_NEAR_TIE)
+                 for prompt, out, alone in zip(short_prompts, batched, solo)]
+    print(f"\npacked engine: {sum(identical)}/16 requests identical to their solo run over {BATCH_TOKENS} tokens")
+    # Measured: 9/16 identical, every other one parting at a near-tie. Text continuations of
+    # raw English are full of near-ties; the bound is that each divergence is one.
+    assert sum(identical) >= 8

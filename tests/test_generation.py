@@ -39,7 +39,10 @@ def test_chat_answers_the_capital_of_france(llm):
 # --------------------------------------------------------------------------- seeds
 
 
-def test_same_seed_gives_the_same_sample_alone_and_in_a_batch(llm):
+def test_same_seed_gives_the_same_sample_alone_and_in_a_batch(llm_f32):
+    # f32: the packed default's 8-bit activation rounding may flip a near-tie between batch shapes
+    # (tests/test_batching.py says by how much); the seed logic is what is judged here.
+    llm = llm_f32
     prompt = llm.apply_chat_template([{"role": "user", "content": STORY_PROMPT}])
     first = llm.generate(prompt, _sampled(1234))[0].outputs[0]
     second = llm.generate(prompt, _sampled(1234))[0].outputs[0]
