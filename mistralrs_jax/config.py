@@ -84,4 +84,6 @@ class EngineConfig:
     token_buckets: list[int] | None = None  # padded step sizes (tokens); None -> the runner's defaults
     seq_buckets: list[int] | None = None  # padded step sizes (sequences)
     speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA  # draft tokens per step, when a draft model is given
-    warmup: bool = True  # compile every step shape before serving
+    # True: compile every step shape before serving; "background": compile the smallest ones, serve
+    # at once within them, compile the rest on a thread (the server's start); False: compile lazily.
+    warmup: bool | str = True

@@ -73,7 +73,7 @@ class LLM:
         draft_gguf_file: str | None = None,
         draft_isq: str | int | None = None,
         speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA,
-        warmup: bool = True,
+        warmup: bool | str = True,
     ):
         """Keywords as the mistralrs-server flags; `LLM.from_specs` takes the same as a
         `ModelSpec` (target), an `EngineConfig` and an optional draft `ModelSpec`."""
@@ -104,6 +104,8 @@ class LLM:
     def _start(self, target: ModelSpec, engine_config: EngineConfig, draft: ModelSpec | None) -> None:
         _enable_compilation_cache()
         check_engine_config(engine_config, speculative=draft is not None)  # before anything loads
+        if engine_config.warmup not in (True, False, "background"):
+            raise NotSupportedError(f"warmup must be True, False or 'background', got {engine_config.warmup!r}")
         self.engine_config = engine_config
         self._re_isq_lock = threading.Lock()
         if draft is not None:
@@ -115,8 +117,9 @@ class LLM:
         self.engine: Engine = build_engine(engine_config, self.loaded, self.draft)
         self.speculative_gamma = engine_config.speculative_gamma if self.draft is not None else None
         if engine_config.warmup:
-            self._warmup()
-        self.engine.metrics.compiles_at_start = self.engine.stats()["compiles"]
+            self._warmup(background=engine_config.warmup == "background")
+        if engine_config.warmup != "background":  # else the compile thread sets it when it is done
+            self.engine.metrics.compiles_at_start = self.engine.stats()["compiles"]
         self.engine.start()
 
     # -- what was loaded -----------------------------------------------------------------
@@ -183,7 +186,8 @@ class LLM:
         if self.isq_factory is None:
             raise NotSupportedError("re-quantizing (re_isq) is only available for GGUF models in mistralrs-jax")
         with self._re_isq_lock:
-            self.engine.swap_weights(lambda: self._requantize(new_type), self.model, warmup=self.engine_config.warmup)
+            self.engine.swap_weights(lambda: self._requantize(new_type), self.model,
+                                     warmup=bool(self.engine_config.warmup))
         return new_type
 
     def _requantize(self, new_type: str) -> None:
@@ -203,7 +207,7 @@ class LLM:
             factory.close()
         log.info("re-ISQ %s -> %s in %.1fs: %s", old_type, new_type, time.perf_counter() - start, factory.summary())
 
-    def _warmup(self) -> None:
+    def _warmup(self, background: bool = False) -> None:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="compiling step shapes", unit="shape", disable=None, leave=False)
@@ -213,7 +217,7 @@ class LLM:
             bar.update(1)
             bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]}")
 
-        self.engine.warmup(progress)
+        self.engine.warmup(progress, background=background)
         bar.close()
         if self.vision is not None:
             self.vision.warmup()  # the vision tower, once per image-count bucket

@@ -105,6 +105,8 @@ def run_model(args: argparse.Namespace, one_shot: str | None = None) -> int:
     kwargs = build_llm_kwargs(args)
     chat = args.interactive_mode or one_shot is not None
     serve = None if chat else _load_server()  # fail before a long load
+    if serve is not None:  # answer once the smallest step shapes are compiled; the rest compile meanwhile
+        kwargs.setdefault("warmup", "background")
     apply_environment(args)
     from .. import LLM
 

@@ -97,7 +97,9 @@ class Engine:
         # run_exclusive: the pending (fn, future), and the commands held back until it ran.
         self._exclusive: tuple[Callable[[], Any], Future] | None = None
         self._deferred: list[tuple] = []
+        self._compile_thread: threading.Thread | None = None  # warmup(background=True)
         self._update_gauges()
+        self._update_compile_gauges()
 
     # -- public, any thread ----------------------------------------------------------
 
@@ -112,6 +114,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.wait_compiled(timeout=20)  # it stops after the shape it is compiling (a daemon thread past that)
 
     @property
     def limits(self) -> EngineLimits:
@@ -130,9 +133,68 @@ class Engine:
         """Raise PromptTooLongError if a prompt this long could never be served."""
         self.scheduler.check_prompt_fits(num_prompt_tokens)
 
-    def warmup(self, progress: Callable | None = None) -> None:
+    def warmup(self, progress: Callable | None = None, background: bool = False) -> None:
         """Compile every step shape (the runner's, and the draft model's) so no request waits on
-        a compile; `progress(done, total, shape)` after each."""
+        a compile; `progress(done, total, shape)` after each.
+
+        `background`: compile only the smallest token bucket's shapes now and the rest on a
+        compile thread, so serving can start at once. Meanwhile the scheduler keeps every step
+        within the shapes compiled so far (`Scheduler.step_token_cap`: prefills are chunked
+        into the small buckets, fewer sequences run at once), so still no step compiles.
+        With a draft model everything is compiled now (its verification shapes are tied to
+        the draft's)."""
+        pairs = self.runner.shape_pairs()
+        if background and self.proposer is None and len(pairs) > 1:
+            smallest = pairs[0][0]
+            first = [pair for pair in pairs if pair[0] == smallest]
+            self.runner.warmup(None if progress is None else lambda i, n, shape: progress(i, len(pairs), shape),
+                               pairs=first)
+            self.scheduler.step_token_cap = smallest
+            self._update_compile_gauges()
+            self._compile_thread = threading.Thread(target=self._compile_in_background, args=(pairs[len(first):],),
+                                                    name="mistralrs-compile", daemon=True)
+            self._compile_thread.start()
+            log.info("serving from %d of %d step shapes; compiling the rest in the background", len(first),
+                     len(pairs))
+            return
+        self._warmup_everything(progress)
+
+    def _compile_in_background(self, pairs: list[tuple[int, int]]) -> None:
+        """The compile thread: each pair (ascending tokens) in turn, raising the scheduler's cap
+        after each; at the end the cap is lifted and the compile count is the new baseline."""
+        start = time.perf_counter()
+        try:
+            for pair in pairs:
+                self.runner.warmup(pairs=[pair], stop=self._stop)
+                if self._stop.is_set():
+                    return
+                self.scheduler.step_token_cap = pair[0]
+                self._update_compile_gauges()
+        except Exception:  # serving goes on within the shapes compiled so far
+            log.exception("compiling step shapes in the background failed; serving steps of up to %s tokens",
+                          self.scheduler.step_token_cap)
+            return
+        self.scheduler.step_token_cap = None
+        self.metrics.compiles_at_start = self.metrics.snapshot()["compiles"]
+        self._update_compile_gauges()
+        log.info("compiled the remaining %d step shapes in the background in %.1fs", len(pairs),
+                 time.perf_counter() - start)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until the background compile (if any) has finished; whether it has."""
+        thread = self._compile_thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def _update_compile_gauges(self) -> None:
+        """How many step shapes are compiled, of how many (/v1/status, the TUI)."""
+        self.metrics.set_gauges(step_shapes_compiled=len(self.runner.compiled_pairs),
+                                step_shapes_total=len(self.runner.shape_pairs()),
+                                compiling_in_background=self.scheduler.step_token_cap is not None)
+
+    def _warmup_everything(self, progress: Callable | None) -> None:
         parts = [self.runner] + ([self.proposer] if self.proposer is not None else [])
         sizes = [len(self.runner.shape_pairs())] + ([self.proposer.num_warmup_shapes()] if self.proposer else [])
         total, done = sum(sizes), 0
@@ -141,6 +203,7 @@ class Engine:
             part.warmup(None if progress is None else lambda i, n, shape: progress(offset + i, total, shape))
             done += size
         self.metrics.compiles_at_start = self.metrics.snapshot()["compiles"]
+        self._update_compile_gauges()
 
     def swap_weights(self, update: Callable[[], None], model, warmup: bool = True) -> None:
         """Run `update()` (which changes `model`'s weights in place, e.g. re-quantization) on the
@@ -149,6 +212,7 @@ class Engine:
         compiled again. The runner's old weights are dropped first so they can be freed tensor
         by tensor; whatever `update` raises is re-raised after the model is rebound."""
         def swap():
+            self.wait_compiled()  # the compile thread traces the old step function
             self.runner.state_leaves = None
             try:
                 update()

@@ -177,6 +177,12 @@ class ModelRunner:
         self.seq_buckets = sorted({s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs} | {max_num_seqs})
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
+        # What a compile needs of the cache: its avals (the cache itself is rebound by every step).
+        # (No sharding in it: a step's call leaves the cache's sharding unspecified, and a compile
+        # for a specified one would be another program.)
+        self._kv_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv_caches)
+        self.compiled_pairs: set[tuple[int, int]] = set()  # (tokens, seqs) pairs whose step is compiled
+        self._warmed_samplers: set[int] = set()  # seqs buckets whose sampler variants are compiled
         self._sample_fn = jax.jit(sample, static_argnames=("modes",))
         self._verify_fn = jax.jit(verify, static_argnames=("modes",))
         self._free_bitmasks: dict[int, jax.Array] = {}  # num_rows -> all-ones token bitmask
@@ -195,6 +201,7 @@ class ModelRunner:
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
         self._step_fn = jax.jit(self._step, donate_argnums=(1,))
         self._score_fn = jax.jit(self._score)
+        self.compiled_pairs = set()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -414,43 +421,45 @@ class ModelRunner:
         single = (self.token_buckets[0], self.seq_bucket_for(self.token_buckets[0], 1))
         return sorted(set(pairs) | {single})
 
-    def warmup(self, progress=None) -> None:
-        """Compile every (tokens, seqs) bucket pair, and every sampler variant for each
-        seqs bucket, now so no request waits on a compile."""
-        pairs = self.shape_pairs()
+    def warmup(self, progress=None, pairs: list[tuple[int, int]] | None = None, stop=None) -> None:
+        """Compile the step of every (tokens, seqs) bucket pair in `pairs` (default: all of
+        `shape_pairs`), and every sampler variant for each seqs bucket, so no request waits on
+        a compile. Compiling never runs a step or touches the KV cache, so it may run on
+        another thread while the engine serves the pairs already in `compiled_pairs`.
+        `stop` (a threading.Event): give up between pairs once it is set."""
+        pairs = self.shape_pairs() if pairs is None else pairs
         start = time.perf_counter()
-        if self.num_lookahead_tokens:
-            for i, (t, s) in enumerate(pairs):
-                self._warm_verify(t, s)
-                if progress is not None:
-                    progress(i + 1, len(pairs), (t, s))
-            log.info("compiled %d verification step shapes in %.1fs", len(pairs), time.perf_counter() - start)
-            return
-        warmed_samplers: set[int] = set()
         for i, (t, s) in enumerate(pairs):
-            self._run_dummy(t, s, warm_sampler=s not in warmed_samplers)
-            warmed_samplers.add(s)
-            if self.input_embeds:  # the vision variant of the same shape
-                self._run_dummy_embeds(t, s)
+            if stop is not None and stop.is_set():
+                return
+            if self.num_lookahead_tokens:
+                self._warm_verify(t, s)
+            else:
+                self.compile_pair(t, s)
+            self.compiled_pairs.add((t, s))
             if progress is not None:
                 progress(i + 1, len(pairs), (t, s))
-        log.info("compiled %d step shapes and %d sampler variants in %.1fs", len(pairs),
-                 len(warmed_samplers) * len(SAMPLER_WARMUP_PARAMS), time.perf_counter() - start)
+        log.debug("compiled %d step shapes %s in %.1fs", len(pairs), pairs, time.perf_counter() - start)
 
-    def _run_dummy(self, num_tokens: int, num_seqs: int, warm_sampler: bool = True) -> None:
-        """One step on padding only (everything writes to and reads the trash block),
-        then, with ``warm_sampler``, one run of each compiled sampler variant."""
-        input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
-        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches,
-                                               *jax.device_put((input_ids, meta, logits_indices)))
-        if not warm_sampler:
-            jax.block_until_ready(logits)
+    def compile_pair(self, num_tokens: int, num_seqs: int) -> None:
+        """Compile (ahead of time, without running it) the step of this shape, its image-features
+        variant for a vision model, and, once per seqs bucket, each compiled sampler variant."""
+        inputs = jax.device_put(self.build_metadata([], num_tokens, num_seqs))
+        lowered = self._step_fn.lower(self.state_leaves, self._kv_spec, *inputs)
+        lowered.compile()
+        if self.input_embeds:  # the vision variant of the same shape
+            embeds = (np.zeros((num_tokens, self.config.hidden_size), np.float32), np.zeros(num_tokens, bool))
+            self._step_fn.lower(self.state_leaves, self._kv_spec, *inputs, jax.device_put(embeds)).compile()
+        if num_seqs in self._warmed_samplers:
             return
+        logits_info = lowered.out_info[0]
+        logits = jax.device_put(np.zeros(logits_info.shape, logits_info.dtype))
         for params in SAMPLER_WARMUP_PARAMS:
             arrays, modes = compiled_sampler_variant(
                 *build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0]))
             arrays = dataclasses.replace(jax.device_put(arrays), token_bitmask=self._token_bitmask([], num_seqs))
             jax.block_until_ready(self._sample_fn(logits, arrays, modes=modes))
+        self._warmed_samplers.add(num_seqs)
 
     def _warm_verify(self, num_tokens: int, num_seqs: int) -> None:
         """A padding-only verification step, and `verify` in each compiled sampler variant."""
@@ -472,14 +481,6 @@ class ModelRunner:
         order = decode_first([n for _, n in scheduled])  # the flat token order build_metadata lays out
         return step_input_embeds([(scheduled[i][0].multimodal, scheduled[i][0].num_computed_tokens, scheduled[i][1])
                                   for i in order], num_tokens_padded, self.config.hidden_size)
-
-    def _run_dummy_embeds(self, num_tokens: int, num_seqs: int) -> None:
-        """One padding-only step of the image-features variant (mask all false)."""
-        input_ids, meta, logits_indices = self.build_metadata([], num_tokens, num_seqs)
-        embeds = (np.zeros((num_tokens, self.config.hidden_size), np.float32), np.zeros(num_tokens, bool))
-        logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches,
-                                               *jax.device_put((input_ids, meta, logits_indices, embeds)))
-        jax.block_until_ready(logits)
 
     def score(self, token_ids: list[int], multimodal=None) -> np.ndarray:
         """Teacher-forced logits [len, vocab] for one sequence, on a private scratch cache.

@@ -133,6 +133,10 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by arrival (oldest first)
         self._by_request: dict[str, list[Sequence]] = {}
         self.num_preempted_total = 0
+        # While the runner compiles its larger step shapes in the background: the largest step
+        # (tokens) compiled so far. Steps stay within it, and so do the running sequences (one
+        # token each at least), so a prefill is chunked and no step waits on a compile. None: no cap.
+        self.step_token_cap: int | None = None
 
     # -- queue -----------------------------------------------------------------------
 
@@ -236,7 +240,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         chosen: dict[Sequence, int] = {}
-        budget = self.max_num_batched_tokens
+        cap = self.step_token_cap  # read once: the compile thread may raise it meanwhile
+        max_tokens = self.max_num_batched_tokens if cap is None else min(cap, self.max_num_batched_tokens)
+        max_seqs = self.max_num_seqs if cap is None else min(cap, self.max_num_seqs)
+        budget = max_tokens
         block_manager = self.block_manager
 
         index = 0
@@ -269,7 +276,7 @@ class Scheduler:
             index += 1
 
         if not output.preempted:
-            while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            while self.waiting and len(self.running) < max_seqs and budget > 0:
                 seq = self.waiting[0]
                 if self._exceeds_pool(seq):
                     self._finish_over_capacity(seq, output)
@@ -291,7 +298,7 @@ class Scheduler:
                 budget -= num_new
 
         output.scheduled = list(chosen.items())
-        output.num_batched_tokens = self.max_num_batched_tokens - budget
+        output.num_batched_tokens = max_tokens - budget
         if self.num_lookahead_tokens:
             self._reserve_lookahead(output)
         return output
