@@ -152,7 +152,10 @@ def test_max_tokens_gives_exactly_that_many_tokens(llm):
 # --------------------------------------------------------------------------- logprobs
 
 
-def test_logprobs_are_counted_normalised_and_agree_with_score(llm):
+def test_logprobs_are_counted_normalised_and_agree_with_score(llm_f32):
+    # f32: decode and teacher-forced scoring reduce in different orders, and the packed default's
+    # 8-bit activation rounding turns that into ~0.1-logit noise; the bookkeeping is judged here.
+    llm = llm_f32
     prompt_ids = llm.tokenizer.encode("The quick brown fox jumps over the")
     n_generated, top_k = 6, 3
     output = llm.generate(prompt_ids, _greedy(n_generated, logprobs=top_k, ignore_eos=True))[0].outputs[0]
