@@ -123,8 +123,19 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, Completion
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ChatCompletion, Completion, ModelCard, ModelList,
                                                Health, ServerStatus, ReIsqResponse)
 
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` events, then "
-                                                                          "`data: [DONE]`"}}}
+# One server-sent event, as OpenAPI describes text/event-stream (the schema is per event): the
+# `data` of each is a JSON chunk, and the last one is `[DONE]`.
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a JSON chunk (chat.completion.chunk or text_completion), "
+                                                  "then `[DONE]`"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}}}
 # What any route may answer besides its own success: auth (with --api-key), and server-side failures.
 _COMMON_ERRORS = {"401": "missing or wrong API key (servers started with --api-key)",
                   "500": "the engine failed on this request"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,8 +72,9 @@ class RequestLog:
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.Lock()
-        # Line-buffered append: each record reaches the file whole, as soon as it is written.
-        self._file = open(path, "a", encoding="utf-8", buffering=1)
+        # An unbuffered append descriptor: each record goes out in one write() call, so a reader
+        # tailing the file never sees half a line (a buffered text file flushes long lines in parts).
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, exchange: Exchange) -> None:
         if exchange.written:
@@ -80,11 +82,15 @@ class RequestLog:
         exchange.written = True
         line = json.dumps(exchange.record(), ensure_ascii=False, default=str)
         try:
+            data = (line + "\n").encode("utf-8")
             with self._lock:
-                self._file.write(line + "\n")
+                while data:
+                    data = data[os.write(self._fd, data):]
         except OSError as exc:  # a full disk must not take the API down
             log.warning("could not write to the request log %s: %s", self.path, exc)
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

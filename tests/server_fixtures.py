@@ -75,6 +75,22 @@ def server_llm(smollm2_gguf_path):
         llm.shutdown()
 
 
+@pytest.fixture(scope="module")
+def f32_server(smollm2_gguf_path):
+    """A server on the default model with f32 weights: for tests whose claim is exact equality of
+    tokens across batch compositions. The default packed engine quantizes activations to 8 bits as
+    llama.cpp does, which turns reduction-order noise into near-tie flips (tests/test_batching.py)."""
+    from mistralrs_jax import LLM
+
+    llm = LLM(max_seqs=8, token_buckets=[2, 8, 32], max_num_batched_tokens=32, pa_ctxt_len=2048, cpu_weights="f32")
+    background = _start(llm)
+    try:
+        yield LiveServer(background.url, llm)
+    finally:
+        background.stop()
+        llm.shutdown()
+
+
 def _start(llm: Any, **app_kwargs: Any):
     from server.app import create_app
     from server.serving import BackgroundServer

@@ -147,10 +147,11 @@ def test_stop_strings_and_prefix_cache_with_a_constraint(live_server):
     assert '"address"' not in cut.choices[0].message.content
 
 
-def test_free_requests_batched_with_constrained_ones_are_unchanged(live_server):
+def test_free_requests_batched_with_constrained_ones_are_unchanged(f32_server):
     """Unconstrained greedy requests give the same tokens whether they run alone or in a batch with
-    constrained requests (the all-ones mask rows leave their logits alone)."""
-    client = live_server.client()
+    constrained requests (the all-ones mask rows leave their logits alone). On f32 weights, where
+    batched == alone holds exactly (see f32_server)."""
+    client = f32_server.client()
     free_prompts = [[{"role": "user", "content": text}] for text in
                     ("Name three fruits.", "What is the capital of Italy?", "Write a haiku about rain.")]
 
