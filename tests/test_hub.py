@@ -129,7 +129,7 @@ def test_empty_dir(tmp_path):
         resolve_model_files(str(tmp_path))
 
 
-@pytest.mark.parametrize("path", ["./missing/model.gguf", "/no/such/dir", "missing.gguf", "../x", "~/no-such-model"])
+@pytest.mark.parametrize("path", ["./missing/model.gguf", "/no/such/dir", "missing.gguf", "../no-such-model-dir/x", "~/no-such-model"])
 def test_missing_local_path_fails_fast(path):
     started = time.monotonic()
     with pytest.raises(ModelNotFoundError, match="model path not found"):
