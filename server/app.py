@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from quart import Quart, Response, g, request
+from werkzeug.exceptions import HTTPException
 
 from .errors import APIError, register_error_handlers
 from .limits import DEFAULT_MAX_WAITING, DEFAULT_SHUTDOWN_TIMEOUT_S, DEFAULT_WRITE_TIMEOUT_S, Admission
@@ -87,6 +88,8 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
         response.headers.setdefault("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         route = request.url_rule.rule if request.url_rule is not None else "(unknown)"
         state.count_response(route, response.status_code)
+        if response.status_code >= 400 and response.status_code not in (408, 413):
+            await _drain_body()
         exchange: Exchange | None = g.get("exchange")
         if exchange is None or exchange.deferred:
             return response
@@ -103,6 +106,16 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
             state.request_log.close()
 
     return app
+
+
+async def _drain_body() -> None:
+    """Read what is left of a request body an error answered before the route read it (404, 405, 401).
+    HTTP/1.1 keep-alive needs the whole request consumed: unread, the server would close the
+    connection and the client's next request on it would fail with "server disconnected"."""
+    try:
+        await request.get_data(cache=False)
+    except HTTPException:  # too large or too slow: the connection closes, as it must
+        pass
 
 
 def _error_message(body: str) -> str:

@@ -74,6 +74,7 @@ class Admission:
                                       DRAIN_RETRY_AFTER_S)
         if self.in_flight >= self.capacity:
             self.rejected += 1
+            await _discard_body(receive)
             return await self._refuse(send, path, f"the server is overloaded: {self.in_flight} requests are in "
                                                   f"flight, the most it queues (--max-waiting {self.max_waiting} "
                                                   "beyond --max-seqs); retry later", "server_overloaded",
@@ -140,6 +141,21 @@ class Admission:
         for request_id in ids:
             engine.abort(request_id)
         return len(ids)
+
+
+async def _discard_body(receive: Callable, limit: int = 16 << 20, timeout: float = 5.0) -> None:
+    """Read and drop a refused request's body (up to `limit` bytes, `timeout` s), so the keep-alive
+    connection survives the 503 and the client's retry can use it."""
+    seen = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while seen <= limit:
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if message.get("type") != "http.request" or not message.get("more_body"):
+                    return
+    except TimeoutError:
+        return
 
 
 async def _reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:

@@ -6,6 +6,7 @@ of statuses to exception classes checks that the answers read as OpenAI's do.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import time
 
@@ -145,6 +146,27 @@ def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(live_
     assert not failures, "\n".join(failures)
     reply = live_server.client().chat.completions.create(model="default", messages=OK_MESSAGES, max_tokens=4)
     assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
+
+
+def test_an_error_answered_before_the_body_is_read_keeps_the_connection(live_server):
+    """A 404/405 is decided before the body is read; the server still reads the body, so a keep-alive
+    client's next request on the same connection is answered (not "server disconnected")."""
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 400_000}]}).encode()
+    host, port = live_server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        for method, path in (("POST", "/v1/embeddings-and-more"), ("POST", "/v1/models"), ("PUT", CHAT)):
+            connection.request(method, path, body=big, headers={"Content-Type": "application/json"})
+            first = connection.getresponse()
+            assert first.status in (404, 405) and json.loads(first.read())["error"]["message"]
+            sock = connection.sock
+            time.sleep(0.3)  # time for a close to arrive, were the server to close
+            connection.request("GET", "/v1/models")
+            second = connection.getresponse()
+            assert second.status == 200 and json.loads(second.read())["data"]
+            assert connection.sock is sock, "the server closed the keep-alive connection"
+    finally:
+        connection.close()
 
 
 def test_error_messages_say_what_to_fix(live_server):
