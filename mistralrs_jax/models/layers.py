@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ..quant.packed import PackedWeight
+from .lora_layers import LoraStack, current_scalings
 
 
 class Linear(nnx.Module):
@@ -41,6 +42,8 @@ class Linear(nnx.Module):
             self.weight = nnx.Param(jnp.asarray(weight, dtype=dtype))
             self.in_features, self.out_features = (int(d) for d in weight.shape)
         self.bias = nnx.Param(jnp.asarray(bias, dtype=jnp.float32)) if bias is not None else None
+        # Unmerged adapters (models/lora_layers.py): added while an `adapter_scalings` context is set.
+        self.lora: LoraStack | None = None
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +64,7 @@ class Linear(nnx.Module):
         return dequantize_blocks(self.blocks[...], self.qtype).T
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        adapter_input = x
         if self.quantized:
             from pallas_kernels.quant_matmul import quant_matmul
 
@@ -71,6 +75,8 @@ class Linear(nnx.Module):
             y = x @ self.weight[...].astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
+        if self.lora is not None and (scalings := current_scalings()) is not None:
+            y = y + self.lora(adapter_input, scalings).astype(y.dtype)
         return y
 
 

@@ -19,6 +19,7 @@ from pallas_kernels.paged_attention import paged_attention, write_kv
 
 from ..config import ModelConfig
 from .layers import Embedding, Linear, RotaryEmbedding
+from .lora_layers import adapter_scalings as lora_context
 
 
 class Attention(nnx.Module):
@@ -80,21 +81,28 @@ class CausalLM(nnx.Module):
         self.embed_scale = embed_scale
         self.final_logit_softcap = config.final_logit_softcapping
 
-    def __call__(self, input_ids, meta, kv_caches: list, block_size: int, input_embeds=None, embeds_mask=None):
+    def __call__(self, input_ids, meta, kv_caches: list, block_size: int, input_embeds=None, embeds_mask=None,
+                 adapter_scalings=None):
         """Hidden states [T, hidden] after the final norm, and the updated per-layer caches.
 
         `input_embeds` [T, hidden] replaces the token embedding where `embeds_mask` [T] is set
-        (a vision model's image features at its placeholder tokens)."""
+        (a vision model's image features at its placeholder tokens). `adapter_scalings` mixes
+        the unmerged adapters of the Linears holding a `LoraStack` (models/lora_layers.py):
+        [T, n_adapters] for every layer, or [T, num_layers, n_adapters] per layer (X-LoRA)."""
         x = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             x = x * jnp.float32(self.embed_scale)
         if input_embeds is not None:
             x = jnp.where(embeds_mask[:, None], input_embeds.astype(x.dtype), x)
         new_caches = []
-        for layer, kv in zip(self.layers, kv_caches):  # unrolled: 2-3x faster than scan on XLA:CPU
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):  # unrolled: 2-3x faster than scan on XLA:CPU
             rope = self.local_rope if self.local_rope is not None and getattr(layer, "uses_local_rope", False) \
                 else self.rope
-            x, kv = layer(x, meta, kv, rope, block_size)
+            scalings = adapter_scalings
+            if scalings is not None and scalings.ndim == 3:
+                scalings = scalings[:, i, :]
+            with lora_context(scalings):
+                x, kv = layer(x, meta, kv, rope, block_size)
             new_caches.append(kv)
         return self.norm(x), new_caches
 
