@@ -55,6 +55,11 @@ class NotSupportedError(MistralRsError):
     error_type = "invalid_request_error"
 
 
+class TensorParallelError(NotSupportedError):
+    """A model cannot be split over the requested devices (heads, KV heads, MLP width, vocab or
+    quantized blocks do not divide), or too few devices exist; raised before weights load."""
+
+
 class ImageError(InvalidRequestError):
     """An image in a request cannot be used (unreadable, unreachable, or the model takes no images)."""
 
