@@ -84,6 +84,7 @@ class EngineConfig:
     token_buckets: list[int] | None = None  # padded step sizes (tokens); None -> the runner's defaults
     seq_buckets: list[int] | None = None  # padded step sizes (sequences)
     speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA  # draft tokens per step, when a draft model is given
+    tensor_parallel_size: int = 1  # devices the model is split over (-tp; mistralrs_jax/parallel)
     # True: compile every step shape before serving; "background": compile the smallest ones, serve
     # at once within them, compile the rest on a thread (the server's start); False: compile lazily.
     warmup: bool | str = True

@@ -74,6 +74,7 @@ class LLM:
         draft_isq: str | int | None = None,
         speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA,
         warmup: bool | str = True,
+        tensor_parallel_size: int = 1,
     ):
         """Keywords as the mistralrs-server flags; `LLM.from_specs` takes the same as a
         `ModelSpec` (target), an `EngineConfig` and an optional draft `ModelSpec`."""
@@ -83,7 +84,8 @@ class LLM:
             max_seqs=max_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             pa_blk_size=pa_blk_size, pa_ctxt_len=pa_ctxt_len, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
             prefix_cache_n=prefix_cache_n, no_paged_attn=no_paged_attn, token_buckets=token_buckets,
-            seq_buckets=seq_buckets, speculative_gamma=speculative_gamma, warmup=warmup)
+            seq_buckets=seq_buckets, speculative_gamma=speculative_gamma, warmup=warmup,
+            tensor_parallel_size=tensor_parallel_size)
         target = ModelSpec(model=model, gguf_file=gguf_file, tokenizer=tokenizer, token_source=token_source,
                            revision=revision, dtype=dtype, cpu_weights=cpu_weights, chat_template=chat_template,
                            gqa=gqa, isq=isq, isq_cache=isq_cache, lora_adapters=lora_adapters,
@@ -111,6 +113,9 @@ class LLM:
         if draft is not None:
             target.refuse_vision = VISION_DRAFT_REFUSED
             draft.refuse_vision = VISION_DRAFT_REFUSED
+        target.tensor_parallel_size = engine_config.tensor_parallel_size  # checked against the config pre-load
+        if engine_config.tensor_parallel_size != 1:
+            target.refuse_vision = "vision models are not supported with tensor_parallel_size (-tp) > 1 yet"
         self.loaded: LoadedModel = load_model(target)
         self.draft: LoadedModel | None = load_model(draft) if draft is not None else None
         self.isq_type: str | None = self.loaded.isq_type

@@ -14,6 +14,7 @@ import psutil
 
 from ..config import EngineConfig, ModelConfig
 from ..errors import NotSupportedError
+from ..parallel.mesh import effective_kv_heads, make_mesh
 from .block_manager import BlockManager
 from .contiguous_cache import ContiguousBlockManager, contiguous_pool_layout
 from .engine import Engine
@@ -34,8 +35,10 @@ DEFAULT_MAX_MODEL_LEN_CAP = 8192
 BLOCK_SIZES = (8, 16, 32)
 
 
-def kv_bytes_per_token(config: ModelConfig, bytes_per_elem: int = 4) -> int:
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * bytes_per_elem
+def kv_bytes_per_token(config: ModelConfig, bytes_per_elem: int = 4, tensor_parallel_size: int = 1) -> int:
+    """Over all devices: under tp, KV heads fewer than the devices are held once per device."""
+    kv_heads = effective_kv_heads(config.num_kv_heads, tensor_parallel_size)
+    return config.num_layers * 2 * kv_heads * config.head_dim * bytes_per_elem
 
 
 def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, draft_config: ModelConfig | None = None) -> int:
@@ -45,7 +48,8 @@ def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, draft_config:
     split so both caches together stay within it."""
     import jax
 
-    per_token = kv_bytes_per_token(config)
+    tp = engine.tensor_parallel_size
+    per_token = kv_bytes_per_token(config, tensor_parallel_size=tp)
     per_block = per_token * engine.pa_blk_size
     if engine.pa_gpu_mem is not None:
         budget = engine.pa_gpu_mem * (1 << 20)
@@ -55,14 +59,14 @@ def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, draft_config:
         device = jax.devices()[0]
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         total = (stats or {}).get("bytes_limit") or psutil.virtual_memory().total
-        budget = engine.pa_gpu_mem_usage * total
+        budget = engine.pa_gpu_mem_usage * total * (tp if stats else 1)  # per device: N of them under tp
     elif engine.pa_ctxt_len is not None:
         budget = engine.pa_ctxt_len * per_token
     elif jax.default_backend() == "cpu":
         budget = min(CPU_DEFAULT_KV_BYTES, psutil.virtual_memory().available // 8)
     else:
         stats = jax.devices()[0].memory_stats() or {}
-        budget = 0.8 * max(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0), per_block * 64)
+        budget = 0.8 * max(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0), per_block * 64) * tp
     # +1: block 0 is the trash block padding tokens write into.
     num_blocks = max(2, int(budget // per_block)) + 1
     if draft_config is None or engine.pa_ctxt_len is not None:
@@ -100,6 +104,11 @@ def check_engine_config(engine: EngineConfig, speculative: bool = False) -> None
     gamma = engine.speculative_gamma
     if speculative and (not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1):
         raise NotSupportedError(f"speculative_gamma (-g/--gamma) must be a positive integer, got {gamma!r}")
+    if engine.tensor_parallel_size != 1:
+        make_mesh(engine.tensor_parallel_size)  # a bad size or too few devices: TensorParallelError
+        if speculative:
+            raise NotSupportedError("speculative decoding (a draft model) is not supported with "
+                                    "tensor_parallel_size (-tp) > 1 yet")
 
 
 def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedModel | None" = None) -> Engine:
@@ -121,10 +130,13 @@ def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedMode
     scheduler = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
                           eos_token_ids=target.eos_token_ids, num_lookahead_tokens=gamma)
     # A verification step runs every scheduled token plus up to gamma draft tokens per sequence.
+    mesh = make_mesh(engine.tensor_parallel_size) if engine.tensor_parallel_size > 1 else None
+    if mesh is not None:
+        log.info("tensor parallel over %d devices: %s", mesh.size, ", ".join(map(str, mesh.devices.flat)))
     runner = ModelRunner(target.model, config, num_blocks, engine.pa_blk_size, max_model_len, max_seqs,
                          batched + max_seqs * gamma, token_buckets=engine.token_buckets,
                          seq_buckets=engine.seq_buckets, input_embeds=target.vision is not None,
-                         num_lookahead_tokens=gamma)
+                         num_lookahead_tokens=gamma, mesh=mesh)
     log.info("KV cache: %d blocks of %d tokens (%.0f MiB), max model len %d, buckets tokens=%s seqs=%s",
              num_blocks - 1, engine.pa_blk_size, runner.kv_cache_bytes / 2**20, max_model_len,
              runner.token_buckets, runner.seq_buckets)

@@ -27,8 +27,10 @@ from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUN
 
 from ..config import ModelConfig
 from ..dry import add_dry_bias
+from ..parallel.mesh import bind_mesh, effective_kv_heads
 from pallas_kernels.paged_attention import AttentionMetadata
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
+from ..models.lora_layers import one_hot_scalings
 from .buckets import round_up_to_bucket
 from .multimodal import step_input_embeds
 from .rejection_sampler import verify
@@ -161,11 +163,16 @@ class ModelRunner:
         kv_dtype=jnp.float32,
         input_embeds: bool = False,
         num_lookahead_tokens: int = 0,
+        mesh=None,
     ):
         """`input_embeds`: the model also takes image features in place of token embeddings
         (vision models): a second step variant, compiled at warm-up too (engine/multimodal.py).
         `num_lookahead_tokens` (gamma) > 0: every step verifies draft tokens (speculative
-        decoding, `execute(..., proposal=...)`), and warm-up compiles that step instead."""
+        decoding, `execute(..., proposal=...)`), and warm-up compiles that step instead.
+        `mesh` (parallel.mesh.make_mesh): tensor parallelism over its "tp" axis; the weights
+        are split per parallel/rules.py, the KV cache over its KV heads, logits come back whole."""
+        self.mesh = mesh
+        self.tp_size = 1 if mesh is None else int(mesh.size)
         self.config = config
         self.num_lookahead_tokens = num_lookahead_tokens
         self.input_embeds = input_embeds
@@ -175,13 +182,15 @@ class ModelRunner:
         self.token_buckets = sorted({max(MIN_TOKEN_BUCKET, t) for t in (token_buckets or DEFAULT_TOKEN_BUCKETS)
                                      if t < max_num_batched_tokens} | {max(MIN_TOKEN_BUCKET, max_num_batched_tokens)})
         self.seq_buckets = sorted({s for s in (seq_buckets or DEFAULT_SEQ_BUCKETS) if s < max_num_seqs} | {max_num_seqs})
-        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(config.num_layers)]
+        self.kv_caches = self._zero_caches(num_blocks, kv_dtype)
         # What a compile needs of the cache: its avals (the cache itself is rebound by every step).
-        # (No sharding in it: a step's call leaves the cache's sharding unspecified, and a compile
-        # for a specified one would be another program.)
-        self._kv_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv_caches)
+        # (No sharding in it on one device: a step's call leaves the cache's sharding unspecified,
+        # and a compile for a specified one would be another program. Under tp it is the split.)
+        self._kv_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=a.sharding if mesh is not None else None), self.kv_caches)
         self.compiled_pairs: set[tuple[int, int]] = set()  # (tokens, seqs) pairs whose step is compiled
+        # Adapter slots of per-request LoRA (set before warm-up); 0: steps take no adapter slots.
+        self.num_lora_slots = 0
         self._warmed_samplers: set[int] = set()  # seqs buckets whose sampler variants are compiled
         self._sample_fn = jax.jit(sample, static_argnames=("modes",))
         self._verify_fn = jax.jit(verify, static_argnames=("modes",))
@@ -195,13 +204,75 @@ class ModelRunner:
         static fields (a Linear's group size) change, so the old traces cannot be reused.
         Call `warmup()` afterwards so no request waits on the recompile.
         """
+        if self.mesh is not None:
+            from ..parallel.rules import prepare_model
+
+            prepare_model(model, self.tp_size)  # split fused projections, replicate scarce KV heads
         self.graphdef, state = nnx.split(model)
         # Pass the weights as a flat list of arrays and close over the graph definition:
         # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
-        self._step_fn = jax.jit(self._step, donate_argnums=(1,))
-        self._score_fn = jax.jit(self._score)
+        outputs = {}
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            from ..parallel.rules import shard_state
+
+            self.state_leaves = shard_state(model, state, self.mesh)
+            whole = NamedSharding(self.mesh, PartitionSpec())  # logits gathered before the sampler
+            outputs = {"out_shardings": (whole, jax.tree.map(lambda a: a.sharding, self.kv_caches))}
+        self._step_fn = bind_mesh(jax.jit(self._step, donate_argnums=(1,), **outputs), self.mesh)
+        self._score_fn = bind_mesh(jax.jit(self._score, **({"out_shardings": outputs["out_shardings"][0]}
+                                                            if outputs else {})), self.mesh)
         self.compiled_pairs = set()
+
+    # -- per-request LoRA (models/lora_layers.py, loading/adapters/unmerged.py) ---------------
+
+    def _adapter_kwargs(self, adapter_slots) -> dict:
+        """Model keywords for the step's per-token adapter slots (none without unmerged adapters)."""
+        if adapter_slots is None:
+            return {}
+        return {"adapter_scalings": one_hot_scalings(adapter_slots, self.num_lora_slots)}
+
+    def adapter_slots(self, slots_by_row: list[int], token_seq: np.ndarray) -> tuple:
+        """() without unmerged adapters; else (slots [T] int32,): row i of `decode_first` order
+        has slot slots_by_row[i] (-1: base model), padding tokens that of the row they point at."""
+        if not self.num_lora_slots:
+            return ()
+        rows = np.full(int(token_seq.max(initial=0)) + 1, -1, np.int32)
+        rows[:len(slots_by_row)] = slots_by_row
+        return (rows[np.asarray(token_seq)],)
+
+    def _scheduled_slots(self, scheduled: list[tuple[Sequence, int]]) -> list[int]:
+        order = decode_first([n for _, n in scheduled])
+        return [getattr(scheduled[i][0], "lora_slot", -1) for i in order]
+
+    def refresh_adapter_weights(self, model: nnx.Module) -> None:
+        """Take the current arrays of `model`'s adapter stacks (a slot was loaded or cleared): the
+        same shapes, so no step compiles again. The other weights stay as the runner holds them."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
+        if treedef != self._state_treedef:
+            raise RuntimeError("the model's structure changed; rebind_model it instead")
+        leaves = list(self.state_leaves)
+        for i, (path, leaf) in enumerate(flat):
+            if any(getattr(key, "key", None) == "lora" for key in path):
+                leaves[i] = leaf
+        self.state_leaves = leaves  # one assignment: a step already running keeps the old list
+
+    def _zero_caches(self, num_blocks: int, dtype) -> list:
+        """Zeroed (k, v) caches per layer, [num_blocks * block_size, kv heads, head_dim]; under
+        tp split over the KV heads (replicated up to one per device when fewer)."""
+        shape = (num_blocks * self.block_size, effective_kv_heads(self.config.num_kv_heads, self.tp_size),
+                 self.config.head_dim)
+        device = None
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding
+
+            from ..parallel.rules import KV_CACHE_SPEC
+
+            device = NamedSharding(self.mesh, KV_CACHE_SPEC)
+        return [(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
+                for _ in range(self.config.num_layers)]
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -212,17 +283,19 @@ class ModelRunner:
     def _model(self, state_leaves):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_treedef, state_leaves))
 
-    def _step(self, state_leaves, kv_caches, input_ids, meta, logits_indices, input_embeds=None):
-        """`input_embeds`, when given, is (embeds [T, hidden], mask [T]): a separately traced variant."""
+    def _step(self, state_leaves, kv_caches, input_ids, meta, logits_indices, input_embeds=None, adapter_slots=None):
+        """`input_embeds`, when given, is (embeds [T, hidden], mask [T]): a separately traced variant.
+        `adapter_slots` [T] int32 (per-request LoRA): each token's adapter slot, -1 for none."""
         model = self._model(state_leaves)
         hidden, kv_caches = model(input_ids, meta, kv_caches, self.block_size,
-                                  **_embeds_kwargs(input_embeds))
+                                  **_embeds_kwargs(input_embeds), **self._adapter_kwargs(adapter_slots))
         logits = model.logits(hidden[logits_indices])
         return logits, kv_caches
 
-    def _score(self, state_leaves, kv_caches, input_ids, meta, input_embeds=None):
+    def _score(self, state_leaves, kv_caches, input_ids, meta, input_embeds=None, adapter_slots=None):
         model = self._model(state_leaves)
-        hidden, _ = model(input_ids, meta, kv_caches, self.block_size, **_embeds_kwargs(input_embeds))
+        hidden, _ = model(input_ids, meta, kv_caches, self.block_size, **_embeds_kwargs(input_embeds),
+                          **self._adapter_kwargs(adapter_slots))
         return model.logits(hidden)
 
     # -- host-side batch building --------------------------------------------------------
@@ -309,9 +382,10 @@ class ModelRunner:
             arrays, modes = add_dry_bias(arrays, modes, constraints.dry_rows(seqs))
         arrays, modes = compiled_sampler_variant(arrays, modes)
         embeds = self._step_input_embeds(scheduled, shape_key[0])
-        inputs = jax.device_put((input_ids, meta, logits_indices, arrays, embeds))
+        slots = self.adapter_slots(self._scheduled_slots(scheduled), meta.token_seq)
+        inputs = jax.device_put((input_ids, meta, logits_indices, arrays, embeds, *slots))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs[:3],
-                                               *(() if embeds is None else inputs[4:]))
+                                               *(() if embeds is None and not slots else inputs[4:]))
         # The grammar masks are computed here, on the host, while the device runs the forward.
         bitmask = self._token_bitmask([seq.seq_id for seq in seqs], shape_key[1], constraints)
         out = self._sample_fn(logits, dataclasses.replace(inputs[3], token_bitmask=bitmask), modes=modes)
@@ -393,7 +467,8 @@ class ModelRunner:
         logits_indices = np.zeros(num_logits, np.int32)
         indices = [last_token[i] - count + 1 + j for i, count in enumerate(logits_per_run) for j in range(count)]
         logits_indices[:len(indices)] = indices
-        inputs = jax.device_put((input_ids, meta, logits_indices))
+        slots = self.adapter_slots([], meta.token_seq)  # a draft model or warm-up: base model only
+        inputs = jax.device_put((input_ids, meta, logits_indices, *((None,) + slots if slots else ())))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs)
         return logits
 
@@ -445,11 +520,12 @@ class ModelRunner:
         """Compile (ahead of time, without running it) the step of this shape, its image-features
         variant for a vision model, and, once per seqs bucket, each compiled sampler variant."""
         inputs = jax.device_put(self.build_metadata([], num_tokens, num_seqs))
-        lowered = self._step_fn.lower(self.state_leaves, self._kv_spec, *inputs)
+        slots = jax.device_put(self.adapter_slots([], inputs[1].token_seq))
+        lowered = self._step_fn.lower(self.state_leaves, self._kv_spec, *inputs, *((None,) + slots if slots else ()))
         lowered.compile()
         if self.input_embeds:  # the vision variant of the same shape
             embeds = (np.zeros((num_tokens, self.config.hidden_size), np.float32), np.zeros(num_tokens, bool))
-            self._step_fn.lower(self.state_leaves, self._kv_spec, *inputs, jax.device_put(embeds)).compile()
+            self._step_fn.lower(self.state_leaves, self._kv_spec, *inputs, jax.device_put(embeds), *slots).compile()
         if num_seqs in self._warmed_samplers:
             return
         logits_info = lowered.out_info[0]
@@ -482,7 +558,7 @@ class ModelRunner:
         return step_input_embeds([(scheduled[i][0].multimodal, scheduled[i][0].num_computed_tokens, scheduled[i][1])
                                   for i in order], num_tokens_padded, self.config.hidden_size)
 
-    def score(self, token_ids: list[int], multimodal=None) -> np.ndarray:
+    def score(self, token_ids: list[int], multimodal=None, lora_slot: int = -1) -> np.ndarray:
         """Teacher-forced logits [len, vocab] for one sequence, on a private scratch cache.
 
         Lengths are padded to a power of two (at least 16) so scoring many texts compiles
@@ -491,10 +567,11 @@ class ModelRunner:
         bs = self.block_size
         t_pad = max(16, 1 << (n - 1).bit_length())
         num_blocks = math.ceil(t_pad / bs) + 1
-        shape = (num_blocks * bs, self.config.num_kv_heads, self.config.head_dim)
-        caches = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.config.num_layers)]
+        caches = self._zero_caches(num_blocks, jnp.float32)
         table = list(range(1, num_blocks))
         input_ids, meta, _ = self.build_metadata([(list(token_ids), 0, table)], t_pad, 1)
         embeds = None if multimodal is None else step_input_embeds([(multimodal, 0, n)], t_pad, self.config.hidden_size)
-        logits = self._score_fn(self.state_leaves, caches, input_ids, meta, *(() if embeds is None else (embeds,)))
+        slots = self.adapter_slots([lora_slot], meta.token_seq)
+        logits = self._score_fn(self.state_leaves, caches, input_ids, meta,
+                                *(() if embeds is None and not slots else (embeds, *slots)))
         return np.asarray(logits[:n], dtype=np.float32)

@@ -44,6 +44,7 @@ class ModelSpec:
     lora_weights: list[float] | None = None
     # Why a vision checkpoint may not load here (e.g. as a draft model), or None to allow it.
     refuse_vision: str | None = None
+    tensor_parallel_size: int = 1  # devices the model will be split over: checked before any weight loads
 
 
 @dataclass
@@ -135,6 +136,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         def build(wrap):
             return build_model_from_gguf(gguf, config, cpu_weights=spec.cpu_weights, dtype=spec.dtype,
                                          wrap_linear=wrap)
+    if spec.tensor_parallel_size != 1:
+        from ..parallel.mesh import check_divisible
+
+        check_divisible(config, spec.tensor_parallel_size)
     chat_template = ChatTemplate.for_tokenizer(tokenizer, override=spec.chat_template)
     log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", resolved.display_name, config.arch,
              config.num_layers, spec.cpu_weights if resolved.kind == "gguf" else "dense", spec.dtype)

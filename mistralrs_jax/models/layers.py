@@ -25,6 +25,10 @@ from .lora_layers import LoraStack, current_scalings
 
 
 class Linear(nnx.Module):
+    # Set by parallel/rules.py under tensor parallelism: "column" (output rows split) or "row"
+    # (input split); a packed weight then multiplies per shard (parallel/shard_ops.py).
+    tp_role: str | None = None
+
     def __init__(
         self,
         weight: np.ndarray | None = None,  # [in, out]
@@ -66,11 +70,11 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         adapter_input = x
         if self.quantized:
-            from pallas_kernels.quant_matmul import quant_matmul
+            from ..parallel.shard_ops import quant_matmul_per_shard
 
             if jax.default_backend() == "gpu":
                 x = x.astype(jnp.bfloat16)  # tensor-core inputs; the kernel accumulates in f32
-            y = quant_matmul(x, self.blocks[...], self.qtype)
+            y = quant_matmul_per_shard(x, self.blocks[...], self.qtype, self.tp_role)
         else:
             y = x @ self.weight[...].astype(x.dtype)
         if self.bias is not None:
@@ -97,6 +101,8 @@ class Embedding(nnx.Module):
     GGUF table kept at the file's bits): a lookup then dequantizes only the rows it takes, and
     the tied lm_head is a quantized matmul."""
 
+    tp_role: str | None = None  # "column" under tensor parallelism: the vocab rows are split
+
     def __init__(self, table: np.ndarray | None = None, dtype=jnp.float32, *, packed: PackedWeight | None = None):
         self.quantized = packed is not None
         if packed is not None:
@@ -115,11 +121,11 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied lm_head: logits = x @ table.T."""
         if self.quantized:
-            from pallas_kernels.quant_matmul import quant_matmul
+            from ..parallel.shard_ops import quant_matmul_per_shard
 
             if jax.default_backend() == "gpu":
                 x = x.astype(jnp.bfloat16)
-            return quant_matmul(x, self.blocks[...], self.qtype)
+            return quant_matmul_per_shard(x, self.blocks[...], self.qtype, self.tp_role)
         return jax.lax.dot_general(x, self.table[...].astype(x.dtype), (((1,), (1,)), ((), ())))
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.paged_attention import paged_attention, write_kv
-
 from ..config import ModelConfig
+from ..parallel.shard_ops import attention_per_shard
 from .layers import Embedding, Linear, RotaryEmbedding
 from .lora_layers import adapter_scalings as lora_context
 
@@ -55,10 +54,9 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, meta), rope(k, meta)
-        k_cache, v_cache = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, block_size=block_size, scale=self.scale,
-                              sliding_window=self.sliding_window, soft_cap=self.soft_cap)
-        return self.o_proj(out.reshape(num_tokens, q_size)), (k_cache, v_cache)
+        out, kv = attention_per_shard(q, k, v, kv, meta, block_size=block_size, scale=self.scale,
+                                      sliding_window=self.sliding_window, soft_cap=self.soft_cap)
+        return self.o_proj(out.reshape(num_tokens, q_size)), kv
 
 
 class CausalLM(nnx.Module):

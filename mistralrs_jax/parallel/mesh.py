@@ -74,3 +74,24 @@ def active_tp_size() -> int:
         return 1
     return int(mesh.shape[TP_AXIS])
 
+
+
+class MeshBound:
+    """A jitted function called (and lowered) with `mesh` set (`jax.set_mesh`), so the model
+    code sees the tp axis while tracing and every call hits the same compiled program."""
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args, **kwargs)
+
+
+def bind_mesh(fn, mesh):
+    """`fn` itself without a mesh, else a MeshBound."""
+    return fn if mesh is None else MeshBound(fn, mesh)
