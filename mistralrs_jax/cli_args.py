@@ -173,6 +173,8 @@ def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> No
     sched = parser.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-seqs", type=positive_int, default=DEFAULT_MAX_SEQS,
                        help=f"most sequences running at once (default {DEFAULT_MAX_SEQS})")
+    sched.add_argument("-tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=positive_int, default=1,
+                       metavar="N", help="split the model over N devices (tensor parallelism; default 1)")
     sched.add_argument("--max-num-batched-tokens", type=positive_int,
                        help="token budget of one engine step (prefill chunk + decodes) (mistralrs-jax)")
     sched.add_argument("--prompt-batchsize", "--prompt-chunksize", dest="prompt_chunksize", type=positive_int,

@@ -29,8 +29,8 @@ XLORA_NOT_SUPPORTED = "X-LoRA adapters are not supported yet in mistralrs-jax"
 # Only a flag the user actually set triggers its message.
 UNSUPPORTED_FLAGS = {
     "no_kv_cache": "--no-kv-cache is not supported: mistralrs-jax always uses its (paged) KV cache",
-    "num_device_layers": "-n/--num-device-layers is not supported: mistralrs-jax places the whole model on "
-                         "its JAX device(s)",
+    "num_device_layers": "-n/--num-device-layers (layer device mapping) is not supported: mistralrs-jax splits a "
+                         "model over several devices with -tp/--tensor-parallel-size N instead",
     "enable_search": "--enable-search (web search) is not supported by mistralrs-jax",
     "search_bert_model": "--search-bert-model (web search) is not supported by mistralrs-jax",
     "search_embedding_model": "--search-embedding-model (web search) is not supported by mistralrs-jax",
@@ -137,6 +137,7 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "revision": args.revision,
         "dtype": args.dtype,
         "max_seqs": args.max_seqs,
+        "tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
         "prefix_cache_n": args.prefix_cache_n,
         "no_paged_attn": bool(args.no_paged_attn or getattr(args, "paged_attn", None) == "off"),
         "cpu_weights": args.cpu_weights,
