@@ -42,6 +42,9 @@ class ModelSpec:
     isq_cache: str | None = None  # a directory caching ISQ results between starts
     lora_adapters: list[str] | str | None = None
     lora_weights: list[float] | None = None
+    xlora_model_id: str | None = None  # an X-LoRA model (loading/adapters/xlora.py)
+    xlora_order: str | None = None  # its mistral.rs ordering file
+    tgt_non_granular_index: int | None = None  # X-LoRA scalings fixed from this position on (models/xlora.py)
     # Why a vision checkpoint may not load here (e.g. as a draft model), or None to allow it.
     refuse_vision: str | None = None
     tensor_parallel_size: int = 1  # devices the model will be split over: checked before any weight loads
@@ -60,6 +63,8 @@ class LoadedModel:
     isq_factory: Any  # the quant.isq.ISQFactory every projection was built through
     vision: Any = None  # models.vision's image side of a vision-language checkpoint, else None
     lora: Any = None  # the loading.adapters.lora.LoraMerger merged in, else None
+    xlora: Any = None  # the loading.adapters.xlora.XLoraCheckpoint served, else None (then `model` is an
+    # XLoraCausalLM and `config.num_layers` counts its KV-cache layers, see models/xlora.py)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -100,6 +105,13 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     # (and checked) before the base model for the same reason.
     isq_type = normalize_isq_type(spec.isq) if spec.isq is not None else None
     lora = _load_lora(spec.lora_adapters, spec.lora_weights, spec.token_source)
+    xlora = None
+    if spec.xlora_model_id is not None:
+        from .adapters.xlora import XLoraAttacher, load_xlora
+
+        if lora is not None:
+            raise NotSupportedError("LoRA adapters and an X-LoRA model cannot be combined")
+        xlora = XLoraAttacher(load_xlora(spec.xlora_model_id, spec.xlora_order, spec.token_source))
     model = spec.model
     resolved = resolve_model_files(model, gguf_file=spec.gguf_file, token_source=spec.token_source,
                                    revision=spec.revision,
@@ -143,7 +155,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     chat_template = ChatTemplate.for_tokenizer(tokenizer, override=spec.chat_template)
     log.info("loading %s (%s, %d layers) weights as %s (dtype %s)", resolved.display_name, config.arch,
              config.num_layers, spec.cpu_weights if resolved.kind == "gguf" else "dense", spec.dtype)
-    weights, factory = _build_weights(build, config, path, isq_type, spec.isq_cache, lora)
+    weights, factory = _build_weights(build, config, path, isq_type, spec.isq_cache, lora or xlora)
+    if xlora is not None:
+        from .adapters.xlora import build_xlora_model
+
+        weights, config = build_xlora_model(weights, xlora.ckpt, xlora, config, spec.tgt_non_granular_index)
     vision = None
     if resolved.kind == "plain":
         from ..models.vision import load_vision
@@ -151,7 +167,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
         vision = load_vision(path, tokenizer, spec.dtype, open_weights=SafetensorsWeights)
     return LoadedModel(weights, config, tokenizer, chat_template, resolved.display_name, path, resolved.kind,
-                       isq_type, factory, vision, lora)
+                       isq_type, factory, vision, lora, xlora.ckpt if xlora is not None else None)
 
 
 def _build_weights(build, config: ModelConfig, path: str, isq_type: str | None, isq_cache: str | None, lora):
@@ -163,7 +179,7 @@ def _build_weights(build, config: ModelConfig, path: str, isq_type: str | None, 
 
     key = cached = None
     if isq_cache is not None and isq_type is not None:
-        key = isq_cache_key(path, isq_type, **({"lora": lora.fingerprint()} if lora is not None else {}))
+        key = isq_cache_key(path, isq_type, **({"lora": lora.fingerprint()} if hasattr(lora, "fingerprint") else {}))
         cached = load_isq_cache(isq_cache, key)
         log.info("ISQ cache %s: %s", isq_cache, "hit" if cached is not None else "miss")
     factories = []
@@ -173,7 +189,7 @@ def _build_weights(build, config: ModelConfig, path: str, isq_type: str | None, 
         return lora.wrap(factories[-1], config) if lora is not None else factories[-1]
 
     model = build(wrap)
-    if lora is not None:
+    if lora is not None and hasattr(lora, "finish"):
         lora.finish()
     factory = factories[-1]
     factory.close()
