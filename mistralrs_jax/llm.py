@@ -6,6 +6,7 @@ turns prompts (text, token ids, chat messages, images) into requests.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from .config import DEFAULT_MAX_SEQS, DEFAULT_SPECULATIVE_GAMMA, EngineConfig
 from .engine.engine import Engine
 from .engine.factory import build_engine, check_engine_config
 from .errors import ImageError, InvalidRequestError, NotSupportedError
+from .loading.adapters.unmerged import hold_dynamic_adapters
 from .loading.chat_template import ChatTemplate
 from .loading.model_loader import LoadedModel, ModelSpec, load_model
 from .models.vision import SUPPORTED_VISION_ARCHS
@@ -68,6 +70,9 @@ class LLM:
         lora_weights: list[float] | None = None,
         max_model_len: int | None = None,
         token_buckets: list[int] | None = None,
+        lora_mode: str = "merged",
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
         seq_buckets: list[int] | None = None,
         draft_model: str | None = None,
         draft_gguf_file: str | None = None,
@@ -77,7 +82,14 @@ class LLM:
         tensor_parallel_size: int = 1,
     ):
         """Keywords as the mistralrs-server flags; `LLM.from_specs` takes the same as a
-        `ModelSpec` (target), an `EngineConfig` and an optional draft `ModelSpec`."""
+        `ModelSpec` (target), an `EngineConfig` and an optional draft `ModelSpec`.
+
+        `lora_mode="dynamic"`: the `lora_adapters` are held unmerged in `max_loras` slots of rank
+        up to `max_lora_rank`, each request picks one by name (`generate(..., lora=NAME)`), and
+        `load_lora` / `unload_lora` change them while serving (loading/adapters/unmerged.py)."""
+        if lora_mode not in ("merged", "dynamic"):
+            raise InvalidRequestError(f"lora_mode must be 'merged' or 'dynamic', got {lora_mode!r}", param="lora_mode")
+        self._dynamic_lora = (int(max_loras), int(max_lora_rank)) if lora_mode == "dynamic" else None
         if draft_model is None and (draft_gguf_file is not None or draft_isq is not None):
             raise NotSupportedError("draft_gguf_file / draft_isq were given without draft_model")
         engine_config = EngineConfig(
@@ -116,16 +128,34 @@ class LLM:
         target.tensor_parallel_size = engine_config.tensor_parallel_size  # checked against the config pre-load
         if engine_config.tensor_parallel_size != 1:
             target.refuse_vision = "vision models are not supported with tensor_parallel_size (-tp) > 1 yet"
+        dynamic_lora = getattr(self, "_dynamic_lora", None)
+        lora_specs = (target.lora_adapters, target.lora_weights)
+        if dynamic_lora is not None:  # held unmerged (below), not merged while loading
+            self._refuse_with_dynamic_lora(engine_config, draft)
+            target.lora_adapters = target.lora_weights = None
         self.loaded: LoadedModel = load_model(target)
         self.draft: LoadedModel | None = load_model(draft) if draft is not None else None
         self.isq_type: str | None = self.loaded.isq_type
+        self.adapter_slots = None  # per-request LoRA's named slots (AdapterSlots)
+        if dynamic_lora is not None:
+            self.adapter_slots = hold_dynamic_adapters(self.loaded.model, self.loaded.config, *dynamic_lora,
+                                                       *lora_specs, token_source=target.token_source)
         self.engine: Engine = build_engine(engine_config, self.loaded, self.draft)
+        if self.adapter_slots is not None:
+            self.engine.runner.num_lora_slots = self.adapter_slots.num_slots
+            self.adapter_slots.on_change = lambda: self.engine.runner.refresh_adapter_weights(self.loaded.model)
         self.speculative_gamma = engine_config.speculative_gamma if self.draft is not None else None
         if engine_config.warmup:
             self._warmup(background=engine_config.warmup == "background")
         if engine_config.warmup != "background":  # else the compile thread sets it when it is done
             self.engine.metrics.compiles_at_start = self.engine.stats()["compiles"]
         self.engine.start()
+
+    def _refuse_with_dynamic_lora(self, engine_config: EngineConfig, draft) -> None:
+        for what, present in (("a draft model (speculative decoding)", draft is not None),
+                              ("tensor_parallel_size > 1", getattr(engine_config, "tensor_parallel_size", 1) != 1)):
+            if present:
+                raise NotSupportedError(f"lora_mode='dynamic' (per-request LoRA) is not supported with {what} yet")
 
     # -- what was loaded -----------------------------------------------------------------
 
@@ -294,35 +324,67 @@ class LLM:
 
     # -- generation --------------------------------------------------------------------
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 lora: str | None = None) -> list[RequestOutput]:
+        """`lora`: the name of a loaded adapter every prompt runs with (lora_mode="dynamic")."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prepared = [self._prompt_ids(p) for p in prompts]
-        return self._run(prepared, params)
+        return self._run(prepared, params, lora)
 
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, lora: str | None = None) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prepared = [self.chat_prompt(m, add_generation_prompt) for m in conversations]
-        return self._run(prepared, params)
+        return self._run(prepared, params, lora)
 
-    def _run(self, prepared, params) -> list[RequestOutput]:
+    # -- per-request LoRA (lora_mode="dynamic") ----------------------------------------------
+
+    def resolve_lora(self, name: str, param: str = "lora"):
+        """The loaded adapter called `name` (LoraNotFoundError, a 404, when none is)."""
+        if self.adapter_slots is None:
+            raise NotSupportedError(f"{param}={name!r}: selecting a LoRA adapter per request needs "
+                                    "lora_mode='dynamic' (--lora-mode dynamic); this model serves without one")
+        return self.adapter_slots.resolve(name, param=param)
+
+    def with_lora(self, params: SamplingParams, lora: str | None) -> SamplingParams:
+        return params if lora is None else dataclasses.replace(params, lora=self.resolve_lora(lora))
+
+    def load_lora(self, name: str, path: str, weight: float = 1.0):
+        """Load the PEFT adapter at `path` into a free slot as `name`, while serving (no compile)."""
+        if self.adapter_slots is None:
+            raise NotSupportedError("loading a LoRA adapter while serving needs lora_mode='dynamic' (--lora-mode "
+                                    "dynamic)")
+        return self.adapter_slots.add(name, path, weight)
+
+    def unload_lora(self, name: str):
+        """Unload `name`: new requests cannot use it; running ones finish with it, then its slot frees."""
+        self.resolve_lora(name, param="name")
+        return self.adapter_slots.remove(name)
+
+    def loras(self) -> list:
+        return [] if self.adapter_slots is None else self.adapter_slots.list()
+
+    def _run(self, prepared, params, lora: str | None = None) -> list[RequestOutput]:
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prepared)
         if len(params) != len(prepared):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prepared)} prompts")
+        params = [self.with_lora(p, lora) for p in params]
         handles = [self.engine.add_request(ids, p, prompt=text, multimodal=multimodal)
                    for (ids, text, multimodal), p in zip(prepared, params)]
         return [h.result() for h in handles]
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        yield from self._stream(*self._prompt_ids(prompt), params)
+    def stream(self, prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[str]:
+        yield from self._stream(*self._prompt_ids(prompt), params, lora)
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        yield from self._stream(*self.chat_prompt(messages), params)
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                    lora: str | None = None) -> Iterator[str]:
+        yield from self._stream(*self.chat_prompt(messages), params, lora)
 
-    def _stream(self, ids, text, multimodal, params) -> Iterator[str]:
-        handle = self.engine.add_request(ids, params or SamplingParams(), prompt=text, multimodal=multimodal)
+    def _stream(self, ids, text, multimodal, params, lora: str | None = None) -> Iterator[str]:
+        handle = self.engine.add_request(ids, self.with_lora(params or SamplingParams(), lora), prompt=text,
+                                         multimodal=multimodal)
         try:
             for delta in handle:
                 if delta.text:
@@ -331,7 +393,7 @@ class LLM:
             if not handle.finished:
                 handle.abort()
 
-    def score(self, token_ids: list[int], images: list | None = None) -> np.ndarray:
+    def score(self, token_ids: list[int], images: list | None = None, lora: str | None = None) -> np.ndarray:
         """Teacher-forced f32 logits [len, vocab]: row i is the distribution of token i+1.
 
         With `images` (vision models), `token_ids` hold one image placeholder per image, expanded
@@ -342,6 +404,9 @@ class LLM:
         if images:
             token_ids, multimodal = self._require_vision().prepare(token_ids, images)
         with self._re_isq_lock:  # re_isq swaps the runner's weights; score runs on the caller's thread
+            if lora is not None:  # with an adapter (the adapter's slot stays loaded while this runs)
+                return self.engine.runner.score(list(token_ids), multimodal=multimodal,
+                                                lora_slot=self.resolve_lora(lora).slot)
             return self.engine.score(list(token_ids), multimodal=multimodal)
 
     def reset_prefix_cache(self) -> None:

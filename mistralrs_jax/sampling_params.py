@@ -42,6 +42,9 @@ class SamplingParams:
     dry_sequence_breakers: list[str] | None = None  # None: DEFAULT_DRY_SEQUENCE_BREAKERS
     # A grammar the output must match (mistralrs_jax/guidance.py), applied as a token mask.
     guided_decoding: Any = None  # a guidance.GuidedDecoding (a plain value here: guidance sits above this module)
+    # Per-request LoRA (--lora-mode dynamic): the loaded adapter to apply, as LLM / the server
+    # resolve it from a name (a loading.adapters.unmerged.LoadedAdapter; None: the base model).
+    lora: Any = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -459,7 +459,7 @@ class ModelRunner:
         return t_pad, self.seq_bucket_for(t_pad, num_seqs)
 
     def forward(self, runs: list[tuple[list[int], int, list[int]]], shape: tuple[int, int],
-                logits_per_run: list[int], num_logits: int) -> jax.Array:
+                logits_per_run: list[int], num_logits: int, lora_slots: list[int] | None = None) -> jax.Array:
         """One model step over `runs` (as `build_metadata` takes them) padded to `shape`, writing
         their KV; returns the f32 logits of the last ``logits_per_run[i]`` tokens of each run i,
         run after run, padded to `num_logits` rows and left on the device. No sampling."""
@@ -467,7 +467,8 @@ class ModelRunner:
         logits_indices = np.zeros(num_logits, np.int32)
         indices = [last_token[i] - count + 1 + j for i, count in enumerate(logits_per_run) for j in range(count)]
         logits_indices[:len(indices)] = indices
-        slots = self.adapter_slots([], meta.token_seq)  # a draft model or warm-up: base model only
+        order = decode_first([len(run[0]) for run in runs])  # `lora_slots` (per run; None: base model only)
+        slots = self.adapter_slots([lora_slots[i] for i in order] if lora_slots else [], meta.token_seq)
         inputs = jax.device_put((input_ids, meta, logits_indices, *((None,) + slots if slots else ())))
         logits, self.kv_caches = self._step_fn(self.state_leaves, self.kv_caches, *inputs)
         return logits

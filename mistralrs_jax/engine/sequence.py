@@ -65,6 +65,15 @@ class Sequence:
         # contents) must go in this hashable salt, or prefix caching would share
         # wrong blocks.
         self.cache_salt = cache_salt
+        # Per-request LoRA: the adapter slot this sequence's tokens use (-1: the base model).
+        # `params.lora` is a loaded adapter (loading/adapters/unmerged.LoadedAdapter); it
+        # keeps its slot until this sequence finishes, and salts the prefix cache per load.
+        self.lora_slot = -1
+        lora = getattr(params, "lora", None)
+        if lora is not None:
+            lora.attach(self)
+            self.lora_slot = int(lora.slot)
+            self.cache_salt = (cache_salt, "lora", lora.key)
         # Image features for prompt positions (engine/multimodal.MultiModalInputs), or None.
         self.multimodal = multimodal
 
