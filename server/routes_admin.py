@@ -80,6 +80,8 @@ async def status() -> Response:
         "metrics": _plain(engine.stats()),
         "runtime": _runtime(),
         "memory": read_local_memory().as_dict(),
+        # {"tensor_parallel_size", "devices", "per_device": weight / KV bytes held, memory stats}
+        "mesh": engine.runner.mesh_report(),
         "server": {"api_key_required": state.api_key is not None,
                    "request_logging": state.request_log is not None,
                    "http_responses": [{"route": route, "status": code, "count": count}

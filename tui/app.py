@@ -195,7 +195,7 @@ class DashboardApp(App[None]):
             self.title = f"mistralrs-jax · {view.model}"
         self.query_one("#scheduler", Static).update(scheduler_text(view))
         self.query_one("#kv-cache", Static).update(kv_cache_text(view))
-        self.query_one("#memory", Static).update(memory_text(view.memory))
+        self.query_one("#memory", Static).update(memory_text(view.memory, view.mesh_devices))
         self.query_one("#compiles", Static).update(compile_text(view))
         prompt, generation = list(self.history.prompt), list(self.history.generation)
         self.query_one("#prompt-rate", Static).update(rate_label("prompt", prompt))

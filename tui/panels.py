@@ -62,7 +62,29 @@ def kv_cache_text(view: DashboardView) -> Text:
     return text
 
 
-def memory_text(reading: MemoryReading | None) -> Text:
+def mesh_text(per_device: list[dict] | None) -> Text:
+    """One row per device of a tensor-parallel mesh: the weights and KV cache it holds (and its
+    memory in use where the backend reports it); empty for a single device."""
+    text = Text()
+    if not per_device or len(per_device) < 2:
+        return text
+    text.append(f"\ntensor parallel over {len(per_device)} devices\n", style="italic")
+    for row in per_device:
+        text.append(f"{row.get('device')}: weights {format_bytes(row.get('weight_bytes'))}, "
+                    f"KV {format_bytes(row.get('kv_cache_bytes'))}")
+        if row.get("bytes_in_use") is not None:
+            text.append(f", in use {format_bytes(row['bytes_in_use'])} / {format_bytes(row.get('bytes_limit'))}")
+        text.append("\n")
+    text.rstrip()
+    return text
+
+
+def memory_text(reading: MemoryReading | None, mesh_devices: list[dict] | None = None) -> Text:
+    text = _memory_text(reading)
+    return text.append_text(mesh_text(mesh_devices)) if mesh_devices else text
+
+
+def _memory_text(reading: MemoryReading | None) -> Text:
     text = Text()
     if reading is None:
         text.append("not reported by the server (its /v1/status has no \"memory\")", style="dim")

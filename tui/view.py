@@ -87,6 +87,7 @@ class DashboardView:
     compiles: int | None = None
     compiles_after_warmup: int | None = None
     memory: MemoryReading | None = None
+    mesh_devices: list[dict] | None = None  # /v1/status mesh.per_device: bytes each device holds
     engine_requests: list[RequestRow] | None = None  # None: the server reports no per-request data
 
     @property
@@ -145,6 +146,9 @@ def build_view(status: dict[str, Any] | None, prometheus: dict[str, float] | Non
     memory = (status or {}).get("memory")
     if isinstance(memory, dict):
         view.memory = MemoryReading.from_dict(memory, source="server /v1/status")
+    mesh = (status or {}).get("mesh")
+    if isinstance(mesh, dict) and isinstance(mesh.get("per_device"), list):
+        view.mesh_devices = mesh["per_device"]
     view.engine_requests = _engine_requests(metrics)
     return view
 

@@ -278,6 +278,14 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
 
+    def mesh_report(self) -> dict:
+        """{"tensor_parallel_size", "devices", "per_device": [weight / KV bytes held, memory stats]}."""
+        from ..parallel.rules import mesh_report
+
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else \
+            sorted({d for leaf in self.state_leaves[:1] for d in leaf.devices()}, key=lambda d: d.id)
+        return mesh_report(devices, self.state_leaves, self.kv_caches)
+
     # -- the jitted step -------------------------------------------------------------------
 
     def _model(self, state_leaves):

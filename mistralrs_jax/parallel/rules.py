@@ -62,13 +62,15 @@ def _prepare_attention(attn, tp: int) -> None:
     q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
     if attn.qkv_proj is not None:
         fused = attn.qkv_proj
-        attn.q_proj = _rebuild(fused, slice(0, q_size))
-        attn.k_proj = _rebuild(fused, slice(q_size, q_size + kv_size))
-        attn.v_proj = _rebuild(fused, slice(q_size + kv_size, q_size + 2 * kv_size))
+        # nnx.data: the attributes held None (static) until now.
+        attn.q_proj = nnx.data(_rebuild(fused, slice(0, q_size)))
+        attn.k_proj = nnx.data(_rebuild(fused, slice(q_size, q_size + kv_size)))
+        attn.v_proj = nnx.data(_rebuild(fused, slice(q_size + kv_size, q_size + 2 * kv_size)))
         attn.qkv_proj = None
     if attn.num_kv_heads < tp:
         heads = (attn.num_kv_heads, attn.head_dim, tp // attn.num_kv_heads)
-        attn.k_proj, attn.v_proj = _rebuild(attn.k_proj, slice(None), heads), _rebuild(attn.v_proj, slice(None), heads)
+        attn.k_proj = nnx.data(_rebuild(attn.k_proj, slice(None), heads))
+        attn.v_proj = nnx.data(_rebuild(attn.v_proj, slice(None), heads))
         attn.num_kv_heads = tp
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         proj.tp_role = COLUMN
@@ -78,7 +80,8 @@ def _prepare_attention(attn, tp: int) -> None:
 def _prepare_mlp(mlp) -> None:
     if getattr(mlp, "gate_up_proj", None) is not None:
         fused, half = mlp.gate_up_proj, mlp.gate_up_proj.out_features // 2
-        mlp.gate_proj, mlp.up_proj = _rebuild(fused, slice(0, half)), _rebuild(fused, slice(half, None))
+        mlp.gate_proj = nnx.data(_rebuild(fused, slice(0, half)))
+        mlp.up_proj = nnx.data(_rebuild(fused, slice(half, None)))
         mlp.gate_up_proj = None
     for proj in (getattr(mlp, "gate_proj", None), mlp.up_proj):
         if proj is not None:
@@ -159,3 +162,18 @@ def bytes_per_device(arrays) -> dict[str, int]:
             key = str(shard.device)
             held[key] = held.get(key, 0) + int(shard.data.nbytes)
     return held
+
+
+def mesh_report(devices, weights, kv_caches) -> dict:
+    """What /v1/status shows of the mesh: its size, its devices, and per device the bytes of
+    weights and KV cache it holds (from the arrays' shards) and the runtime's memory
+    statistics where the backend keeps them (GPU; None on CPU)."""
+    weight_bytes, kv_bytes = bytes_per_device(weights), bytes_per_device(kv_caches)
+    per_device = []
+    for device in devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        per_device.append({
+            "device": str(device), "weight_bytes": weight_bytes.get(str(device), 0),
+            "kv_cache_bytes": kv_bytes.get(str(device), 0),
+            "bytes_in_use": (stats or {}).get("bytes_in_use"), "bytes_limit": (stats or {}).get("bytes_limit")})
+    return {"tensor_parallel_size": len(devices), "devices": [str(d) for d in devices], "per_device": per_device}
