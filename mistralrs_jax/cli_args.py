@@ -26,6 +26,10 @@ DTYPES = ("auto", "bf16", "f16", "f32")
 # Subcommands that select a model this engine can load.
 MODEL_SUBCOMMANDS = ("plain", "gguf", "ggml", "run", "vision-plain", "lora", "lora-gguf", "lora-ggml", "speculative")
 XLORA_SUBCOMMANDS = ("x-lora", "x-lora-gguf", "x-lora-ggml")
+XLORA_MODEL_HELP = ("the X-LoRA model: a Hub repo id or local directory with its config, classifier and adapters, "
+                    "or the path of its config JSON")
+XLORA_ORDER_HELP = "mistral.rs ordering file (adapter order, projection indices); optional when the config lists adapters"
+XLORA_NON_GRANULAR_HELP = "fix each sequence's X-LoRA scalings from this position on (those of position N-1)"
 SUBCOMMAND_ALIASES = {"x-lora": ["x-lora-plain"], "diffusion": ["diffusion-plain"]}
 
 LORA_HELP = "PEFT LoRA adapters merged into a safetensors model at load"
@@ -305,9 +309,9 @@ def _adapter(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("-m", "--model-id", help="base model (default: the ordering file's base_model_id)")
     parser.add_argument("-t", "--tokenizer-json")
     if name == "x-lora":
-        parser.add_argument("-x", "--xlora-model-id", required=True)
-        parser.add_argument("-o", "--order")
-        parser.add_argument("--tgt-non-granular-index", type=int)
+        parser.add_argument("-x", "--xlora-model-id", required=True, help=XLORA_MODEL_HELP)
+        parser.add_argument("-o", "--order", help=XLORA_ORDER_HELP)
+        parser.add_argument("--tgt-non-granular-index", type=int, help=XLORA_NON_GRANULAR_HELP)
         parser.add_argument("-a", "--arch")
     else:
         parser.add_argument("-a", "--adapter-model-id", "--adapters-model-id", dest="adapters_model_id",
@@ -330,8 +334,8 @@ def _quantized_adapter(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("-m", "--quantized-model-id", required=True)
     parser.add_argument("-f", "--quantized-filename", required=True)
     if name.startswith("x-lora"):
-        parser.add_argument("-x", "--xlora-model-id", required=True)
-        parser.add_argument("--tgt-non-granular-index", type=int)
+        parser.add_argument("-x", "--xlora-model-id", required=True, help=XLORA_MODEL_HELP)
+        parser.add_argument("--tgt-non-granular-index", type=int, help=XLORA_NON_GRANULAR_HELP)
     elif name.startswith("lora"):
         parser.add_argument("-a", "--adapters-model-id", "--adapter-model-id", dest="adapters_model_id",
                             required=True, help=LORA_ADAPTERS_HELP)
@@ -383,12 +387,12 @@ SUBCOMMANDS = {
     "gguf": ("a GGUF model file (from a Hub repo or a local directory)", _gguf),
     "vision-plain": ("a vision-language safetensors model", _plain),
     "toml": ("a model selected by a TOML file (not supported yet)", _toml),
-    "x-lora": ("X-LoRA adapters on a safetensors model (not supported yet)", _adapter),
+    "x-lora": ("X-LoRA adapters on a safetensors model", _adapter),
     "lora": (LORA_HELP, _adapter),
-    "x-lora-gguf": ("X-LoRA adapters on a GGUF model (not supported yet)", _quantized_adapter),
+    "x-lora-gguf": ("X-LoRA adapters on a GGUF model", _quantized_adapter),
     "lora-gguf": (LORA_GGUF_HELP, _quantized_adapter),
     "ggml": ("a legacy GGML (ggml/ggmf/ggjt v1-3) LLaMA file", _quantized_adapter),
-    "x-lora-ggml": ("X-LoRA adapters on a GGML model (not supported yet)", _quantized_adapter),
+    "x-lora-ggml": ("X-LoRA adapters on a GGML model", _quantized_adapter),
     "lora-ggml": (LORA_GGUF_HELP, _quantized_adapter),
     "diffusion": ("image generation models (not supported)", _diffusion),
     "speech": ("speech generation models (not supported)", _speech),

@@ -23,7 +23,6 @@ UNSUPPORTED_SUBCOMMANDS = {
     "diffusion": "diffusion (image generation) models are not supported by mistralrs-jax",
     "speech": "speech generation models are not supported by mistralrs-jax",
 }
-XLORA_NOT_SUPPORTED = "X-LoRA adapters are not supported yet in mistralrs-jax"
 
 # Flags mistral.rs has that select a feature this engine lacks: dest -> message.
 # Only a flag the user actually set triggers its message.
@@ -80,8 +79,6 @@ def check_supported(args: argparse.Namespace) -> None:
     command = canonical_command(args.command)
     if command in UNSUPPORTED_SUBCOMMANDS:
         raise NotSupportedError(UNSUPPORTED_SUBCOMMANDS[command])
-    if command in XLORA_SUBCOMMANDS:
-        raise NotSupportedError(_xlora_message(args, command))
     for dest, message in UNSUPPORTED_FLAGS.items():
         if getattr(args, dest, None) not in (None, False):
             raise NotSupportedError(message)
@@ -93,14 +90,24 @@ def check_supported(args: argparse.Namespace) -> None:
                                   param="draft_isq")
 
 
-def _xlora_message(args: argparse.Namespace, command: str) -> str:
-    """X-LoRA is refused before anything loads, naming the base model to run instead."""
-    if command == "x-lora":
-        base = f"`plain -m {args.model_id}`" if args.model_id else "`plain -m BASE_MODEL`"
+def _xlora_kwargs(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Base model and X-LoRA model of `x-lora` / `x-lora-gguf` / `x-lora-ggml` (loading/adapters/xlora.py).
+
+    `x-lora` without -m takes the base model from the ordering file's or the X-LoRA config's
+    base model id, as mistral.rs does."""
+    kwargs: dict[str, Any] = {"xlora_model_id": args.xlora_model_id, "xlora_order": args.order,
+                              "tgt_non_granular_index": args.tgt_non_granular_index}
+    if command == "x-lora-gguf":
+        kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename, tokenizer=args.tok_model_id)
+    elif command == "x-lora-ggml":
+        kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename,
+                      tokenizer=args.tokenizer_json or args.tok_model_id, gqa=getattr(args, "gqa", None))
     else:
-        kind = "gguf" if command == "x-lora-gguf" else "ggml"
-        base = f"`{kind} -m {args.quantized_model_id} -f {args.quantized_filename}`"
-    return f"{XLORA_NOT_SUPPORTED} (adapters {args.xlora_model_id}); run the base model alone with {base}"
+        from .loading.adapters.xlora import xlora_base_model
+
+        model = args.model_id or xlora_base_model(args.xlora_model_id, args.order, args.token_source)
+        kwargs.update(model=model, tokenizer=args.tokenizer_json)
+    return kwargs
 
 
 def _lora_kwargs(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -159,6 +166,8 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs.update(model=args.model_id, tokenizer=args.tokenizer_json)
     elif command in ("lora", "lora-gguf", "lora-ggml"):
         kwargs.update(_lora_kwargs(args, command))
+    elif command in XLORA_SUBCOMMANDS:
+        kwargs.update(_xlora_kwargs(args, command))
     elif command == "speculative":
         kwargs.update(model=args.model_id, gguf_file=args.quantized_filename, draft_model=args.draft_model_id,
                       draft_gguf_file=args.draft_quantized_filename, draft_isq=args.draft_isq,

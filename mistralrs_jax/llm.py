@@ -73,6 +73,9 @@ class LLM:
         lora_mode: str = "merged",
         max_loras: int = 4,
         max_lora_rank: int = 64,
+        xlora_model_id: str | None = None,
+        xlora_order: str | None = None,
+        tgt_non_granular_index: int | None = None,
         seq_buckets: list[int] | None = None,
         draft_model: str | None = None,
         draft_gguf_file: str | None = None,
@@ -101,7 +104,8 @@ class LLM:
         target = ModelSpec(model=model, gguf_file=gguf_file, tokenizer=tokenizer, token_source=token_source,
                            revision=revision, dtype=dtype, cpu_weights=cpu_weights, chat_template=chat_template,
                            gqa=gqa, isq=isq, isq_cache=isq_cache, lora_adapters=lora_adapters,
-                           lora_weights=lora_weights)
+                           lora_weights=lora_weights, xlora_model_id=xlora_model_id,
+                           xlora_order=xlora_order, tgt_non_granular_index=tgt_non_granular_index)
         draft = None
         if draft_model is not None:
             draft = ModelSpec(model=draft_model, gguf_file=draft_gguf_file, token_source=token_source,
