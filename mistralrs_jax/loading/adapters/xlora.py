@@ -311,6 +311,18 @@ def load_xlora(model_id: str, order: str | None = None, token_source: str = "cac
     return ckpt
 
 
+def xlora_base_model(model_id: str, order: str | None = None, token_source: str = "cache") -> str:
+    """The base model an X-LoRA model names (ordering file's base_model_id, else its config's), for `x-lora` without -m."""
+    base = read_xlora_ordering(order).get("base_model_id") if order else None
+    if not base:
+        config = read_json_object(resolve_xlora_dir(model_id, token_source)[1])
+        base = config.get("base_model_id") or config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise InvalidRequestError(f"X-LoRA model {model_id} does not name its base model (no base_model_id in the "
+                                  "ordering file or the X-LoRA config); give it with -m/--model-id", param="model_id")
+    return base
+
+
 # --------------------------------------------------------------------------- stacks on the model
 
 
