@@ -203,6 +203,15 @@ def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> No
                        help="tokens per KV cache block")
     sched.add_argument("--pa-cache-type", choices=("auto", "f8e4m3"), default="auto",
                        help="KV cache dtype (only auto is supported)")
+    lora = parser.add_argument_group("per-request LoRA (mistralrs-jax)")
+    lora.add_argument("--lora-mode", choices=("merged", "dynamic"), default="merged",
+                      help="merged: -a adapters are merged into the weights at load (default); dynamic: they are held "
+                           "unmerged and each request picks one (model \"base:adapter\" or the \"lora\" field), and "
+                           "POST/DELETE /v1/loras change them while serving")
+    lora.add_argument("--max-loras", type=positive_int, default=4,
+                      help="adapter slots with --lora-mode dynamic (default 4)")
+    lora.add_argument("--max-lora-rank", type=positive_int, default=64,
+                      help="largest adapter rank a slot holds with --lora-mode dynamic (default 64)")
 
     compat = parser.add_argument_group("mistral.rs flags for features mistralrs-jax lacks (they stop with an error)")
     compat.add_argument("--no-kv-cache", action="store_true", help=argparse.SUPPRESS)

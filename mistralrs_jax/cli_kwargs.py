@@ -153,6 +153,8 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "isq": args.isq,
         "isq_cache": args.isq_cache,
     }
+    if getattr(args, "lora_mode", "merged") == "dynamic":
+        kwargs.update(lora_mode="dynamic", max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     if command == "gguf":
         kwargs.update(model=args.quantized_model_id, gguf_file=args.quantized_filename, tokenizer=args.tok_model_id)
     elif command == "ggml":

@@ -29,6 +29,7 @@ from .request_log import Exchange, RequestLog
 from .routes_admin import blueprint as admin_blueprint
 from .routes_chat import blueprint as chat_blueprint
 from .routes_completions import blueprint as completions_blueprint
+from .routes_loras import blueprint as loras_blueprint
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
         llm.metrics, state.model_name, lambda: getattr(metrics, "compiles_at_start", None),
         lambda: dict(state.http_responses)))
     app.extensions["mistralrs"] = state
-    for blueprint in (chat_blueprint, completions_blueprint, admin_blueprint):
+    for blueprint in (chat_blueprint, completions_blueprint, admin_blueprint, loras_blueprint):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     app.asgi_app = Admission(app.asgi_app, state, max_waiting=max_waiting,  # type: ignore[method-assign]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, LoraLoadRequest
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
@@ -113,15 +113,40 @@ class ReIsqRequest(_Open):
     ggml_type: str | int | None = None
 
 
+class LoraCard(_Open):
+    id: str
+    object: Literal["lora"]
+    slot: int
+    path: str
+    rank: int
+    modules: int
+    model: str
+
+
+class LoraList(_Open):
+    object: Literal["list"]
+    max_loras: int
+    max_lora_rank: int
+    data: list[LoraCard]
+
+
+class LoraDeleted(_Open):
+    id: str
+    object: Literal["lora"]
+    deleted: bool
+    running_requests: int
+
+
 class ReIsqResponse(_Open):
     object: Literal["re_isq"]
     model: str
     isq_type: str | None
 
 
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, ReIsqRequest)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, ReIsqRequest,
+                                              LoraLoadRequest)
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ChatCompletion, Completion, ModelCard, ModelList,
-                                               Health, ServerStatus, ReIsqResponse)
+                                               Health, ServerStatus, ReIsqResponse, LoraCard, LoraList, LoraDeleted)
 
 # One server-sent event, as OpenAPI describes text/event-stream (the schema is per event): the
 # `data` of each is a JSON chunk, and the last one is `[DONE]`.
@@ -215,6 +240,20 @@ def build_openapi(title: str = "mistralrs-jax", version: str = "0", model_name: 
         "/v1/re_isq": {"post": {"operationId": "reIsq", "summary": "Re-quantize the served model",
                                 "requestBody": _body(ReIsqRequest),
                                 "responses": _responses(ReIsqResponse, {**not_supported, "413": "body too large"})}},
+        "/v1/loras": {
+            "get": {"operationId": "listLoras", "summary": "Loaded per-request LoRA adapters (--lora-mode dynamic)",
+                    "responses": _responses(LoraList, not_supported)},
+            "post": {"operationId": "loadLora", "summary": "Load a PEFT LoRA adapter into a free slot while serving",
+                     "requestBody": _body(LoraLoadRequest),
+                     "responses": {"201": {"description": "loaded", "content": _json(LoraCard)},
+                                   **_responses(None, {"400": "not a usable adapter (the error says why), or the "
+                                                              "server has no per-request LoRA",
+                                                       "409": "every slot is taken, or the name is loaded",
+                                                       "413": "body too large"})}}},
+        "/v1/loras/{name}": {"delete": {
+            "operationId": "unloadLora", "summary": "Remove an adapter (running requests finish with it)",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": _responses(LoraDeleted, {**not_supported, "404": "no adapter of that name is loaded"})}},
         "/v1/images/generations": {"post": {
             "operationId": "createImage", "summary": "Not available (text models only)",
             "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},

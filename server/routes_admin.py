@@ -18,20 +18,28 @@ from .state import DEFAULT_MODEL_ALIAS, server_state
 blueprint = Blueprint("admin", __name__)
 
 
-def _model_card() -> dict[str, Any]:
+def _model_card(adapter: str | None = None) -> dict[str, Any]:
+    """The served model's card, or with `adapter` the card of `base:adapter` (per-request LoRA)."""
     state = server_state()
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local",
+    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local",
             "isq_type": getattr(state.llm, "isq_type", None)}
+    if adapter is not None:
+        card.update(id=f"{state.model_name}:{adapter}", parent=state.model_name)
+    return card
 
 
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
-    return json_response({"object": "list", "data": [_model_card()]})
+    adapters = server_state().lora_names() or []
+    return json_response({"object": "list", "data": [_model_card()] + [_model_card(a) for a in adapters]})
 
 
 @blueprint.get("/v1/models/<path:model_id>")
 async def retrieve_model(model_id: str) -> Response:
     state = server_state()
+    base, sep, adapter = model_id.rpartition(":")
+    if sep and base == state.model_name and adapter in (state.lora_names() or []):
+        return json_response(_model_card(adapter))
     if model_id not in (state.model_name, DEFAULT_MODEL_ALIAS):
         raise APIError(404, f"the model {model_id!r} does not exist on this server; it serves {state.model_name!r}",
                        param="model", code="model_not_found")

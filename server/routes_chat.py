@@ -70,6 +70,7 @@ async def chat_completions() -> Response:
         params = req.sampling_params(max_tokens=req.max_new_tokens, logprobs=req.logprobs_k,
                                      default_seed=state.default_seed, guided_decoding=req.guided_decoding(),
                                      **overrides)
+        params = state.with_lora(params, req.model, req.lora)
     except MistralRsError as exc:
         raise APIError.from_engine(exc) from None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

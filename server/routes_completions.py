@@ -30,6 +30,7 @@ async def completions() -> Response:
     try:
         params = req.sampling_params(max_tokens=req.max_new_tokens, logprobs=req.logprobs,
                                      default_seed=state.default_seed, guided_decoding=req.guided_decoding())
+        params = state.with_lora(params, req.model, req.lora)
     except MistralRsError as exc:
         raise APIError.from_engine(exc) from None
     request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -143,6 +143,8 @@ class SamplingFields(_Strict):
     dry_allowed_length: int | None = None
     dry_sequence_breakers: list[str] | None = None
     grammar: Grammar | None = None
+    # Per-request LoRA (--lora-mode dynamic): the name of a loaded adapter (or send model "base:adapter").
+    lora: str | None = None
 
     @property
     def streaming(self) -> bool:
@@ -176,6 +178,17 @@ class SamplingFields(_Strict):
         if self.logit_bias:
             kwargs["logit_bias"] = _token_id_keys(self.logit_bias)
         return SamplingParams(**kwargs)
+
+
+class LoraLoadRequest(_Strict):
+    """`POST /v1/loras`: load the PEFT adapter directory `path` as `name` (per-request LoRA)."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+    def check(self) -> None:
+        """Nothing beyond the types: the adapter itself is checked when it loads."""
 
 
 def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:

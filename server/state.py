@@ -1,6 +1,7 @@
 """What every route needs: the engine, the served model's names, and server settings."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -42,9 +43,33 @@ class ServerState:
     def check_model(self, requested: str | None) -> None:
         if requested is None or requested in (self.model_name, DEFAULT_MODEL_ALIAS):
             return
+        base, sep, adapter = requested.rpartition(":")
+        if sep and base in (self.model_name, DEFAULT_MODEL_ALIAS) and self.lora_names() is not None:
+            self.llm.resolve_lora(adapter, param="model")  # a 404 naming the loaded adapters when unknown
+            return
         raise APIError(404, f"the model {requested!r} does not exist on this server; it serves "
                             f"{self.model_name!r} (\"default\" also selects it, see GET /v1/models)",
                        param="model", code="model_not_found")
+
+    def lora_names(self) -> list[str] | None:
+        """Loaded per-request LoRA adapters (--lora-mode dynamic), or None when the model has none."""
+        slots = getattr(self.llm, "adapter_slots", None)
+        return None if slots is None else slots.names()
+
+    def with_lora(self, params: Any, requested_model: str | None, lora: str | None) -> Any:
+        """`params` with the adapter a request selects: its `lora` field, or a model named
+        `base:adapter`. Both must agree when both are given; unknown adapters are a 404."""
+        from_model = None
+        if requested_model and requested_model not in (self.model_name, DEFAULT_MODEL_ALIAS):
+            from_model = requested_model.rpartition(":")[2]
+        if lora is not None and from_model is not None and lora != from_model:
+            raise APIError(400, f"the model {requested_model!r} selects the adapter {from_model!r} but the lora field "
+                                f"names {lora!r}; send one of them", param="lora", code="lora_conflict")
+        name = lora if lora is not None else from_model
+        if name is None:
+            return params
+        adapter = self.llm.resolve_lora(name, param="lora" if lora is not None else "model")
+        return dataclasses.replace(params, lora=adapter)
 
     def count_response(self, route: str, status: int) -> None:
         with self._lock:

@@ -141,3 +141,110 @@ def test_unknown_adapter_is_a_typed_404(llm):
     with pytest.raises(InvalidRequestError) as info:
         llm.generate(["hi"], lora="nope")
     assert info.value.http_status == 404 and info.value.param == "lora" and "nope" in str(info.value)
+
+
+# --------------------------------------------------------------------------- through the server
+
+
+@pytest.fixture(scope="module")
+def served(llm):
+    from server.app import create_app
+    from server.serving import BackgroundServer
+
+    background = BackgroundServer(create_app(llm)).start()
+    try:
+        yield background.url
+    finally:
+        background.stop()
+
+
+def test_server_adds_and_removes_adapters_while_serving(family, llm, served, tmp_path):
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=120)
+    http = httpx.Client(base_url=served, timeout=120)
+    base = llm.model_name
+    ids = prompts()[0]
+    tokenizer = llm.tokenizer
+
+    def complete(**kwargs) -> str:
+        body = dict(model=kwargs.pop("model", base), prompt=ids, max_tokens=6, temperature=0.0)
+        return client.completions.create(**body, extra_body={"ignore_eos": True, **kwargs}).choices[0].text
+
+    def peft_text(adapter) -> str:
+        """PEFT's greedy tokens as text (the engine's streaming detokenizer may keep a leading space)."""
+        return tokenizer.decode(reference_greedy(peft_model(family["checkpoint"], adapter), ids, 6)).strip()
+
+    compiles = llm.metrics()["compiles"]
+    assert {m.id for m in client.models.list().data} == {base, f"{base}:first", f"{base}:second"}
+    first_text = complete(model=f"{base}:first")
+    assert first_text.strip() == peft_text(family["adapters"]["first"])
+    assert complete(lora="second").strip() == peft_text(family["adapters"]["second"])
+    assert complete().strip() == peft_text(None)
+
+    # Remove "first": a 404 for it from then on, by model name and by the lora field.
+    gone = http.delete("/v1/loras/first")
+    assert gone.status_code == 200 and gone.json()["deleted"] is True
+    with pytest.raises(openai.NotFoundError) as info:
+        complete(model=f"{base}:first")
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError) as info:
+        complete(lora="first")
+    assert info.value.body["param"] == "lora"
+    assert http.delete("/v1/loras/first").status_code == 404
+
+    # Load it again under another name (into the freed slot), then fill every slot: 409 after that.
+    added = http.post("/v1/loras", json={"name": "again", "path": str(family["adapters"]["first"])})
+    assert added.status_code == 201 and added.json()["model"] == f"{base}:again"
+    assert complete(lora="again") == first_text
+    assert http.post("/v1/loras", json={"name": "third", "path": str(family["adapters"]["second"])}).status_code == 201
+    full = http.post("/v1/loras", json={"name": "fourth", "path": str(family["adapters"]["second"])})
+    assert full.status_code == 409 and full.json()["error"]["code"] == "lora_slots_full"
+    taken = http.post("/v1/loras", json={"name": "third", "path": str(family["adapters"]["second"])})
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "lora_name_taken"
+    assert sorted(a["id"] for a in http.get("/v1/loras").json()["data"]) == ["again", "second", "third"]
+    assert llm.metrics()["compiles"] == compiles  # loading, clearing and selecting adapters compiled nothing
+
+    # Bad input: each a typed 4xx naming what is wrong.
+    assert http.delete("/v1/loras/third").status_code == 200
+    wide = make_adapter(family["checkpoint"], tmp_path / "wide", seed=3, r=16, lora_alpha=16, target_modules=["q_proj"])
+    head = make_adapter(family["checkpoint"], tmp_path / "head", seed=4, r=4, lora_alpha=8, target_modules=["lm_head"])
+    cases = [({"name": "wide", "path": str(wide)}, 400, "lora_rank_too_large"),
+             ({"name": "head", "path": str(head)}, 400, "not_supported"),
+             ({"name": "nowhere", "path": str(tmp_path / "missing")}, 400, "invalid_adapter"),
+             ({"name": "a:b", "path": str(wide)}, 400, None),
+             ({"path": str(wide)}, 400, None)]
+    for body, status, code in cases:
+        answer = http.post("/v1/loras", json=body)
+        assert answer.status_code == status, (body, answer.text)
+        if code is not None:
+            assert answer.json()["error"]["code"] == code, answer.text
+    with pytest.raises(openai.BadRequestError):
+        complete(model=f"{base}:again", lora="second")  # two different adapters named
+
+
+def test_removal_lets_running_requests_finish(family, llm):
+    """Removal while a request runs with the adapter: it finishes with the adapter's tokens, and
+    the slot is only reused once it has."""
+    from mistralrs_jax import SamplingParams
+    from mistralrs_jax.errors import InvalidRequestError
+
+    ids = prompts()[1]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    name = "second"
+    expected = llm.generate([ids], params, lora=name)[0].outputs[0].token_ids
+    adapter = llm.resolve_lora(name)
+    request = llm.engine.add_request(ids, llm.with_lora(params, name))  # its sequence holds the slot from here
+    llm.unload_lora(name)  # long before 64 steps have run
+    assert adapter.removed and adapter.in_use() == 1
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate([ids], params, lora=name)  # new requests cannot select it
+    assert info.value.http_status == 404
+    assert request.result(timeout=120).outputs[0].token_ids == expected
+    assert adapter.in_use() == 0
+    # Its slot is free again: filling every slot ends in it.
+    taken = {a.slot for a in llm.loras()}
+    extras = [llm.load_lora(f"extra{i}", str(family["adapters"]["second"])).slot
+              for i in range(llm.adapter_slots.num_slots - len(taken))]
+    assert adapter.slot in extras and len(taken | set(extras)) == llm.adapter_slots.num_slots
