@@ -1,0 +1,221 @@
+"""X-LoRA against PEFT's XLoraModel running the same adapters and classifier.
+
+Tiny random Llama-3 and Mistral checkpoints (tests/family_fixtures.py) get 2-3 PEFT LoRA adapters
+with random A and B (test_lora.make_adapter) and an X-LoRA classifier with random weights, built by
+PEFT itself (`get_peft_model(model, XLoraConfig(...))`). That in-memory PEFT model is the
+reference: its logits (a forward pass runs the scaling pass and the real pass in hooks), its
+scalings (`get_latest_scalings()`), and greedy decoding as `XLoraModel.generate` does it (no KV
+cache: every step recomputes the whole sequence through both passes).
+
+The X-LoRA directory the engine reads is written here, in PEFT's layout or mistral.rs' layout,
+because PEFT 0.21's `save_pretrained` of an X-LoRA model is not loadable: it drops every
+classifier layer whose Sequential index equals an adapter name ("0", "1", ...: its adapter-name
+filter matches `.0.`), and writes the whole base model into each adapter sub-folder. The files
+written hold exactly PEFT's tensors, under PEFT's key names or mistral.rs' (`inner.J`, `last`).
+
+Measured (JAX 0.10.2 XLA:CPU vs torch CPU, f32, logits within about ±15): max |Δ| to PEFT
+3e-5 .. 5e-5; the adapters move the logits by ~14 from the base model's.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from family_fixtures import (HIDDEN, VOCAB_SIZE, ReferenceUnavailable, build_checkpoint, convert_to_gguf,
+                             load_reference, reference_logits)
+from peers import require_peer
+from test_lora import make_adapter
+
+MAX_ABS_DIFF = 1e-4
+SCALINGS_DIFF = 1e-5
+MIN_ADAPTER_EFFECT = 1.0
+SCORE_LEN = 40
+NEW_TOKENS = 12
+LLM_KWARGS = dict(warmup=False, max_seqs=4, max_num_batched_tokens=128, token_buckets=[8, 128], pa_ctxt_len=256,
+                  prefix_cache_n=0)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    """checkpoint + adapters, llama-style (2 adapters) and mistral-style (3, sliding window)."""
+    for peer in ("torch", "transformers", "sentencepiece", "peft"):
+        require_peer(peer)
+    root = tmp_path_factory.mktemp("xlora")
+    llama = build_checkpoint("llama3", root / "llama3")
+    mistral = build_checkpoint("mistral", root / "mistral", seed=3)
+    return {
+        "llama3": (llama, [
+            make_adapter(llama, root / "l0", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+            make_adapter(llama, root / "l1", seed=2, r=2, lora_alpha=4,
+                         target_modules=["q_proj", "k_proj", "up_proj", "down_proj"])]),
+        "mistral": (mistral, [
+            make_adapter(mistral, root / "m0", seed=4, r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+            make_adapter(mistral, root / "m1", seed=5, r=8, lora_alpha=8, use_rslora=True,
+                         target_modules=["gate_proj", "up_proj", "down_proj"]),
+            make_adapter(mistral, root / "m2", seed=6, r=2, lora_alpha=2, target_modules=["k_proj", "o_proj"])]),
+    }
+
+
+def peft_xlora(checkpoint: Path, adapters: list[Path], seed: int = 0, **options):
+    """PEFT's XLoraModel on the checkpoint with random classifier weights (large enough that the
+    scalings differ clearly between tokens and adapters)."""
+    import peft
+    import torch
+
+    model = load_reference(checkpoint)
+    model.config.use_cache = False  # XLoraModel requires it
+    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN,
+                              adapters={str(i): str(a) for i, a in enumerate(adapters)}, **options)
+    xlora = peft.get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in xlora.named_parameters():
+            if "internal_xlora_classifier" in name:
+                fan_in = param.shape[-1] if param.ndim == 2 else 1
+                param.copy_(2.0 * torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+    return xlora.eval()
+
+
+def peft_module_indices(xlora) -> dict[str, int]:
+    """Each adapted projection's scalings index, as PEFT assigned it (its XLoraLayer's layer_number)."""
+    from peft.tuners import lora
+
+    out = {}
+    for name, module in xlora.named_modules():
+        if isinstance(module, lora.Linear):
+            out[name.split("lora_model.model.", 1)[1]] = module.forward.__self__.layer_number
+    return out
+
+
+def classifier_layers(xlora) -> list[tuple[np.ndarray, np.ndarray]]:
+    import torch
+
+    return [(m.weight.detach().numpy(), m.bias.detach().numpy())
+            for m in xlora.base_model.internal_xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
+
+
+def write_xlora(xlora, adapters: list[Path], directory: Path, layout: str, checkpoint: Path) -> tuple[Path, Path]:
+    """(the X-LoRA directory, a mistral.rs ordering file for it) in PEFT's or mistral.rs' layout."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True)
+    config = xlora.peft_config["default"]
+    names = [str(i) for i in range(len(adapters))] if layout == "peft" else [f"expert_{i}" for i in range(len(adapters))]
+    for name, adapter in zip(names, adapters):
+        shutil.copytree(adapter, directory / name)
+    layers = classifier_layers(xlora)
+    if layout == "peft":
+        config.save_pretrained(str(directory))
+        save_file({k: v.detach().numpy().copy() for k, v in xlora.state_dict().items()
+                   if "internal_xlora_classifier" in k}, str(directory / "adapter_model.safetensors"))
+    else:
+        options = {key: getattr(config, key) for key in (
+            "layerwise_scalings", "xlora_depth", "xlora_size", "enable_softmax", "softmax_temperature", "top_k_lora",
+            "enable_softmax_topk", "global_scaling_weight", "scaling_pass_value")}
+        (directory / "xlora_config.json").write_text(json.dumps(
+            {"hidden_size": HIDDEN, "base_model_id": str(checkpoint), "adapters": names,
+             "enable_relu_and_dropout": True, **options}))
+        tensors = {f"inner.{j}.{kind}": value for j, (w, b) in enumerate(layers[:-1])
+                   for kind, value in (("weight", w), ("bias", b))}
+        tensors.update({"last.weight": layers[-1][0], "last.bias": layers[-1][1]})
+        save_file(tensors, str(directory / "xlora_classifier.safetensors"))
+    ordering = directory.parent / f"{directory.name}-ordering.json"
+    ordering.write_text(json.dumps({"order": names, "layers": peft_module_indices(xlora),
+                                    "base_model_id": str(checkpoint)}))
+    return directory, ordering
+
+
+def token_ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB_SIZE, size=n).tolist()
+
+
+def peft_forward(xlora, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [T, V], scalings [T, groups, n]) of PEFT's forward over `ids`."""
+    import torch
+
+    with torch.inference_mode():
+        logits = xlora(torch.tensor([ids])).logits[0].float().numpy()
+    return logits, xlora.base_model.get_latest_scalings()[0].float().numpy()
+
+
+def peft_greedy(xlora, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding as XLoraModel.generate runs it (use_cache=False: the whole sequence every step)."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(np.argmax(peft_forward(xlora, ids)[0][-1])))
+    return ids[len(prompt):]
+
+
+def engine_scalings(llm, ids: list[int]) -> np.ndarray:
+    """The engine's classifier output for `ids` (the scaling pass on a scratch cache)."""
+    import jax.numpy as jnp
+
+    runner, model = llm.runner, llm.model
+    bs = runner.block_size
+    t_pad = max(16, 1 << (len(ids) - 1).bit_length())
+    blocks = t_pad // bs + 1
+    shape = (blocks * bs, llm.model_config.num_kv_heads, llm.model_config.head_dim)
+    caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(model.num_layers)]
+    input_ids, meta, _ = runner.build_metadata([(list(ids), 0, list(range(1, blocks)))], t_pad, 1)
+    scalings, _ = model.scalings(jnp.asarray(input_ids), meta, caches, bs)
+    return np.asarray(scalings)[:len(ids)]
+
+
+def greedy_params(n: int = NEW_TOKENS):
+    from mistralrs_jax import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+# --------------------------------------------------------------------------- matching PEFT
+
+CASES = {
+    # llama-style, PEFT's layout, one classifier layer, one scaling set for every projection
+    "llama3-peft": ("llama3", "peft", dict()),
+    # llama-style, per-projection scalings, a 2-layer classifier with top-1 and softmax over the kept one
+    "llama3-peft-layerwise-topk": ("llama3", "peft", dict(layerwise_scalings=True, xlora_depth=2, xlora_size=32,
+                                                          top_k_lora=1, enable_softmax_topk=True,
+                                                          enable_softmax=False)),
+    # mistral-style (sliding window), mistral.rs' layout and ordering file, 3 adapters,
+    # a 3-layer classifier, temperature, top-2, global weight, and a non-zero scaling pass
+    "mistral-mistralrs": ("mistral", "mistralrs", dict(layerwise_scalings=True, xlora_depth=3, xlora_size=24,
+                                                       softmax_temperature=0.7, top_k_lora=2,
+                                                       global_scaling_weight=0.8, scaling_pass_value=0.25)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_scalings_and_greedy_match_peft(case, models, tmp_path):
+    from mistralrs_jax import LLM
+
+    family, layout, options = CASES[case]
+    checkpoint, adapters = models[family]
+    xlora = peft_xlora(checkpoint, adapters, seed=len(case), **options)
+    directory, ordering = write_xlora(xlora, adapters, tmp_path / "xlora", layout, checkpoint)
+    ids, prompts = token_ids(SCORE_LEN, seed=1), [token_ids(n, seed=n) for n in (5, 23, 37)]
+    expected, expected_scalings = peft_forward(xlora, ids)
+    base = reference_logits(load_reference(checkpoint), ids)
+    expected_tokens = [peft_greedy(xlora, p, NEW_TOKENS) for p in prompts]
+
+    order = {"xlora_order": str(ordering)} if layout == "mistralrs" else {}
+    with LLM(model=str(checkpoint), xlora_model_id=str(directory), **order, **LLM_KWARGS) as llm:
+        logits = llm.score(ids)
+        scalings = engine_scalings(llm, ids)  # [T, 1, n] without layerwise scalings; PEFT repeats them per projection
+        scalings = np.broadcast_to(scalings, (len(ids), expected_scalings.shape[1], scalings.shape[2]))
+        outs = llm.generate(prompts, greedy_params())  # the three prompts batch into one prefill step
+    diff, effect = np.abs(logits - expected).max(), np.abs(expected - base).max()
+    print(f"\n{case}: max |Δ| logits {diff:.2e} (adapters move them by {effect:.1f}), scalings "
+          f"{np.abs(scalings - expected_scalings).max():.2e}, shape {expected_scalings.shape}")
+    assert scalings.shape == expected_scalings.shape
+    assert np.abs(scalings - expected_scalings).max() <= SCALINGS_DIFF
+    assert effect >= MIN_ADAPTER_EFFECT
+    assert diff <= MAX_ABS_DIFF
+    assert [out.outputs[0].token_ids for out in outs] == expected_tokens
