@@ -195,6 +195,7 @@ def _kernel_activations(kernel, qtype, x: np.ndarray):
 CASES = [  # (T, N, K for 32-blocks, K for 256-blocks): T = 1 is the decode GEMV; odd N and a K tail of 32
     (1, 37, 96, 256),
     (1, 6, 576, 768),  # the GEMV over several 64-element chunks (paired activations) and a tail block
+    (2, 7, 576, 768),  # the two-token GEMV (a batch-1 decode step padded to two tokens); a tail row tile
     (3, 5, 576, 768),
     (17, 130, 160, 512),
     (40, 9, 8224, 8448),  # K in several 2048-slices with a tail, tokens in two L2-sized blocks
@@ -313,10 +314,10 @@ def test_activations_are_llamacpp_q8(kernel, ggml_cpu, qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernel_equals_llamacpp_vec_dot(kernel, ggml_cpu, qtype):
     """Every output is llama.cpp's: its Q8 activations dotted by its vec_dot, up to the order of
-    the f32 roundings (a few 1e-6 of the sum of |terms|), at T = 1 (the GEMV) and T > 1."""
+    the f32 roundings (a few 1e-6 of the sum of |terms|), at T = 1 and 2 (the GEMV) and T > 2."""
     rng = np.random.default_rng(int(qtype) + 40)
     kind = ACTIVATION_TYPE[qtype]
-    for t, n, k32, k256 in [(1, 13, 576, 768), (1, 8, 2112, 2304), (5, 9, 576, 768), (19, 6, 4160, 4352)]:
+    for t, n, k32, k256 in [(1, 13, 576, 768), (1, 8, 2112, 2304), (2, 11, 2112, 2304), (5, 9, 576, 768), (19, 6, 4160, 4352)]:
         k = k256 if LAYOUTS[qtype][0] == 256 else k32
         if t == 5:
             w = _quantize_rows(qtype, rng.standard_normal((n, k)).astype(np.float32) * 0.05)

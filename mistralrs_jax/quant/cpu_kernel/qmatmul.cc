@@ -13,8 +13,8 @@
 // activation blocks), which tests/test_cpu_kernel.py asserts with llama.cpp's own vec_dot.
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
-// (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T = 1 the
-// 32-element block formats are decoded in registers (gemv32); otherwise four rows are
+// (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T <= 2 the
+// 32-element block formats and Q4_K are decoded in registers (gemv32, gemvk); otherwise four rows are
 // unpacked into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and
 // dotted with every token of an L2-sized block of tokens, K in 2048-element slices.
 // ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
@@ -194,9 +194,11 @@ struct Paired<Fmt_q5_1> : NibblePair<8, 4, false> {};
 template <>
 struct Paired<Fmt_iq4_nl> : NibblePair<2, -1, true> {};
 
-template <class F, int R, bool Full>
-static inline void gemv32_step(const uint8_t* const* rows, int64_t e, __m512i av, __m128 dav, __m128 qav,
-                               __m512* acc, __m128* corr) {
+// NT tokens share each decoded register of weights: token n's activations are av[n] (its
+// scales dav[n], qav[n]) and its sums go to acc[n], corr[n].
+template <class F, int R, int NT, bool Full>
+static inline void gemv32_step(const uint8_t* const* rows, int64_t e, const __m512i* av, const __m128* dav,
+                               const __m128* qav, __m512 (*acc)[R], __m128 (*corr)[R]) {
   constexpr bool paired = Paired<F>::ok && Full;
   const __m512i spread = paired ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -217,33 +219,49 @@ static inline void gemv32_step(const uint8_t* const* rows, int64_t e, __m512i av
       uv = Paired<F>::codes(b, b + F::bytes);
     else
       uv = _mm512_inserti64x4(_mm512_castsi256_si512(MjBlock32<F>::codes(b)), hi, 1);
-    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av);
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
-                             _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sv, dav))), acc[r]);
-    corr[r] = _mm_fmadd_ps(cv, qav, corr[r]);
+    for (int n = 0; n < NT; ++n) {
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, av[n]);
+      acc[n][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                  _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sv, dav[n]))),
+                                  acc[n][r]);
+      corr[n][r] = _mm_fmadd_ps(cv, qav[n], corr[n][r]);
+    }
   }
 }
 
-template <class F, int R>
+// R weight rows with NT tokens (token n: a + n * K, da / qa + n * (K / 32), out + n * ostride).
+template <class F, int R, int NT>
 static inline void gemv32(const uint8_t* const* rows, int64_t K, const int8_t* a, const float* da, const float* qa,
-                          float* out) {
-  __m512 acc[R];
-  __m128 corr[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), corr[r] = _mm_setzero_ps();
+                          float* out, int64_t ostride) {
+  const int64_t gstride = K / 32;
+  __m512 acc[NT][R];
+  __m128 corr[NT][R];
+  for (int n = 0; n < NT; ++n)
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_setzero_ps(), corr[n][r] = _mm_setzero_ps();
+  __m512i av[NT];
+  __m128 dav[NT], qav[NT];
   int64_t e = 0;
   for (; e + 64 <= K; e += 64) {
-    const __m512i av = _mm512_loadu_si512(a + e);
-    const __m128 dav = _mm_castpd_ps(_mm_load_sd((const double*)(da + e / 32)));
-    const __m128 qav = _mm_castpd_ps(_mm_load_sd((const double*)(qa + e / 32)));
-    gemv32_step<F, R, true>(rows, e, av, dav, qav, acc, corr);
+    for (int n = 0; n < NT; ++n) {
+      av[n] = _mm512_loadu_si512(a + n * K + e);
+      dav[n] = _mm_castpd_ps(_mm_load_sd((const double*)(da + n * gstride + e / 32)));
+      qav[n] = _mm_castpd_ps(_mm_load_sd((const double*)(qa + n * gstride + e / 32)));
+    }
+    gemv32_step<F, R, NT, true>(rows, e, av, dav, qav, acc, corr);
   }
   if (e < K) {  // one block left
-    const __m512i av = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(a + e)));
-    const __m512i av0 = _mm512_inserti64x4(av, _mm256_setzero_si256(), 1);
-    gemv32_step<F, R, false>(rows, e, av0, _mm_load_ss(da + e / 32), _mm_load_ss(qa + e / 32), acc, corr);
+    for (int n = 0; n < NT; ++n) {
+      av[n] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(a + n * K + e))),
+                                 _mm256_setzero_si256(), 1);
+      dav[n] = _mm_load_ss(da + n * gstride + e / 32);
+      qav[n] = _mm_load_ss(qa + n * gstride + e / 32);
+    }
+    gemv32_step<F, R, NT, false>(rows, e, av, dav, qav, acc, corr);
   }
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_castps128_ps512(corr[r]));
-  reduce_rows<R>(acc, out);
+  for (int n = 0; n < NT; ++n) {
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_add_ps(acc[n][r], _mm512_castps128_ps512(corr[n][r]));
+    reduce_rows<R>(acc[n], out + n * ostride);
+  }
 }
 
 // T = 1 on Q4_K: each 64-element chunk of a super-block is one load of 32 bytes (low
@@ -264,31 +282,45 @@ struct KPair<Fmt_q4_k> {
   }
 };
 
-template <class F, int R>
+template <class F, int R, int NT>
 static inline void gemvk(const uint8_t* const* rows, int64_t K, const int8_t* a, const float* da, const float* qa,
-                         float* out) {
+                         float* out, int64_t ostride) {
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc[R];
-  __m128 corr[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), corr[r] = _mm_setzero_ps();
+  const int64_t gstride = K / 32;
+  __m512 acc[NT][R];
+  __m128 corr[NT][R];
+  for (int n = 0; n < NT; ++n)
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_setzero_ps(), corr[n][r] = _mm_setzero_ps();
   for (int64_t sb = 0; sb < K / 256; ++sb) {
     alignas(32) float s[R][8], c[R][8];
     for (int r = 0; r < R; ++r) KPair<F>::scales(rows[r] + sb * F::bytes, s[r], c[r]);
     for (int p = 0; p < 4; ++p) {
       const int64_t e = 256 * sb + 64 * p;
-      const __m512i av = _mm512_loadu_si512(a + e);
-      const __m128 dav = _mm_castpd_ps(_mm_load_sd((const double*)(da + e / 32)));
-      const __m128 qav = _mm_castpd_ps(_mm_load_sd((const double*)(qa + e / 32)));
+      __m512i av[NT];
+      __m128 dav[NT], qav[NT];
+      for (int n = 0; n < NT; ++n) {
+        av[n] = _mm512_loadu_si512(a + n * K + e);
+        dav[n] = _mm_castpd_ps(_mm_load_sd((const double*)(da + n * gstride + e / 32)));
+        qav[n] = _mm_castpd_ps(_mm_load_sd((const double*)(qa + n * gstride + e / 32)));
+      }
       for (int r = 0; r < R; ++r) {
-        const __m512i pr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), KPair<F>::codes(rows[r] + sb * F::bytes, p), av);
-        const __m128 sd = _mm_mul_ps(_mm_castpd_ps(_mm_load_sd((const double*)(s[r] + 2 * p))), dav);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pr), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd)), acc[r]);
-        corr[r] = _mm_fmadd_ps(_mm_castpd_ps(_mm_load_sd((const double*)(c[r] + 2 * p))), qav, corr[r]);
+        const __m512i codes = KPair<F>::codes(rows[r] + sb * F::bytes, p);
+        const __m128 sv = _mm_castpd_ps(_mm_load_sd((const double*)(s[r] + 2 * p)));
+        const __m128 cv = _mm_castpd_ps(_mm_load_sd((const double*)(c[r] + 2 * p)));
+        for (int n = 0; n < NT; ++n) {
+          const __m512i pr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, av[n]);
+          acc[n][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pr),
+                                      _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sv, dav[n]))),
+                                      acc[n][r]);
+          corr[n][r] = _mm_fmadd_ps(cv, qav[n], corr[n][r]);
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_castps128_ps512(corr[r]));
-  reduce_rows<R>(acc, out);
+  for (int n = 0; n < NT; ++n) {
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_add_ps(acc[n][r], _mm512_castps128_ps512(corr[n][r]));
+    reduce_rows<R>(acc[n], out + n * ostride);
+  }
 }
 
 #else  // AVX2
@@ -359,11 +391,24 @@ template <class F>
 struct KPair {
   static constexpr bool ok = false;
 };
-template <class F, int R>
-static inline void gemv32(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*) {}
-template <class F, int R>
-static inline void gemvk(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*) {}
+template <class F, int R, int NT>
+static inline void gemv32(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*, int64_t) {}
+template <class F, int R, int NT>
+static inline void gemvk(const uint8_t* const*, int64_t, const int8_t*, const float*, const float*, float*, int64_t) {}
 #endif
+
+// Tokens up to which the formats with a fused GEMV read their blocks in place (run_rows_gemv)
+// instead of unpacking rows: the engine pads a batch-1 decode step to two tokens, and there the
+// fused path is ~1.4x the unpacking one (SmolLM2's shapes, one core); from T = 3 on they are level.
+#ifndef MJ_GEMV_MAX_T
+#define MJ_GEMV_MAX_T 2
+#endif
+constexpr int64_t kGemvMaxT = MJ_GEMV_MAX_T;
+
+template <class F>
+static constexpr bool uses_gemv() {
+  return MJ_FUSED_GEMV && (MjBlock32<F>::ok || KPair<F>::ok);
+}
 
 // The first `kfull` bytes of a row (whole runs of kLanes groups) into the interleaved layout.
 template <int G>
@@ -394,28 +439,39 @@ struct Job {
   std::atomic<int64_t> done{0};
 };
 
-// T = 1 on a 32-element block format or Q4_K: blocks are read in place (gemv32, gemvk),
-// four rows at a time.
+// Few tokens (T <= kGemvMaxT) on a 32-element block format or Q4_K: blocks are read in place
+// (gemv32, gemvk), four rows at a time, each decoded register of weights serving two tokens.
+template <class F, int NT>
+static inline void gemv_tile(const uint8_t* const* rows, int64_t R, int64_t K, const int8_t* a, const float* da,
+                             const float* qa, float* out) {
+  if constexpr (KPair<F>::ok) {
+    if (R == kRows) return gemvk<F, kRows, NT>(rows, K, a, da, qa, out, kRows);
+    for (int64_t i = 0; i < R; ++i) gemvk<F, 1, NT>(rows + i, K, a, da, qa, out + i, kRows);
+  } else {
+    if (R == kRows) return gemv32<F, kRows, NT>(rows, K, a, da, qa, out, kRows);
+    for (int64_t i = 0; i < R; ++i) gemv32<F, 1, NT>(rows + i, K, a, da, qa, out + i, kRows);
+  }
+}
+
 template <class F>
 static void run_rows_gemv(const Job& job, int64_t r0, int64_t r1) {
   const Activations& A = *job.act;
+  const int64_t T = A.T, K = job.K, ng = K / F::group;
   for (int64_t r = r0; r < r1; r += kRows) {
     const int64_t R = std::min<int64_t>(kRows, r1 - r);
     const uint8_t* rows[kRows];
     for (int64_t i = 0; i < kRows; ++i) rows[i] = job.w + (r + std::min<int64_t>(i, R - 1)) * job.row_bytes;
-    float out[kRows] = {};
-    if constexpr (KPair<F>::ok) {
-      if (R == kRows) {
-        gemvk<F, kRows>(rows, job.K, A.a.data(), A.da.data(), A.qa.data(), out);
-      } else {
-        for (int64_t i = 0; i < R; ++i) gemvk<F, 1>(rows + i, job.K, A.a.data(), A.da.data(), A.qa.data(), out + i);
-      }
-    } else if (R == kRows) {
-      gemv32<F, kRows>(rows, job.K, A.a.data(), A.da.data(), A.qa.data(), out);
-    } else {
-      for (int64_t i = 0; i < R; ++i) gemv32<F, 1>(rows + i, job.K, A.a.data(), A.da.data(), A.qa.data(), out + i);
+    for (int64_t t = 0; t < T; t += 2) {
+      float out[2][kRows] = {};
+      const int8_t* a = A.a.data() + t * K;
+      const float *da = A.da.data() + t * ng, *qa = A.qa.data() + t * ng;
+      const int64_t nt = std::min<int64_t>(2, T - t);
+      if (nt == 2)
+        gemv_tile<F, 2>(rows, R, K, a, da, qa, out[0]);
+      else
+        gemv_tile<F, 1>(rows, R, K, a, da, qa, out[0]);
+      for (int64_t n = 0; n < nt; ++n) std::memcpy(job.y + (t + n) * job.N + r, out[n], R * sizeof(float));
     }
-    std::memcpy(job.y + r, out, R * sizeof(float));
   }
 }
 
@@ -423,8 +479,8 @@ template <class F>
 static void run_rows(const Job& job, int64_t r0, int64_t r1, std::vector<uint8_t>& buf) {
   constexpr int G = F::group, BPG = F::block / F::group;  // groups per block
   const int64_t K = job.K, T = job.act->T, ng = K / G, nb = K / F::block;
-  if constexpr (MJ_FUSED_GEMV && (MjBlock32<F>::ok || KPair<F>::ok)) {
-    if (T == 1) return run_rows_gemv<F>(job, r0, r1);
+  if constexpr (uses_gemv<F>()) {
+    if (T <= kGemvMaxT) return run_rows_gemv<F>(job, r0, r1);
   }
   const int64_t kfull = interleaved_bytes(T, K, G);
   buf.resize(kRows * (K + 2 * ng * sizeof(float)) + 64);
@@ -501,19 +557,24 @@ static void work(Job& job) {
   }
 }
 
-// T = 1 on a paired format: each full 64-element chunk of activations into paired order
-// (swap its second and third 16 bytes), the order Paired<F>::codes decodes weights in.
-static void pair_activations(int64_t type, int8_t* a, int64_t K) {
-  bool paired = false;
+// Whether a matmul of T tokens on `type` takes the fused GEMV (run_rows_gemv), and whether that
+// reads the weights in paired order (Paired<F>).
+static void gemv_route(int64_t type, int64_t T, bool* gemv, bool* paired) {
+  *gemv = *paired = false;
   switch (type) {
-#define MJ_CASE(name, id, blk, nbytes, grp) \
-  case id:                                  \
-    paired = Paired<Fmt_##name>::ok;        \
+#define MJ_CASE(name, id, blk, nbytes, grp)                 \
+  case id:                                                  \
+    *gemv = uses_gemv<Fmt_##name>() && T <= kGemvMaxT;      \
+    *paired = *gemv && Paired<Fmt_##name>::ok;              \
     break;
     MJ_FORMATS(MJ_CASE)
 #undef MJ_CASE
   }
-  if (!paired) return;
+}
+
+// Each full 64-element chunk of activations into paired order (swap its second and third 16
+// bytes), the order Paired<F>::codes decodes weights in.
+static void pair_activations(int8_t* a, int64_t K) {
   for (int64_t e = 0; e + 64 <= K; e += 64) {
     int8_t tmp[16];
     std::memcpy(tmp, a + e + 16, 16);
@@ -554,8 +615,11 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     quantize_row(x.typed_data() + t * K, K, kind, fmt->group, act.a.data() + t * K,
                  act.da.data() + t * K / fmt->group, act.qa.data() + t * K / fmt->group);
 
-  if (T == 1) pair_activations(qtype, act.a.data(), K);
-  if (const int64_t kfull = interleaved_bytes(T, K, fmt->group)) {
+  bool gemv, paired;
+  gemv_route(qtype, T, &gemv, &paired);
+  if (paired)
+    for (int64_t t = 0; t < T; ++t) pair_activations(act.a.data() + t * K, K);
+  if (const int64_t kfull = gemv ? 0 : interleaved_bytes(T, K, fmt->group)) {
     for (int64_t t = 0; t < T; ++t) {
       uint8_t* row = reinterpret_cast<uint8_t*>(act.a.data() + t * K);
       fmt->group == 32 ? interleave<32>(row, kfull) : interleave<16>(row, kfull);
