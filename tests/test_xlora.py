@@ -219,3 +219,156 @@ def test_logits_scalings_and_greedy_match_peft(case, models, tmp_path):
     assert effect >= MIN_ADAPTER_EFFECT
     assert diff <= MAX_ABS_DIFF
     assert [out.outputs[0].token_ids for out in outs] == expected_tokens
+
+
+# --------------------------------------------------------------------------- non-granular scalings
+
+
+def fix_scalings_after(xlora, k: int) -> None:
+    """PEFT's classifier with every position >= k given the scalings of position k - 1: the
+    reference for --tgt-non-granular-index k (PEFT recomputes the whole sequence every step,
+    so fixing them by position is exact)."""
+    classifier = xlora.base_model.internal_xlora_classifier
+    original = classifier.forward
+
+    def forward(*args, **kwargs):
+        scalings = original(*args, **kwargs)
+        if scalings.shape[1] > k:
+            scalings = scalings.clone()
+            scalings[:, k:] = scalings[:, k - 1:k]
+        return scalings
+
+    classifier.forward = forward
+
+
+@pytest.mark.slow
+def test_non_granular_scalings_batch_without_compiles(models, tmp_path):
+    """k = 9: one prompt reaches position 9 while decoding (its scalings come from the KV slot of
+    an earlier step), one inside its prompt (from the same step); both in one batch, after
+    warm-up, with no compile."""
+    from mistralrs_jax import LLM
+
+    k = 9
+    checkpoint, adapters = models["llama3"]
+    xlora = peft_xlora(checkpoint, adapters, seed=11, layerwise_scalings=True)
+    directory, _ = write_xlora(xlora, adapters, tmp_path / "xlora", "peft", checkpoint)
+    ids, prompts = token_ids(SCORE_LEN, seed=1), [token_ids(n, seed=n) for n in (5, 14)]
+    granular = peft_forward(xlora, ids)[0]
+    fix_scalings_after(xlora, k)
+    expected = peft_forward(xlora, ids)[0]
+    expected_tokens = [peft_greedy(xlora, p, NEW_TOKENS) for p in prompts]
+
+    with LLM(model=str(checkpoint), xlora_model_id=str(directory), tgt_non_granular_index=k,
+             **{**LLM_KWARGS, "warmup": True}) as llm:
+        compiles = llm.metrics()["compiles"]
+        outs = llm.generate(prompts, greedy_params())
+        assert llm.metrics()["compiles"] == compiles, "an X-LoRA step compiled after warm-up"
+        logits = llm.score(ids)
+    print(f"\nnon-granular k={k}: max |Δ| {np.abs(logits - expected).max():.2e}; fixing moves PEFT's logits by "
+          f"{np.abs(expected - granular)[k:].max():.2f}")
+    assert np.abs(expected - granular)[:k].max() == 0 and np.abs(expected - granular)[k:].max() > 0.1
+    assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
+    assert [out.outputs[0].token_ids for out in outs] == expected_tokens
+
+
+# --------------------------------------------------------------------------- a GGUF base
+
+
+@pytest.mark.slow
+def test_gguf_base_with_safetensors_adapters(models, tmp_path):
+    """llama.cpp's f32 GGUF of the checkpoint (Q/K rows permuted in the file) under safetensors adapters."""
+    from mistralrs_jax import LLM
+
+    checkpoint, adapters = models["llama3"]
+    gguf = tmp_path / "llama3.gguf"
+    try:
+        convert_to_gguf([(checkpoint, gguf)])
+    except ReferenceUnavailable as exc:
+        pytest.skip(f"llama.cpp's converter is unavailable (the llama-cpp-python sdist could not be fetched): {exc}")
+    xlora = peft_xlora(checkpoint, adapters, seed=12, layerwise_scalings=True, xlora_depth=2, xlora_size=16)
+    directory, _ = write_xlora(xlora, adapters, tmp_path / "xlora", "peft", checkpoint)
+    ids = token_ids(SCORE_LEN, seed=1)
+    expected = peft_forward(xlora, ids)[0]
+    with LLM(model=str(gguf), xlora_model_id=str(directory), **LLM_KWARGS) as llm:
+        logits = llm.score(ids)
+    print(f"\nGGUF base: max |Δ| {np.abs(logits - expected).max():.2e}")
+    assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def xlora_dir(models, tmp_path_factory) -> tuple[Path, Path]:
+    checkpoint, adapters = models["llama3"]
+    xlora = peft_xlora(checkpoint, adapters, seed=13, layerwise_scalings=True)
+    return write_xlora(xlora, adapters, tmp_path_factory.mktemp("bad") / "xlora", "mistralrs", checkpoint)
+
+
+def edited_ordering(ordering: Path, tmp_path: Path, **changes) -> Path:
+    data = {**json.loads(ordering.read_text()), **changes}
+    path = tmp_path / "ordering.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_ordering_not_matching_the_adapters_is_refused(xlora_dir, tmp_path):
+    from mistralrs_jax.loading.adapters.lora import AdapterMismatchError
+    from mistralrs_jax.loading.adapters.xlora import load_xlora
+
+    directory, ordering = xlora_dir
+    swapped = edited_ordering(ordering, tmp_path, order=["expert_1", "expert_0"])
+    with pytest.raises(AdapterMismatchError, match=r"ordering file .*ordering\.json: \"order\" lists "
+                                                   r"\['expert_1', 'expert_0'\].*\['expert_0', 'expert_1'\]"):
+        load_xlora(str(directory), str(swapped))
+    layers = json.loads(ordering.read_text())["layers"]
+    extra = edited_ordering(ordering, tmp_path, layers={**layers, "model.layers.0.mlp.gate_proj": len(layers)})
+    with pytest.raises(AdapterMismatchError, match=r"ordering\.json: its \"layers\" do not match.*listed but no "
+                                                   r"adapter targets them: model\.layers\.0\.mlp\.gate_proj"):
+        load_xlora(str(directory), str(extra))
+    del layers["model.layers.1.self_attn.q_proj"]
+    missing = edited_ordering(ordering, tmp_path, layers=layers)
+    with pytest.raises(AdapterMismatchError, match=r"adapted but not listed: model\.layers\.1\.self_attn\.q_proj"):
+        load_xlora(str(directory), str(missing))
+
+
+def test_classifier_not_fitting_the_base_is_refused(models, xlora_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from mistralrs_jax import LLM
+    from mistralrs_jax.loading.adapters.lora import AdapterMismatchError
+
+    checkpoint, _ = models["llama3"]
+    directory, _ = xlora_dir
+    broken = tmp_path / "xlora"
+    shutil.copytree(directory, broken)
+    file = broken / "xlora_classifier.safetensors"
+    tensors = load_file(str(file))
+    save_file({"last.weight": tensors["last.weight"][:-2], "last.bias": tensors["last.bias"][:-2]}, str(file))
+    with pytest.raises(AdapterMismatchError, match=r"xlora_classifier\.safetensors does not fit the base model: it "
+                                                   r"gives 22 outputs but 2 adapters x 12 adapted projections need 24"):
+        LLM(model=str(checkpoint), xlora_model_id=str(broken), **LLM_KWARGS)
+    save_file({"last.weight": np.zeros((24, HIDDEN // 2), np.float32)}, str(file))
+    with pytest.raises(AdapterMismatchError, match=r"xlora_classifier\.safetensors reads 32 features, but "
+                                                   r".*xlora_config\.json says hidden_size 64"):
+        LLM(model=str(checkpoint), xlora_model_id=str(broken), **LLM_KWARGS)
+
+
+def test_cli_serves_x_lora_lines(models, xlora_dir):
+    """The mistral.rs command lines parse into an X-LoRA LLM; without -m the ordering file names the base."""
+    import shlex
+
+    from mistralrs_jax.cli import build_parser
+    from mistralrs_jax.cli_kwargs import build_llm_kwargs
+
+    checkpoint, _ = models["llama3"]
+    directory, ordering = xlora_dir
+    args = build_parser().parse_args(shlex.split(f"x-lora-plain -x {directory} -o {ordering} --tgt-non-granular-index 4"))
+    kwargs = build_llm_kwargs(args)
+    assert (kwargs["model"], kwargs["xlora_model_id"], kwargs["xlora_order"], kwargs["tgt_non_granular_index"]) == (
+        str(checkpoint), str(directory), str(ordering), 4)
+    args = build_parser().parse_args(shlex.split(f"x-lora-gguf -m {checkpoint.parent} -f llama3.gguf -x {directory} "
+                                                 f"-o {ordering}"))
+    kwargs = build_llm_kwargs(args)
+    assert (kwargs["model"], kwargs["gguf_file"], kwargs["xlora_model_id"]) == (
+        str(checkpoint.parent), "llama3.gguf", str(directory))
