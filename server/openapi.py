@@ -250,9 +250,10 @@ def build_openapi(title: str = "mistralrs-jax", version: str = "0", model_name: 
                                                               "server has no per-request LoRA",
                                                        "409": "every slot is taken, or the name is loaded",
                                                        "413": "body too large"})}}},
-        "/v1/loras/{name}": {"delete": {
+        "/v1/loras/{model_id}": {"delete": {
             "operationId": "unloadLora", "summary": "Remove an adapter (running requests finish with it)",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "description": "the adapter's name",
+                            "schema": {"type": "string"}}],
             "responses": _responses(LoraDeleted, {**not_supported, "404": "no adapter of that name is loaded"})}},
         "/v1/images/generations": {"post": {
             "operationId": "createImage", "summary": "Not available (text models only)",

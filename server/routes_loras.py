@@ -47,8 +47,9 @@ async def list_loras() -> Response:
 
 @blueprint.post("/v1/loras")
 async def load_lora() -> Response:
+    body = await read_json_body()  # read first: a refusal must not leave the body on the connection
     llm = _slots()
-    req: LoraLoadRequest = parse_request(LoraLoadRequest, await read_json_body())
+    req: LoraLoadRequest = parse_request(LoraLoadRequest, body)
     try:
         adapter = await asyncio.to_thread(llm.load_lora, req.name, req.path, req.weight)
     except MistralRsError as exc:
@@ -59,9 +60,10 @@ async def load_lora() -> Response:
     return json_response(_card(adapter), status=201)
 
 
-@blueprint.delete("/v1/loras/<path:name>")
-async def unload_lora(name: str) -> Response:
+# (The variable is named as /v1/models/<path:model_id>'s: what tests/test_openapi.py maps to OpenAPI.)
+@blueprint.delete("/v1/loras/<path:model_id>")
+async def unload_lora(model_id: str) -> Response:
     llm = _slots()
-    adapter = llm.unload_lora(name)
+    adapter = llm.unload_lora(model_id)
     return json_response({"id": adapter.name, "object": "lora", "deleted": True,
                           "running_requests": adapter.in_use()})
