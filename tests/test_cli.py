@@ -137,7 +137,6 @@ def test_bad_command_lines_are_usage_errors(command_line, capsys):
 
 
 @pytest.mark.parametrize("command_line, message", [
-    ("--port 1234 x-lora-plain -o orderings/xlora-paper-ordering.json -x lamm-mit/x-lora", "X-LoRA"),
     ("--port 1234 toml -f toml-selectors/gguf.toml", "TOML"),
     ("-i diffusion -m black-forest-labs/FLUX.1-schnell -a flux", "diffusion"),
     ("-i speech -m nari-labs/Dia-1.6B -a dia", "speech"),

@@ -11,7 +11,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -79,17 +78,14 @@ def test_seed_lines_parse_to_their_meaning():
 
 
 @pytest.mark.parametrize("line", [line for line in SEED_LINES if "x-lora" in line])
-def test_xlora_lines_parse_then_stop_with_a_clear_error(line, capsys):
+def test_xlora_lines_select_the_xlora_model(line):
+    """The seed's X-LoRA lines select the base model and the X-LoRA model (served: tests/test_xlora.py)."""
     args = parse(line)
     assert args.command == "x-lora" and args.port in (8080, 1234)
-    assert (args.xlora_model_id, args.order) in (("./xlora-config.json", None), ("lamm-mit/x-lora", "ordering.json"))
-    started = time.monotonic()
-    assert cli.main(shlex.split(line)) == 1  # not 2: no usage error
-    err = capsys.readouterr().err
-    assert err.startswith("mistralrs-server: error: X-LoRA adapters are not supported yet")
+    kwargs = cli.build_llm_kwargs(args)
     base = "meta-llama/Meta-Llama-3-8B-Instruct" if "x-lora-plain" in line else "HuggingFaceH4/zephyr-7b-beta"
-    assert f"`plain -m {base}`" in err and "usage:" not in err
-    assert time.monotonic() - started < 2.0  # refused before anything is downloaded or loaded
+    assert (kwargs["model"], kwargs["xlora_model_id"], kwargs["xlora_order"]) in (
+        (base, "./xlora-config.json", None), (base, "lamm-mit/x-lora", "ordering.json"))
 
 
 def test_model_flags_go_before_or_after_the_subcommand():

@@ -363,7 +363,7 @@ def test_shape_mismatch_is_refused(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("config, tensors, message", [
     ({"use_dora": True}, {}, "sets use_dora=True, which is not supported"),
-    ({"peft_type": "XLORA"}, {}, "X-LoRA is not supported yet"),
+    ({"peft_type": "XLORA"}, {}, r"an X-LoRA model is served with x-lora -x"),
     ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 128))}, "LoRA on an embedding table"),
     ({}, {"base_model.model.model.norm.weight": np.ones(64)}, "replaces model.norm, which is not a linear projection"),
 ])
@@ -475,8 +475,10 @@ def test_ordering_file_names_and_preloads(tmp_path):
     assert kwargs["lora_weights"] == [1.0, 1.0]
 
 
-def test_xlora_is_still_refused(capsys):
+def test_xlora_line_selects_the_xlora_model():
+    """x-lora is served (tests/test_xlora.py); here only what the line selects."""
     from mistralrs_jax import cli
 
-    assert cli.main(shlex.split("x-lora -o orderings/xlora-paper-ordering.json -x lamm-mit/x-lora")) == 1
-    assert "X-LoRA adapters are not supported yet" in capsys.readouterr().err
+    kwargs = cli.build_llm_kwargs(parse("x-lora -m org/base -o orderings/xlora-paper-ordering.json -x lamm-mit/x-lora"))
+    assert (kwargs["model"], kwargs["xlora_model_id"], kwargs["xlora_order"]) == (
+        "org/base", "lamm-mit/x-lora", "orderings/xlora-paper-ordering.json")

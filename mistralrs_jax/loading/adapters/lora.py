@@ -111,7 +111,7 @@ def _read_config(path: str, name: str) -> dict[str, Any]:
     config = read_json_object(os.path.join(path, CONFIG_FILE))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        hint = " (X-LoRA is not supported yet in mistralrs-jax)" if peft_type == "XLORA" else ""
+        hint = " (an X-LoRA model is served with x-lora -x / LLM(xlora_model_id=...))" if peft_type == "XLORA" else ""
         raise NotSupportedError(f"LoRA adapter {name}: {CONFIG_FILE} has peft_type {peft_type!r}; only LoRA adapters "
                                 f"are supported{hint}")
     for key, what in UNSUPPORTED_OPTIONS.items():
