@@ -2,7 +2,8 @@
 
 A vision checkpoint is served as its language model (the ordinary text engine, built by
 models/registry.py from the nested `language_model.` tensors) plus a `vision` object (llava.py's
-`LlavaVision`, llava_next.py's `LlavaNextVision`, idefics2.py's `Idefics2Vision`) that turns images into prompt placeholders and
+`LlavaVision`, llava_next.py's `LlavaNextVision`, idefics2.py's `Idefics2Vision`, phi3v.py's
+`Phi3VVision`) that turns images into prompt placeholders and
 features. mistral.rs names the
 architectures with `vision-plain -a ARCH`; these are its names.
 """
@@ -20,7 +21,7 @@ from ..weights import WeightSource
 VISION_ARCHS: dict[str, str | None] = {
     "llava": "llava",
     "llava_next": "llava_next",
-    "phi3v": None,
+    "phi3v": "phi3v",
     "idefics2": "idefics2",
     "idefics3": None,
     "vllama": None,
@@ -94,6 +95,10 @@ def vision_text_config(model_dir: str) -> ModelConfig | None:
         from .idefics2 import Idefics2Config
 
         return Idefics2Config.from_model_dir(model_dir).text
+    if arch == "phi3v":
+        from .phi3v import Phi3VConfig
+
+        return Phi3VConfig.from_model_dir(model_dir).text
     from .llava import LlavaConfig
 
     return LlavaConfig.from_model_dir(model_dir).text
@@ -116,6 +121,13 @@ def load_vision(model_dir: str, tokenizer, dtype: str = "auto", *, open_weights:
         weight_dtype = resolve_dtype(dtype, config.text.dtype)
         with open_weights(model_dir, weight_dtype) as source:
             return Idefics2Vision(model_dir, config, tokenizer, source, dtype=weight_dtype)
+    if arch == "phi3v":
+        from .phi3v import Phi3VConfig, Phi3VVision
+
+        config = Phi3VConfig.from_model_dir(model_dir)
+        weight_dtype = resolve_dtype(dtype, config.text.dtype)
+        with open_weights(model_dir, weight_dtype) as source:
+            return Phi3VVision(model_dir, config, tokenizer, source, dtype=weight_dtype)
     from .llava import LlavaConfig, LlavaVision
     from .llava_next import LlavaNextVision
 

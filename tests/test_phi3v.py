@@ -1,0 +1,286 @@
+"""Phi-3 Vision (`vision-plain -a phi3v`) against what transformers and the published processor give.
+
+transformers has no Phi-3 Vision class, so each part is checked against what it does have
+(phi3v_fixtures.py): the CLIP tower against `CLIPVisionModel`, the text model against
+`Phi3ForCausalLM`, the HD transform's crop grid and token counts against the processor's
+documented formulas, the pixels against the processor's steps in PIL / torch, the feature
+layout against the published reshape code, and the whole model (logits, greedy tokens through
+the server with the openai client) against that pipeline composed in torch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phi3v_fixtures import CROP, IMAGE_TOKEN_ID, MERGED, NUM_CROPS, Phi3VReference, build_phi3v_checkpoint, hd_layout, \
+    reference_hd_size, reference_token_count
+from vision_fixtures import data_url, random_images
+
+QUESTION = "What is in this picture?"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def phi3v_dir(tmp_path_factory) -> Path:
+    return build_phi3v_checkpoint(tmp_path_factory.mktemp("phi3v") / "tiny-phi3v")
+
+
+@pytest.fixture(scope="module")
+def reference(phi3v_dir) -> Phi3VReference:
+    return Phi3VReference(phi3v_dir)
+
+
+@pytest.fixture(scope="module")
+def phi3v_llm(phi3v_dir):
+    from mistralrs_jax import LLM
+
+    llm = LLM(str(phi3v_dir), max_seqs=4, token_buckets=[2, 8, 32], max_num_batched_tokens=32, pa_ctxt_len=512)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+
+
+def _images():
+    """The shared test images (40x90 ... 13x7, RGBA, L, P) plus a tall and a wide one: 1x2 up to 4x1 crop grids."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    return random_images() + [Image.fromarray(rng.integers(0, 256, (300, 40, 3), dtype=np.uint8)),
+                              Image.fromarray(rng.integers(0, 256, (30, 260, 3), dtype=np.uint8))]
+
+
+def _chat(image, question: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                         {"type": "text", "text": question}]}]
+
+
+def _reference_ids(reference, text: str, images) -> list[int]:
+    """The processor's ids for our prompt text, its `<|image_N|>` tags where we hold `<|image|>`,
+    negative placeholder ids mapped to the image token id."""
+    for number in range(1, len(images) + 1):
+        text = text.replace("<|image|>", f"<|image_{number}|>", 1)
+    return [IMAGE_TOKEN_ID if t < 0 else t for t in reference.prompt_ids(text, images)]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_hd_geometry_matches_the_processor_formulas():
+    """Crop grid and token count of 3,000 image sizes for num_crops 1, 4 and 16 at 336 px (the
+    published setting), against calc_hd_transform_size / calc_num_image_tokens_from_image_size."""
+    from mistralrs_jax.models.vision.phi3v_processing import Phi3VImageProcessor, num_image_tokens
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 3000, (1000, 2)).tolist() + [[336, 336], [337, 336], [672, 1344], [8000, 50], [50, 8000]]
+    for num_crops in (1, 4, 16):
+        processor = Phi3VImageProcessor(num_crops=num_crops)
+        for width, height in sizes:
+            if min(processor.resized_size(width, height)) < 1:
+                continue  # too thin to resize (refused with an ImageError; the processor would fail too)
+            assert processor.hd_size(width, height) == reference_hd_size(width, height, num_crops), (width, height)
+            rows, cols = processor.crop_grid(width, height)
+            assert rows * cols <= num_crops
+            assert num_image_tokens(rows, cols, 12) == reference_token_count(width, height, num_crops)
+    assert num_image_tokens(1, 1, 12) == 2 * 144 + 1 + 2 * 12  # 313: one crop plus the global view
+    assert Phi3VImageProcessor(num_crops=16).crop_grid(1344, 1344) == (4, 4)
+
+
+@pytest.mark.parametrize("order", ["sub_glb", "glb_sub"])
+def test_hd_layout_matches_the_published_reshape(order):
+    """Our merge + row gather against the published reshape / newline / separator code on
+    labelled features, for crop grids from 1x1 to 4x4, in both hd_transform_orders."""
+    import torch
+
+    from mistralrs_jax.models.vision.phi3v import hd_row_order, merge_2x2
+
+    side, channels = 2 * MERGED, 3
+    for rows, cols in [(1, 1), (1, 2), (2, 1), (2, 3), (4, 1), (1, 4), (4, 4)]:
+        views = 1 + rows * cols
+        states = torch.arange(views * side * side * channels, dtype=torch.float64).reshape(views, side * side,
+                                                                                          channels)
+        sub_gn, glb_gn = -torch.ones(1, 1, 1, 4 * channels), -2 * torch.ones(1, 1, 4 * channels)
+        want = hd_layout(states, rows, cols, sub_gn, glb_gn, order).numpy()
+        merged = merge_2x2(states.numpy(), side).reshape(-1, 4 * channels)
+        table = np.concatenate([merged, sub_gn.reshape(1, -1).numpy(), glb_gn.reshape(1, -1).numpy()])
+        got = table[hd_row_order(rows, cols, MERGED, order)]
+        assert got.shape == want.shape and np.array_equal(got, want), (rows, cols)
+        assert len(got) == (rows * cols + 1) * MERGED ** 2 + 1 + (rows + 1) * MERGED
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def test_clip_tower_matches_transformers(phi3v_llm, reference):
+    import torch
+
+    pixels = np.random.default_rng(1).standard_normal((3, 3, CROP, CROP)).astype(np.float32)
+    with torch.inference_mode():
+        want = reference.clip(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2][:, 1:].numpy()
+    got = np.asarray(phi3v_llm.vision.view_model.img_processor(pixels))
+    assert got.shape == want.shape == (3, (2 * MERGED) ** 2, 32)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_text_model_matches_phi3(phi3v_llm, reference):
+    ids = phi3v_llm.tokenizer.encode("The quick brown fox jumps over the lazy dog, then rests.")
+    got = phi3v_llm.score(ids)
+    want = reference.text(__import__("torch").tensor([ids])).logits[0].detach().numpy()
+    assert np.abs(got - want).max() < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_pixels_features_ids_and_logits_match_the_reference(phi3v_llm, reference):
+    vision = phi3v_llm.vision
+    images = _images()
+    grids = set()
+    for image in images:
+        views, (rows, cols) = vision.image_views(image)
+        want_views, (height, width) = reference.views(image)
+        assert (rows * CROP, cols * CROP) == (height, width)
+        assert views.shape == want_views.shape and np.abs(views - want_views).max() < 1e-5
+        grids.add((rows, cols))
+    assert {(1, 2), (2, 1), (2, 2), (4, 1), (1, 4)} <= grids, grids
+
+    features, _ = vision.encode_images(images)
+    for image, ours in zip(images, features):
+        theirs = reference.image_features(image)
+        assert ours.shape == theirs.shape
+        assert len(ours) == vision.tokens_for(image) == reference_token_count(image.width, image.height, NUM_CROPS,
+                                                                              CROP, MERGED)
+        assert np.abs(ours - theirs).max() < 1e-4
+
+    for image in (images[0], images[8]):
+        ids, text, _ = phi3v_llm.chat_prompt(_chat(image))
+        assert text.count("<|image|>") == 1
+        assert ids == _reference_ids(reference, text, [image])
+        unexpanded = phi3v_llm.tokenizer.encode_prompt(text)
+        got = phi3v_llm.score(unexpanded, images=[image])
+        want = reference.logits(reference.prompt_ids(text.replace("<|image|>", "<|image_1|>"), [image]), [image])
+        assert np.abs(got - want).max() < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_two_images_in_one_prompt(phi3v_llm, reference):
+    images = _images()[:2]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    ids, text, multimodal = phi3v_llm.chat_prompt([{"role": "user", "content": [*parts, {"type": "text",
+                                                                                         "text": QUESTION}]}])
+    assert multimodal.num_images == 2 and text.count("<|image|>") == 2
+    assert ids == _reference_ids(reference, text, images)
+    tagged = text.replace("<|image|>", "<|image_1|>", 1).replace("<|image|>", "<|image_2|>", 1)
+    want = reference.logits(reference.prompt_ids(tagged, images), images)
+    got = phi3v_llm.score(phi3v_llm.tokenizer.encode_prompt(text), images=images)
+    assert np.abs(got - want).max() < 1e-3
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _serve(llm):
+    from server.app import create_app
+    from server.serving import BackgroundServer
+
+    return BackgroundServer(create_app(llm)).start()
+
+
+def test_server_answers_image_chats_like_the_reference(phi3v_llm, reference):
+    import openai
+
+    image = _images()[1]
+    ids, text, _ = phi3v_llm.chat_prompt(_chat(image))
+    want = reference.greedy(reference.prompt_ids(text.replace("<|image|>", "<|image_1|>"), [image]), [image],
+                            NEW_TOKENS)
+    background = _serve(phi3v_llm)
+    try:
+        client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        kwargs = dict(model=phi3v_llm.model_name, temperature=0, max_tokens=NEW_TOKENS,
+                      extra_body={"ignore_eos": True})
+        reply = client.chat.completions.create(messages=_chat(image), **kwargs)
+        assert reply.choices[0].message.content == phi3v_llm.tokenizer.decode(want)
+        assert reply.usage.prompt_tokens == len(ids)
+        assert reply.usage.completion_tokens == NEW_TOKENS
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}], **kwargs)
+        assert caught.value.body["code"] == "invalid_image"
+    finally:
+        background.stop()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_image_too_big_for_the_context_is_refused_before_any_compute(phi3v_dir, monkeypatch):
+    """An image whose crops need more tokens than the context holds: a 400 (context_length_exceeded)
+    from the server, before the image is resized or the tower runs; a smaller one still passes."""
+    import openai
+    from PIL import Image
+
+    from mistralrs_jax import LLM
+    from mistralrs_jax.errors import PromptTooLongError
+
+    llm = LLM(str(phi3v_dir), max_seqs=2, token_buckets=[8, 32], max_num_batched_tokens=32, max_model_len=80,
+              pa_ctxt_len=128, warmup=False)
+    try:
+        vision = llm.vision
+        calls = []
+        for name in ("image_views", "encode_images"):
+            original = getattr(vision, name)
+            monkeypatch.setattr(vision, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+        big = Image.fromarray(np.zeros((300, 300, 3), np.uint8))  # 2 x 2 crops: 93 image tokens
+        assert vision.tokens_for(big) > llm.max_model_len
+        with pytest.raises(PromptTooLongError):
+            llm.chat_prompt(_chat(big, "cat"))
+        background = _serve(llm)
+        try:
+            client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="unused", max_retries=0, timeout=120)
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(model=llm.model_name, messages=_chat(big, "cat"), max_tokens=2)
+            assert caught.value.status_code == 400
+            assert caught.value.body["code"] == "context_length_exceeded"
+        finally:
+            background.stop()
+        assert calls == []
+        small = Image.fromarray(np.zeros((50, 100, 3), np.uint8))  # 1 x 2 crops: 57 image tokens
+        ids, _, _ = llm.chat_prompt(_chat(small, "cat"))
+        assert len(ids) <= llm.max_model_len
+        assert calls == ["encode_images", "image_views"]
+    finally:
+        llm.shutdown()
+
+
+def test_prompt_image_tokens_must_match_the_images(phi3v_llm):
+    from mistralrs_jax.errors import ImageError
+
+    image = _images()[2]
+    ids = phi3v_llm.tokenizer.encode("<|user|>\nno image here<|end|>\n<|assistant|>\n")
+    with pytest.raises(ImageError, match=r"<\|image\|>"):
+        phi3v_llm.vision.prepare(ids, [image])
+    with pytest.raises(ImageError, match="1 image"):
+        phi3v_llm.vision.prepare(ids + [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID], [image])
+
+
+def test_unsupported_phi3v_configs_are_refused_by_name(phi3v_dir, tmp_path):
+    from mistralrs_jax.errors import ModelLoadError, NotSupportedError
+    from mistralrs_jax.models.vision import check_vision_arch
+    from mistralrs_jax.models.vision.phi3v import Phi3VConfig
+
+    assert check_vision_arch("phi3v") == "phi3v"
+    config = Phi3VConfig.from_model_dir(str(phi3v_dir))
+    assert (config.text.arch, config.hd_transform_order, config.merged_grid) == ("phi3", "sub_glb", MERGED)
+    for change, error, field in [({"embd_layer": {"use_hd_transform": True, "with_learnable_separator": True,
+                                                  "projection_cls": "linear"}}, NotSupportedError, "projection_cls"),
+                                 ({"embd_layer": {"use_hd_transform": False}}, NotSupportedError, "use_hd_transform"),
+                                 ({"img_processor": {"name": "siglip"}}, NotSupportedError, "img_processor"),
+                                 ({"img_processor": {"num_img_tokens": 144, "image_dim_out": 32}}, ModelLoadError,
+                                  "num_img_tokens")]:
+        broken = tmp_path / field
+        shutil.copytree(phi3v_dir, broken)
+        raw = json.loads((broken / "config.json").read_text())
+        raw.update(change)
+        (broken / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(error, match=field):
+            Phi3VConfig.from_model_dir(str(broken))
