@@ -212,14 +212,14 @@ class ModelRunner:
         # Pass the weights as a flat list of arrays and close over the graph definition:
         # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.
         self.state_leaves, self._state_treedef = jax.tree.flatten(state)
-        outputs = {}
+        outputs, self._logits_sharding = {}, None
         if self.mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
 
             from ..parallel.rules import shard_state
 
             self.state_leaves = shard_state(model, state, self.mesh)
-            whole = NamedSharding(self.mesh, PartitionSpec())  # logits gathered before the sampler
+            whole = self._logits_sharding = NamedSharding(self.mesh, PartitionSpec())  # gathered for the sampler
             outputs = {"out_shardings": (whole, jax.tree.map(lambda a: a.sharding, self.kv_caches))}
         self._step_fn = bind_mesh(jax.jit(self._step, donate_argnums=(1,), **outputs), self.mesh)
         self._score_fn = bind_mesh(jax.jit(self._score, **({"out_shardings": outputs["out_shardings"][0]}
@@ -538,7 +538,8 @@ class ModelRunner:
         if num_seqs in self._warmed_samplers:
             return
         logits_info = lowered.out_info[0]
-        logits = jax.device_put(np.zeros(logits_info.shape, logits_info.dtype))
+        # Placed as a step leaves them (replicated over the mesh under tp), or the sampler would compile again.
+        logits = jax.device_put(np.zeros(logits_info.shape, logits_info.dtype), self._logits_sharding)
         for params in SAMPLER_WARMUP_PARAMS:
             arrays, modes = compiled_sampler_variant(
                 *build_sampling_arrays([params], [([0], 1)], [0], num_rows=num_seqs, seeds=[0]))
