@@ -244,24 +244,25 @@ def fix_scalings_after(xlora, k: int) -> None:
 @pytest.mark.slow
 def test_non_granular_scalings_batch_without_compiles(models, tmp_path):
     """k = 9: one prompt reaches position 9 while decoding (its scalings come from the KV slot of
-    an earlier step), one inside its prompt (from the same step); both in one batch, after
-    warm-up, with no compile."""
+    an earlier step), two inside their prompt (from the same step); all in one batch, after
+    warm-up, with no compile; run again, the prompts' full blocks come from the prefix cache."""
     from mistralrs_jax import LLM
 
     k = 9
     checkpoint, adapters = models["llama3"]
     xlora = peft_xlora(checkpoint, adapters, seed=11, layerwise_scalings=True)
     directory, _ = write_xlora(xlora, adapters, tmp_path / "xlora", "peft", checkpoint)
-    ids, prompts = token_ids(SCORE_LEN, seed=1), [token_ids(n, seed=n) for n in (5, 14)]
+    ids, prompts = token_ids(SCORE_LEN, seed=1), [token_ids(n, seed=n) for n in (5, 14, 37)]
     granular = peft_forward(xlora, ids)[0]
     fix_scalings_after(xlora, k)
     expected = peft_forward(xlora, ids)[0]
     expected_tokens = [peft_greedy(xlora, p, NEW_TOKENS) for p in prompts]
 
     with LLM(model=str(checkpoint), xlora_model_id=str(directory), tgt_non_granular_index=k,
-             **{**LLM_KWARGS, "warmup": True}) as llm:
+             **{**LLM_KWARGS, "warmup": True, "prefix_cache_n": 16}) as llm:
         compiles = llm.metrics()["compiles"]
         outs = llm.generate(prompts, greedy_params())
+        again = llm.generate(prompts, greedy_params())
         assert llm.metrics()["compiles"] == compiles, "an X-LoRA step compiled after warm-up"
         logits = llm.score(ids)
     print(f"\nnon-granular k={k}: max |Δ| {np.abs(logits - expected).max():.2e}; fixing moves PEFT's logits by "
@@ -269,6 +270,7 @@ def test_non_granular_scalings_batch_without_compiles(models, tmp_path):
     assert np.abs(expected - granular)[:k].max() == 0 and np.abs(expected - granular)[k:].max() > 0.1
     assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
     assert [out.outputs[0].token_ids for out in outs] == expected_tokens
+    assert [out.outputs[0].token_ids for out in again] == expected_tokens
 
 
 # --------------------------------------------------------------------------- a GGUF base
@@ -330,6 +332,19 @@ def test_ordering_not_matching_the_adapters_is_refused(xlora_dir, tmp_path):
     missing = edited_ordering(ordering, tmp_path, layers=layers)
     with pytest.raises(AdapterMismatchError, match=r"adapted but not listed: model\.layers\.1\.self_attn\.q_proj"):
         load_xlora(str(directory), str(missing))
+
+
+def test_peft_save_pretrained_without_classifier_layers_is_named(models, tmp_path):
+    """PEFT 0.21's own save_pretrained loses classifier layers (see the module docstring): a typed
+    error says which and why, before any adapter is read."""
+    from mistralrs_jax.errors import ModelLoadError
+    from mistralrs_jax.loading.adapters.xlora import load_xlora
+
+    checkpoint, adapters = models["llama3"]
+    peft_xlora(checkpoint, adapters, seed=14, xlora_depth=2, xlora_size=16).save_pretrained(str(tmp_path / "saved"))
+    with pytest.raises(ModelLoadError, match=r"adapter_model\.safetensors holds layers \[3\] of PEFT's classifier, but "
+                                             r"xlora_depth 2 puts its Linear layers at \[0, 3\]; PEFT's save_pretrained"):
+        load_xlora(str(tmp_path / "saved"))
 
 
 def test_classifier_not_fitting_the_base_is_refused(models, xlora_dir, tmp_path):

@@ -208,7 +208,14 @@ def _check_ordering_layers(layers: dict[str, int], modules: set[str], path: str)
 # --------------------------------------------------------------------------- the classifier
 
 
-def _read_classifier(path: str, peft_layout: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _peft_linear_indices(config: dict[str, Any]) -> list[int]:
+    """Where PEFT's classifier Sequential holds its Linear layers (Linear, ReLU[, Dropout], Linear, ...)."""
+    depth = config.get("xlora_depth", 1)
+    step = 3 if (config.get("xlora_dropout_p", 0.2) or 0) > 0 else 2
+    return [0] if not isinstance(depth, int) or depth <= 1 else [i * step for i in range(depth)]
+
+
+def _read_classifier(path: str, peft_layout: bool, config: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray | None]]:
     from ..safetensors import SafetensorsFile
 
     if not os.path.isfile(path):
@@ -230,6 +237,12 @@ def _read_classifier(path: str, peft_layout: bool) -> list[tuple[np.ndarray, np.
             position = (1, 0) if match.group(2) else (0, int(match.group(1)))
             kind = match.group(3)
         layers.setdefault(position, {})[kind] = value
+    if peft_layout and sorted(i for _, i in layers) != _peft_linear_indices(config):
+        raise ModelLoadError(
+            f"X-LoRA classifier {path} holds layers {sorted(i for _, i in layers)} of PEFT's classifier, but xlora_depth "
+            f"{config.get('xlora_depth', 1)} puts its Linear layers at {_peft_linear_indices(config)}; PEFT's "
+            "save_pretrained drops the layers whose index equals an adapter name (0, 1, ...): save the classifier's "
+            "state_dict yourself")
     out = []
     for position in sorted(layers):
         parts = layers[position]
@@ -286,6 +299,8 @@ def load_xlora(model_id: str, order: str | None = None, token_source: str = "cac
     if not names:
         raise InvalidRequestError(f"X-LoRA model {model_id}: neither {config_path} nor an ordering file (-o) lists "
                                   "the adapters", param="order")
+    classifier_path = os.path.join(directory, PEFT_WEIGHTS if peft_layout else MISTRALRS_CLASSIFIER)
+    classifier = _read_classifier(classifier_path, peft_layout, config)
     adapters = []
     for i, name in enumerate(names):
         adapter = load_adapter(_adapter_dir(directory, name, i, listed.get(name)), token_source=token_source)
@@ -296,10 +311,9 @@ def load_xlora(model_id: str, order: str | None = None, token_source: str = "cac
     modules = {module for adapter in adapters for module in adapter.factors}
     module_index = (_check_ordering_layers(ordering["layers"], modules, order) if ordering.get("layers")
                     else peft_module_order(modules))
-    classifier_path = os.path.join(directory, PEFT_WEIGHTS if peft_layout else MISTRALRS_CLASSIFIER)
     base = ordering.get("base_model_id") or config.get("base_model_id") or config.get("base_model_name_or_path")
     ckpt = XLoraCheckpoint(config_path, classifier_path, _options(config, config_path, len(names), not peft_layout),
-                           names, adapters, _read_classifier(classifier_path, peft_layout), module_index,
+                           names, adapters, classifier, module_index,
                            base if isinstance(base, str) and base else None)
     hidden = config.get("hidden_size")
     if isinstance(hidden, int) and hidden != ckpt.classifier[0][0].shape[1]:
