@@ -297,6 +297,46 @@ def test_gguf_base_with_safetensors_adapters(models, tmp_path):
     assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
 
 
+# --------------------------------------------------------------------------- an adapted lm_head
+
+
+@pytest.mark.slow
+def test_lm_head_adapter_matches_peft_lora(models, tmp_path):
+    """mistral.rs' X-LoRA adapts the lm_head too; PEFT's XLoraModel cannot load such an adapter (its
+    key rewriting gives `model.model.lm_head`). So the reference is PEFT's plain LoRA: a classifier
+    whose bias puts all the weight (1 - 1e-13) on the adapter with the lm_head gives that adapter
+    alone, which `PeftModel` runs."""
+    from safetensors.numpy import load_file, save_file
+
+    from mistralrs_jax import LLM
+    from test_lora import peft_logits
+
+    checkpoint, adapters = models["mistral"]
+    with_head = make_adapter(checkpoint, tmp_path / "head", seed=15, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "down_proj", "lm_head"])
+    directory = tmp_path / "xlora"
+    directory.mkdir()
+    names = ["with_head", "other"]
+    shutil.copytree(with_head, directory / names[0])
+    shutil.copytree(adapters[0], directory / names[1])
+    file = directory / names[0] / "adapter_model.safetensors"  # PEFT saves the unchanged base lm_head beside it
+    save_file({k: v for k, v in load_file(str(file)).items() if "lora_" in k}, str(file))
+    (directory / "xlora_config.json").write_text(json.dumps({"hidden_size": HIDDEN, "base_model_id": str(checkpoint),
+                                                             "adapters": names}))
+    rng = np.random.default_rng(0)
+    save_file({"last.weight": (1e-3 * rng.standard_normal((2, HIDDEN))).astype(np.float32),
+               "last.bias": np.array([30.0, 0.0], np.float32)}, str(directory / "xlora_classifier.safetensors"))
+    ids = token_ids(SCORE_LEN, seed=1)
+    expected = peft_logits(checkpoint, [with_head], token_ids=ids)
+    base = reference_logits(load_reference(checkpoint), ids)
+    with LLM(model=str(checkpoint), xlora_model_id=str(directory), **LLM_KWARGS) as llm:
+        logits = llm.score(ids)
+        assert llm.model.lm_head_adapted
+    print(f"\nlm_head adapter: max |Δ| {np.abs(logits - expected).max():.2e}, effect {np.abs(expected - base).max():.1f}")
+    assert np.abs(expected - base).max() >= MIN_ADAPTER_EFFECT
+    assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
+
+
 # --------------------------------------------------------------------------- bad input
 
 
