@@ -213,6 +213,18 @@ def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> No
     lora.add_argument("--max-lora-rank", type=positive_int, default=64,
                       help="largest adapter rank a slot holds with --lora-mode dynamic (default 64)")
 
+    hosts = parser.add_argument_group("multi-host (jax.distributed): one command per host, process 0 serves HTTP")
+    hosts.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address and a free port every process reaches "
+                            "(default: $JAX_COORDINATOR_ADDRESS; unset: a single process)")
+    hosts.add_argument("--num-processes", type=positive_int, metavar="P",
+                       help="processes in the run, one per host (default: $JAX_NUM_PROCESSES)")
+    hosts.add_argument("--process-id", type=non_negative_int, metavar="I",
+                       help="this process's id in [0, P); 0 serves HTTP (default: $JAX_PROCESS_ID)")
+    hosts.add_argument("--distributed-timeout", type=positive_int, metavar="S",
+                       help="seconds to wait for every process to join, and for a silent peer before it counts "
+                            "as dead (default 60)")
+
     compat = parser.add_argument_group("mistral.rs flags for features mistralrs-jax lacks (they stop with an error)")
     compat.add_argument("--no-kv-cache", action="store_true", help=argparse.SUPPRESS)
     compat.add_argument("-n", "--num-device-layers", "--device-layers", dest="num_device_layers",

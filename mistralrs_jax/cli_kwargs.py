@@ -206,3 +206,21 @@ def apply_environment(args: argparse.Namespace) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
         if "jax" in sys.modules:
             sys.modules["jax"].config.update("jax_platforms", "cpu")
+    join_cluster(args)
+
+
+def join_cluster(args: argparse.Namespace) -> None:
+    """With --coordinator-address / --num-processes / --process-id (or their JAX_* variables), join
+    the multi-host run (jax.distributed) before anything touches a device. Only the HTTP server
+    runs across processes: process 0 serves, the others follow its steps."""
+    from .parallel.distributed import DistributedSettings, initialize
+
+    settings = DistributedSettings.from_flags(getattr(args, "coordinator_address", None),
+                                              getattr(args, "num_processes", None), getattr(args, "process_id", None),
+                                              getattr(args, "distributed_timeout", None))
+    if settings is None:
+        return
+    if getattr(args, "interactive_mode", False) or getattr(args, "tool", None):
+        raise NotSupportedError("several processes (--coordinator-address/--num-processes) serve HTTP only: "
+                                "drop -i, or run the TUI and benchmarks against process 0's server")
+    initialize(settings)

@@ -24,6 +24,8 @@ from .loading.chat_template import ChatTemplate
 from .loading.model_loader import LoadedModel, ModelSpec, load_model
 from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
+from .parallel.distributed import MultiHost, is_multi_process
+from .parallel.distributed import attach as attach_multi_host
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -149,10 +151,15 @@ class LLM:
             self.engine.runner.num_lora_slots = self.adapter_slots.num_slots
             self.adapter_slots.on_change = lambda: self.engine.runner.refresh_adapter_weights(self.loaded.model)
         self.speculative_gamma = engine_config.speculative_gamma if self.draft is not None else None
+        if engine_config.warmup == "background" and is_multi_process():
+            # Every process compiles (and warms the sampler) in the same order, before serving.
+            engine_config.warmup = True
         if engine_config.warmup:
             self._warmup(background=engine_config.warmup == "background")
         if engine_config.warmup != "background":  # else the compile thread sets it when it is done
             self.engine.metrics.compiles_at_start = self.engine.stats()["compiles"]
+        # Several processes (jax.distributed): process 0's steps are broadcast to the others.
+        self.distributed: MultiHost | None = attach_multi_host(self.engine.runner)
         self.engine.start()
 
     def _refuse_with_dynamic_lora(self, engine_config: EngineConfig, draft) -> None:
@@ -224,6 +231,7 @@ class LLM:
         new_type = normalize_isq_type(isq_type)
         if self.isq_factory is None:
             raise NotSupportedError("re-quantizing (re_isq) is only available for GGUF models in mistralrs-jax")
+        self._refuse_multi_host("re-quantizing (re_isq)")
         with self._re_isq_lock:
             self.engine.swap_weights(lambda: self._requantize(new_type), self.model,
                                      warmup=bool(self.engine_config.warmup))
@@ -404,6 +412,7 @@ class LLM:
         here (rows follow the expanded prompt), unless they are expanded already."""
         if not token_ids:
             raise ValueError("score() needs at least one token")
+        self._refuse_multi_host("score()")
         multimodal = None
         if images:
             token_ids, multimodal = self._require_vision().prepare(token_ids, images)
@@ -428,7 +437,14 @@ class LLM:
     def metrics(self) -> dict:
         return {**self.engine.stats(), "weight_bytes": self.weight_bytes}
 
+    def _refuse_multi_host(self, what: str) -> None:
+        if getattr(self, "distributed", None) is not None:
+            raise NotSupportedError(f"{what} is not supported across several processes (--num-processes) yet; "
+                                    "run it in a single process")
+
     def shutdown(self) -> None:
+        if getattr(self, "distributed", None) is not None:
+            self.distributed.close()  # process 0 releases the others
         self.engine.shutdown()
 
     def __enter__(self):

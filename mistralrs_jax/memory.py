@@ -52,7 +52,7 @@ def read_local_memory() -> MemoryReading:
     devices: list[DeviceMemory] = []
     jax = sys.modules.get("jax")  # only if the engine already started JAX here; never start it for a reading
     if jax is not None:
-        for device in jax.devices():
+        for device in jax.local_devices():  # a multi-host run lists other processes' devices too
             stats = device.memory_stats()
             if stats:
                 devices.append(DeviceMemory(f"{device.platform}:{device.id} {device.device_kind}",

@@ -130,6 +130,12 @@ def serve(llm: Any, args: argparse.Namespace) -> None:
     """Serve `llm` over HTTP with the command-line settings in `args` until SIGINT/SIGTERM."""
     from .serving import run_until_signal
 
+    multi_host = getattr(llm, "distributed", None)
+    if multi_host is not None and not multi_host.is_leader:
+        log.info("process %d of %d: process 0 serves HTTP; this one runs its steps", multi_host.process_id,
+                 multi_host.num_processes)
+        multi_host.follow()
+        return
     request_log = getattr(args, "request_log_file", None) or getattr(args, "request_logging_file", None)
     app = create_app(llm, api_key=getattr(args, "api_key", None), request_log=request_log,
                      truncate_sequence=bool(getattr(args, "truncate_sequence", False)),
