@@ -297,6 +297,37 @@ def test_gguf_base_with_safetensors_adapters(models, tmp_path):
     assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
 
 
+# --------------------------------------------------------------------------- through the server
+
+
+@pytest.mark.slow
+def test_server_completions_match_peft(models, tmp_path):
+    """The real server on loopback, the real openai client: two token-id prompts in one request."""
+    import openai
+    from server.app import create_app
+    from server.serving import BackgroundServer
+
+    from mistralrs_jax import LLM
+
+    checkpoint, adapters = models["llama3"]
+    xlora = peft_xlora(checkpoint, adapters, seed=16, layerwise_scalings=True)
+    directory, _ = write_xlora(xlora, adapters, tmp_path / "xlora", "peft", checkpoint)
+    prompts = [token_ids(n, seed=n) for n in (7, 19)]
+    expected = [peft_greedy(xlora, p, NEW_TOKENS) for p in prompts]
+    with LLM(model=str(checkpoint), xlora_model_id=str(directory), **LLM_KWARGS) as llm:
+        background = BackgroundServer(create_app(llm)).start()
+        try:
+            client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="unused", max_retries=0, timeout=120)
+            reply = client.completions.create(model=llm.model_name, prompt=prompts, max_tokens=NEW_TOKENS,
+                                              temperature=0.0, logprobs=0)
+        finally:
+            background.stop()
+        texts = [llm.tokenizer.decode(tokens) for tokens in expected]
+    choices = sorted(reply.choices, key=lambda c: c.index)
+    assert [c.text for c in choices] == texts
+    assert all(len(c.logprobs.tokens) == NEW_TOKENS for c in choices)
+
+
 # --------------------------------------------------------------------------- an adapted lm_head
 
 
