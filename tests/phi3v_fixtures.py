@@ -34,9 +34,10 @@ TEXT_VOCAB = 136
 SPECIAL = ["<|user|>", "<|assistant|>", "<|end|>", "<|image|>"]
 IMAGE_TOKEN_ID = 131
 # Phi-3 Vision's prompt format, written for these tests: <|role|>\n content <|end|>\n, then <|assistant|>\n.
+# Like the published template, it concatenates the content as a string (it takes text only).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}<|assistant|>\n{% endif %}"
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + '\n' + m['content'] + '<|end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 HD_ORDER = "sub_glb"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

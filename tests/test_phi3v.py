@@ -176,6 +176,27 @@ def test_two_images_in_one_prompt(phi3v_llm, reference):
     assert np.abs(got - want).max() < 1e-3
 
 
+def test_numbered_image_tags_place_the_images(phi3v_llm, reference):
+    """`<|image_N|>` written in the text (the processor's and mistral.rs' Phi-3 Vision prompts) places
+    the images instead of the image parts; the ids are the processor's for that text."""
+    from mistralrs_jax.errors import ImageError
+
+    images = _images()[:2]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    tagged = "First <|image_1|> then <|image_2|>: " + QUESTION
+    ids, text, multimodal = phi3v_llm.chat_prompt([{"role": "user", "content": [*parts, {"type": "text",
+                                                                                         "text": tagged}]}])
+    assert multimodal.num_images == 2 and "<|image_" not in text and text.count("<|image|>") == 2
+    assert ids == _reference_ids(reference, text, images)
+    assert text.index("First") < text.index("<|image|>")  # where the tags are, not before the text
+    for wrong in ("<|image_2|> <|image_1|>", "<|image_1|> <|image_1|>", "<|image_1|> <|image_3|>"):
+        with pytest.raises(ImageError, match="number the images"):
+            phi3v_llm.chat_prompt([{"role": "user", "content": [*parts, {"type": "text", "text": wrong}]}])
+    raw = phi3v_llm.tokenizer.encode("<|user|>\n<|image_1|>\nhi<|end|>\n<|assistant|>\n")
+    with pytest.raises(ImageError, match=r"a raw prompt takes <\|image\|>"):
+        phi3v_llm.vision.prepare(raw, images[:1])
+
+
 # --------------------------------------------------------------------------- the server
 
 

@@ -264,8 +264,9 @@ class Phi3VVision:
             return ids
         if count != len(tokens_per_image):
             raise ImageError(f"the prompt has {count} image tokens ({IMAGE_TOKEN!r}) for {len(tokens_per_image)} "
-                             f"image(s): put exactly one {IMAGE_TOKEN} where each image goes (image parts in chat "
-                             "messages place them for you)")
+                             f"image(s): put exactly one {IMAGE_TOKEN} where each image goes (a raw prompt takes "
+                             f"{IMAGE_TOKEN}, not <|image_N|>; in chat messages image parts or <|image_N|> tags "
+                             "place them)")
         expanded: list[int] = []
         sizes = iter(tokens_per_image)
         for token in ids:
