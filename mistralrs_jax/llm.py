@@ -134,6 +134,9 @@ class LLM:
         target.tensor_parallel_size = engine_config.tensor_parallel_size  # checked against the config pre-load
         if engine_config.tensor_parallel_size != 1:
             target.refuse_vision = "vision models are not supported with tensor_parallel_size (-tp) > 1 yet"
+            if getattr(self, "_dynamic_lora", None) is not None or getattr(target, "xlora_model_id", None):
+                raise NotSupportedError("per-request (dynamic) LoRA and X-LoRA adapters are not supported with "
+                                        "tensor_parallel_size (-tp) > 1 yet (merged LoRA adapters are)")
         dynamic_lora = getattr(self, "_dynamic_lora", None)
         lora_specs = (target.lora_adapters, target.lora_weights)
         if dynamic_lora is not None:  # held unmerged (below), not merged while loading
