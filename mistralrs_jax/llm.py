@@ -26,6 +26,7 @@ from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
 from .parallel.distributed import MultiHost, is_multi_process
 from .parallel.distributed import attach as attach_multi_host
+from .parallel.mesh import host_staging
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class LLM:
         if dynamic_lora is not None:  # held unmerged (below), not merged while loading
             self._refuse_with_dynamic_lora(engine_config, draft)
             target.lora_adapters = target.lora_weights = None
-        self.loaded: LoadedModel = load_model(target)
+        with host_staging(engine_config.tensor_parallel_size):  # split over devices later, not whole on one
+            self.loaded: LoadedModel = load_model(target)
         self.draft: LoadedModel | None = load_model(draft) if draft is not None else None
         self.isq_type: str | None = self.loaded.isq_type
         self.adapter_slots = None  # per-request LoRA's named slots (AdapterSlots)

@@ -27,7 +27,7 @@ from pallas_kernels.paged_attention import DECODE_CHUNK_TOKENS, PREFILL_KEY_CHUN
 
 from ..config import ModelConfig
 from ..dry import add_dry_bias
-from ..parallel.mesh import bind_mesh, effective_kv_heads
+from ..parallel.mesh import bind_mesh, effective_kv_heads, host_staging
 from pallas_kernels.paged_attention import AttentionMetadata
 from ..sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
 from ..models.lora_layers import one_hot_scalings
@@ -207,7 +207,8 @@ class ModelRunner:
         if self.mesh is not None:
             from ..parallel.rules import prepare_model
 
-            prepare_model(model, self.tp_size)  # split fused projections, replicate scarce KV heads
+            with host_staging(self.tp_size):  # rebuilt projections stay on the host until placed
+                prepare_model(model, self.tp_size)  # split fused projections, replicate scarce KV heads
         self.graphdef, state = nnx.split(model)
         # Pass the weights as a flat list of arrays and close over the graph definition:
         # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.

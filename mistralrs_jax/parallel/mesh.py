@@ -95,3 +95,19 @@ class MeshBound:
 def bind_mesh(fn, mesh):
     """`fn` itself without a mesh, else a MeshBound."""
     return fn if mesh is None else MeshBound(fn, mesh)
+
+
+def host_staging(tensor_parallel_size: int):
+    """A context in which new arrays land in host memory (the CPU backend) rather than on the
+    first accelerator: a model split over N devices may not fit one of them whole, so it is
+    built on the host and each device then receives only its shards (rules.shard_state).
+    A no-op for one device, on the CPU backend, or where JAX has no CPU backend."""
+    import contextlib
+
+    if tensor_parallel_size == 1 or jax.default_backend() == "cpu":
+        return contextlib.nullcontext()
+    try:
+        host = jax.devices("cpu")[0]
+    except RuntimeError:
+        return contextlib.nullcontext()
+    return jax.default_device(host)
