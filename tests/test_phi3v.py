@@ -273,6 +273,17 @@ def test_image_too_big_for_the_context_is_refused_before_any_compute(phi3v_dir, 
         llm.shutdown()
 
 
+def test_vision_plain_arch_phi3v(phi3v_llm, phi3v_dir, caplog):
+    """`vision-plain -m DIR -a phi3v` selects the model, and the flag agrees with the loaded files."""
+    from mistralrs_jax import cli
+
+    args = cli.build_parser().parse_args(["vision-plain", "-m", str(phi3v_dir), "-a", "phi3v"])
+    assert cli.build_llm_kwargs(args)["model"] == str(phi3v_dir)
+    with caplog.at_level("WARNING"):
+        cli._check_arch(phi3v_llm, args)
+    assert phi3v_llm.vision.arch == "phi3v" and "--arch" not in caplog.text
+
+
 def test_prompt_image_tokens_must_match_the_images(phi3v_llm):
     from mistralrs_jax.errors import ImageError
 

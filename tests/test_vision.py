@@ -264,8 +264,8 @@ def test_vision_plain_arch_flag(text_llm, llava_llm):
     args = parser.parse_args(["vision-plain", "-m", "some/llava", "-a", "llava"])
     assert cli.build_llm_kwargs(args)["model"] == "some/llava"
     assert cli.build_llm_kwargs(parser.parse_args(["vision-plain", "-m", "x", "-a", "llava_next"]))["model"] == "x"
-    for arch in ("phi3v", "idefics3", "no-such-arch"):
-        with pytest.raises(NotSupportedError, match=r"supported: idefics2, llava, llava_next\)"):
+    for arch in ("idefics3", "no-such-arch"):
+        with pytest.raises(NotSupportedError, match=r"supported: idefics2, llava, llava_next, phi3v\)"):
             cli.build_llm_kwargs(parser.parse_args(["vision-plain", "-m", "x", "-a", arch]))
     cli._check_arch(llava_llm, args)  # a vision model under vision-plain: fine
     with pytest.raises(NotSupportedError, match="text model"):
@@ -276,7 +276,7 @@ def test_unsupported_vision_checkpoints_name_the_supported_ones(tmp_path):
     from mistralrs_jax.errors import UnsupportedArchitectureError
     from mistralrs_jax.models.vision import vision_architecture
 
-    for architecture in ("Idefics3ForConditionalGeneration", "Phi3VForCausalLM", "LlavaLlamaForCausalLM"):
+    for architecture in ("Idefics3ForConditionalGeneration", "LlavaLlamaForCausalLM"):
         directory = tmp_path / architecture
         directory.mkdir()
         (directory / "config.json").write_text(json.dumps({"architectures": [architecture]}))
