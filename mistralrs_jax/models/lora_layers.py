@@ -11,8 +11,10 @@ A Linear with a stack computes
 
     y = base(x) + sum_n w[t, n] * (x[t] @ A[n]) @ B[n]
 
-with A [n, in, r] and B [n, r, out] in f32 (PEFT's lora_alpha/r, or /sqrt(r) with rsLoRA,
-folded into B; ranks below r zero-padded). The per-token weights w [T, n] are not an
+with A[n] [in, r] and B[n] [r, out] in f32 (PEFT's lora_alpha/r, or /sqrt(r) with rsLoRA,
+folded into B; ranks below r zero-padded). They are held side by side, A as [in, n*r] and B as
+[n*r, out], so the term is two plain matmuls, (x @ A) scaled per token and slot block, then
+@ B: on XLA:CPU 4x faster than einsums over an [n, in, r] stack (which transpose it each step). The per-token weights w [T, n] are not an
 argument of every module's call: the model sets them once around a layer with
 `adapter_scalings(w)`, a trace-time context every adapted Linear inside reads. With no stack
 or no context a Linear is exactly the plain projection (the same compiled graph).
@@ -59,13 +61,14 @@ class LoraWeight(nnx.Variable):
 
 
 class LoraStack(nnx.Module):
-    """A, B for `num_adapters` adapters of one projection: A [n, in, rank], B [n, rank, out], f32."""
+    """A, B for `num_adapters` adapters of one projection, f32: A [in, n * rank] and B [n * rank, out],
+    adapter i in columns (rows) i * rank : (i + 1) * rank."""
 
     def __init__(self, in_features: int, out_features: int, num_adapters: int, rank: int):
         self.num_adapters, self.rank = int(num_adapters), int(rank)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.a = LoraWeight(jnp.zeros((num_adapters, in_features, rank), jnp.float32))
-        self.b = LoraWeight(jnp.zeros((num_adapters, rank, out_features), jnp.float32))
+        self.a = LoraWeight(jnp.zeros((in_features, num_adapters * rank), jnp.float32))
+        self.b = LoraWeight(jnp.zeros((num_adapters * rank, out_features), jnp.float32))
 
     @property
     def nbytes(self) -> int:
@@ -82,8 +85,9 @@ class LoraStack(nnx.Module):
                 raise ValueError(f"adapter factors {list(a.shape)} @ {list(b.shape)} do not fit a stack of "
                                  f"[{self.in_features}, {self.rank}] @ [{self.rank}, {self.out_features}]")
             a_full[:, :r], b_full[:r] = a, b
-        self.a[...] = self.a[...].at[slot].set(a_full)
-        self.b[...] = self.b[...].at[slot].set(b_full)
+        block = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.a[...] = self.a[...].at[:, block].set(a_full)
+        self.b[...] = self.b[...].at[block].set(b_full)
 
     def attach_to(self, linear) -> "LoraStack":
         """Make this the stack `linear` (a layers.Linear) adds; returns self."""
@@ -95,6 +99,7 @@ class LoraStack(nnx.Module):
 
     def __call__(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         """The adapters' term [T, out] in f32 for x [T, in] and weights [T, n]."""
-        xa = jnp.einsum("ti,nir->tnr", x.astype(jnp.float32), self.a[...])
+        num_tokens = x.shape[0]
+        xa = (x.astype(jnp.float32) @ self.a[...]).reshape(num_tokens, self.num_adapters, self.rank)
         xa = xa * weights.astype(jnp.float32)[:, :, None]
-        return jnp.einsum("tnr,nro->to", xa, self.b[...])
+        return xa.reshape(num_tokens, self.num_adapters * self.rank) @ self.b[...]
