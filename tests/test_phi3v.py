@@ -176,6 +176,24 @@ def test_two_images_in_one_prompt(phi3v_llm, reference):
     assert np.abs(got - want).max() < 1e-3
 
 
+def test_batched_greedy_generation_matches_the_reference(phi3v_llm, reference):
+    """Three image chats in one batch (their image rows split across prefill chunks): each one's
+    greedy tokens are the reference's, and nothing compiles after warm-up."""
+    from mistralrs_jax import SamplingParams
+
+    images = [_images()[i] for i in (0, 5, 9)]
+    compiles = phi3v_llm.metrics()["compiles"]
+    wanted = []
+    for image in images:
+        _, text, _ = phi3v_llm.chat_prompt(_chat(image))
+        tagged = text.replace("<|image|>", "<|image_1|>")
+        wanted.append(reference.greedy(reference.prompt_ids(tagged, [image]), [image], NEW_TOKENS))
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = phi3v_llm.chat([_chat(image) for image in images], greedy)
+    assert [out.outputs[0].token_ids for out in outputs] == wanted
+    assert phi3v_llm.metrics()["compiles"] == compiles
+
+
 def test_numbered_image_tags_place_the_images(phi3v_llm, reference):
     """`<|image_N|>` written in the text (the processor's and mistral.rs' Phi-3 Vision prompts) places
     the images instead of the image parts; the ids are the processor's for that text."""
