@@ -313,6 +313,43 @@ def test_prompt_image_tokens_must_match_the_images(phi3v_llm):
         phi3v_llm.vision.prepare(ids + [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID], [image])
 
 
+def test_published_configs_parse(tmp_path):
+    """Phi-3-vision-128k-instruct's and Phi-3.5-vision-instruct's config keys (no tower config:
+    CLIP ViT-L/14-336; LongRoPE as "su" / "longrope"; num_crops 16 / 4) give the model they describe."""
+    from mistralrs_jax.models.vision import vision_architecture
+    from mistralrs_jax.models.vision.phi3v import Phi3VConfig
+    from mistralrs_jax.models.vision.phi3v_processing import Phi3VImageProcessor, num_image_tokens
+
+    for name, rope_type, num_crops in (("Phi-3-vision-128k-instruct", "su", 16),
+                                       ("Phi-3.5-vision-instruct", "longrope", 4)):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({
+            "architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v", "torch_dtype": "bfloat16",
+            "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "sliding_window": 131072, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False, "rope_scaling": {"type": rope_type, "long_factor": [1.5] * 48,
+                                                           "short_factor": [1.0] * 48},
+            "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                           "use_hd_transform": True, "with_learnable_separator": True},
+            "img_processor": {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                              "name": "clip_vision_model", "num_img_tokens": 144}}))
+        (directory / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Phi3VImageProcessor", "num_crops": num_crops, "num_img_tokens": 144}))
+        assert vision_architecture(str(directory)) == "phi3v"
+        config = Phi3VConfig.from_model_dir(str(directory))
+        assert (config.text.arch, config.text.hidden_size, config.text.num_layers) == ("phi3", 3072, 32)
+        assert config.text.rope_scaling["rope_type"] == rope_type
+        assert (config.vision.image_size, config.vision.patch_size, config.vision.hidden_size) == (336, 14, 1024)
+        assert (config.merged_grid, config.num_img_tokens, config.feature_layers) == (12, 144, (23,))
+        processor = Phi3VImageProcessor.from_model_dir(str(directory), crop_size=config.vision.image_size)
+        rows, cols = processor.crop_grid(1000, 666)  # mistral.rs' Phi-3 Vision example picture
+        assert num_image_tokens(rows, cols, 12) == reference_token_count(1000, 666, num_crops)
+        assert rows * cols <= num_crops
+
+
 def test_unsupported_phi3v_configs_are_refused_by_name(phi3v_dir, tmp_path):
     from mistralrs_jax.errors import ModelLoadError, NotSupportedError
     from mistralrs_jax.models.vision import check_vision_arch
