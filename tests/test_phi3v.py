@@ -259,7 +259,7 @@ def test_image_too_big_for_the_context_is_refused_before_any_compute(phi3v_dir, 
     from PIL import Image
 
     from mistralrs_jax import LLM
-    from mistralrs_jax.errors import PromptTooLongError
+    from mistralrs_jax.errors import ImageError, PromptTooLongError
 
     llm = LLM(str(phi3v_dir), max_seqs=2, token_buckets=[8, 32], max_num_batched_tokens=32, max_model_len=80,
               pa_ctxt_len=128, warmup=False)
@@ -282,6 +282,9 @@ def test_image_too_big_for_the_context_is_refused_before_any_compute(phi3v_dir, 
             assert caught.value.body["code"] == "context_length_exceeded"
         finally:
             background.stop()
+        thin = Image.fromarray(np.zeros((2, 4000, 3), np.uint8))  # its short edge would resize to nothing
+        with pytest.raises(ImageError, match="too thin"):
+            llm.chat_prompt(_chat(thin, "cat"))
         assert calls == []
         small = Image.fromarray(np.zeros((50, 100, 3), np.uint8))  # 1 x 2 crops: 57 image tokens
         ids, _, _ = llm.chat_prompt(_chat(small, "cat"))

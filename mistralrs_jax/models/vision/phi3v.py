@@ -226,10 +226,7 @@ class Phi3VVision:
 
     def image_grid(self, image) -> tuple[int, int]:
         """(crop rows, crop columns) of a PIL image."""
-        width, height = image.size
-        if min(width, height) < 1:
-            raise ImageError(f"a {width}x{height} image has no pixels")
-        return self.processor.crop_grid(width, height)
+        return self.processor.crop_grid(*image.size)
 
     def tokens_for(self, image) -> int:
         """Image tokens of a PIL image (from its size alone)."""

@@ -91,7 +91,10 @@ class Phi3VImageProcessor:
         return new_width, int(math.ceil(new_height / crop) * crop)
 
     def crop_grid(self, width: int, height: int) -> tuple[int, int]:
-        """(rows, columns) of crops of an image this size."""
+        """(rows, columns) of crops of an image this size; ImageError for one too thin to resize."""
+        if min(width, height) < 1 or min(self.resized_size(width, height)) < 1:
+            raise ImageError(f"a {width}x{height} image is too thin for Phi-3 Vision's HD transform: its short edge "
+                             "would shrink to nothing; send a less elongated image")
         hd_width, hd_height = self.hd_size(width, height)
         return hd_height // self.crop_size, hd_width // self.crop_size
 
@@ -103,10 +106,8 @@ class Phi3VImageProcessor:
         transposed = width < height
         if transposed:
             pixels = pixels.transpose(0, 2, 1)
+        self.crop_grid(width, height)  # refuses an image too thin to resize
         new_width, new_height = self.resized_size(*pixels.shape[:0:-1])
-        if new_height < 1:
-            raise ImageError(f"a {width}x{height} image is too thin for Phi-3 Vision's HD transform: its short edge "
-                             "would shrink to nothing; send a less elongated image")
         resized = resize_pixels(pixels, new_height, new_width, PIL_BILINEAR)
         target = int(math.ceil(new_height / self.crop_size) * self.crop_size)
         top = (target - new_height) // 2
