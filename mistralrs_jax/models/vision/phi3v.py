@@ -19,9 +19,15 @@ gather, per image, of projected rows.
 Prompt side (the published processor): the chat template's text holds a tag per image; the
 processor tokenizes the text between tags separately (each piece with its BOS) and puts the
 image's token count of placeholders at each tag. Here each image is the tokenizer's
-`<|image|>` special token (a template that takes text only gets one per image part); it
-becomes the placeholders followed by BOS, which is the same ids wherever the tokenizer cuts
-its input at special tokens (as SentencePiece-style Phi-3 tokenizers do).
+`<|image|>` special token (a template that takes text only gets one per image part, and
+`<|image_N|>` tags written in chat text become it: messages.py); it becomes the placeholders
+followed by BOS, which is the same ids wherever the tokenizer cuts its input at special tokens
+and prepends its word marker to every piece (as Phi-3's SentencePiece-style tokenizer does).
+The token count of an image follows from its size alone, so an over-long prompt is refused
+before any pixel work.
+
+The published checkpoints carry no vision config (the tower is fixed); a `vision_config`
+(CLIPVisionConfig keys) in config.json replaces it, which the tests' tiny checkpoint uses.
 
 Text side: the checkpoint's own top-level config is a Phi-3 one (model_type "phi3_v"); the
 language model is the phi3 family's builder reading `model.layers.*` through the ordinary engine.
