@@ -71,7 +71,7 @@ def peft_xlora(checkpoint: Path, adapters: list[Path], seed: int = 0, **options)
 
     model = load_reference(checkpoint)
     model.config.use_cache = False  # XLoraModel requires it
-    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN,
+    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=model.config.hidden_size,
                               adapters={str(i): str(a) for i, a in enumerate(adapters)}, **options)
     xlora = peft.get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)

@@ -163,9 +163,23 @@ class XLoraCausalLM(nnx.Module):
         num = self.num_layers
         scaling_caches, real_caches = list(kv_caches[:num]), list(kv_caches[num:2 * num])
         store = list(kv_caches[2 * num:])
-        scalings, scaling_caches = self.scalings(input_ids, meta, scaling_caches, block_size, input_embeds,
-                                                 embeds_mask)
-        if self.tgt_non_granular_index is not None:
+        if self.tgt_non_granular_index is None:
+            scalings, scaling_caches = self.scalings(input_ids, meta, scaling_caches, block_size, input_embeds,
+                                                     embeds_mask)
+        else:
+            # Once every real token of the step is at position >= k (a decode step past k, say),
+            # no scalings of this step are used: the scaling pass is skipped on the device.
+            # Padding tokens write to block 0, the null block; real tokens never do.
+            needed = jnp.any((meta.slot_mapping >= block_size) & (meta.positions < self.tgt_non_granular_index))
+            groups = self.scalings_size // self.n_adapters
+
+            def run(caches):
+                return self.scalings(input_ids, meta, caches, block_size, input_embeds, embeds_mask)
+
+            def skip(caches):
+                return jnp.zeros((input_ids.shape[0], groups, self.n_adapters), jnp.float32), caches
+
+            scalings, scaling_caches = jax.lax.cond(needed, run, skip, scaling_caches)
             scalings, store = self._fix_after(scalings, meta, store, block_size)
         weights = self._flat(scalings)
         extra = {} if input_embeds is None else {"input_embeds": input_embeds, "embeds_mask": embeds_mask}
