@@ -142,6 +142,8 @@ class LLM:
         lora_specs = (target.lora_adapters, target.lora_weights)
         if dynamic_lora is not None:  # held unmerged (below), not merged while loading
             self._refuse_with_dynamic_lora(engine_config, draft)
+            if target.xlora_model_id is not None:
+                raise NotSupportedError("lora_mode='dynamic' (per-request LoRA) and an X-LoRA model cannot be combined")
             target.lora_adapters = target.lora_weights = None
         with host_staging(engine_config.tensor_parallel_size):  # split over devices later, not whole on one
             self.loaded: LoadedModel = load_model(target)

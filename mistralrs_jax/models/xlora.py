@@ -27,6 +27,12 @@ KV slot, or from this step when it runs here) instead of its own, so they stay f
 then on. mistral.rs counts k in generated tokens on one global counter and then serves one
 sequence at a time; here k counts each sequence's own positions, prompt included, so any
 number of sequences of any lengths batch together and the result does not depend on them.
+A step whose real tokens are all at positions >= k skips the scaling pass on the device
+(`lax.cond`), so decoding past k costs one pass, as mistral.rs' cached scalings do.
+
+An adapted lm_head (mistral.rs adapts it; PEFT's XLoraModel cannot load one) needs the
+scalings of the rows the runner keeps: `__call__` then appends them to the hidden states and
+`logits` splits them off again.
 """
 from __future__ import annotations
 
