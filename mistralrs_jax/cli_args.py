@@ -210,8 +210,9 @@ def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> No
                            "POST/DELETE /v1/loras change them while serving")
     lora.add_argument("--max-loras", type=positive_int, default=4,
                       help="adapter slots with --lora-mode dynamic (default 4)")
-    lora.add_argument("--max-lora-rank", type=positive_int, default=64,
-                      help="largest adapter rank a slot holds with --lora-mode dynamic (default 64)")
+    lora.add_argument("--max-lora-rank", type=positive_int, default=16,
+                      help="largest adapter rank a slot holds with --lora-mode dynamic (default 16, as vLLM; each "
+                           "step computes every slot at this rank)")
 
     hosts = parser.add_argument_group("multi-host (jax.distributed): one command per host, process 0 serves HTTP")
     hosts.add_argument("--coordinator-address", metavar="HOST:PORT",

@@ -75,7 +75,7 @@ class LLM:
         token_buckets: list[int] | None = None,
         lora_mode: str = "merged",
         max_loras: int = 4,
-        max_lora_rank: int = 64,
+        max_lora_rank: int = 16,
         xlora_model_id: str | None = None,
         xlora_order: str | None = None,
         tgt_non_granular_index: int | None = None,

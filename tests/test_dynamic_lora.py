@@ -248,3 +248,35 @@ def test_removal_lets_running_requests_finish(family, llm):
     extras = [llm.load_lora(f"extra{i}", str(family["adapters"]["second"])).slot
               for i in range(llm.adapter_slots.num_slots - len(taken))]
     assert adapter.slot in extras and len(taken | set(extras)) == llm.adapter_slots.num_slots
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_command_line_maps_to_llm_kwargs(family):
+    import inspect
+
+    from mistralrs_jax import cli
+    from mistralrs_jax.llm import LLM
+    from test_lora import parse
+
+    adapter = family["adapters"]["first"]
+    kwargs = cli.build_llm_kwargs(parse(f"--lora-mode dynamic --max-loras 2 --max-lora-rank 8 lora "
+                                        f"-m {family['checkpoint']} -a {adapter}"))
+    assert (kwargs["lora_mode"], kwargs["max_loras"], kwargs["max_lora_rank"], kwargs["lora_adapters"]) == (
+        "dynamic", 2, 8, [str(adapter)])
+    assert set(kwargs) <= set(inspect.signature(LLM.__init__).parameters)
+    assert "lora_mode" not in cli.build_llm_kwargs(parse(f"lora -m {family['checkpoint']} -a {adapter}"))
+
+
+def test_refused_combinations_name_the_option(family):
+    from mistralrs_jax import LLM
+    from mistralrs_jax.errors import InvalidRequestError, NotSupportedError
+
+    with pytest.raises(InvalidRequestError, match="lora_mode"):
+        LLM(model=str(family["checkpoint"]), lora_mode="sometimes")
+    with pytest.raises(NotSupportedError, match="draft model"):
+        LLM(model=str(family["checkpoint"]), draft_model=str(family["checkpoint"]), lora_mode="dynamic")
+    with pytest.raises(InvalidRequestError, match="--max-lora-rank 2"):  # the start-up adapter is rank 4
+        LLM(model=str(family["checkpoint"]), lora_adapters=[str(family["adapters"]["first"])], lora_mode="dynamic",
+            max_lora_rank=2, warmup=False)
