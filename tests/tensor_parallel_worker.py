@@ -68,6 +68,9 @@ def job_generate(job: dict, out: dict, arrays: dict) -> None:
 
     os.environ.update(job.get("env", {}))
     with LLM(**job["llm"]) as llm:
+        if job.get("re_isq"):  # re-quantize the split dense model while serving
+            llm.generate(job["prompts"], _greedy(2))
+            llm.re_isq(job["re_isq"])
         if job.get("score_ids"):
             arrays["logits"] = llm.score(job["score_ids"])
         outs = llm.generate(job["prompts"], _greedy(job["max_tokens"]))
@@ -102,6 +105,18 @@ def job_batching(job: dict, out: dict, arrays: dict) -> None:
         out["prefix_hits"] = after["prefix_cache_hits"] - middle["prefix_cache_hits"]
         out["compiles_after_warmup"] = after["compiles_after_warmup"]
         out["blocks_free_at_end"] = [after["kv_blocks_free"], after["kv_blocks_total"]]
+        out["status"] = _server_status(llm)
+
+
+def _server_status(llm) -> dict:
+    """GET /v1/status from the real server on loopback around `llm`."""
+    import httpx
+
+    from server.app import create_app
+    from server.serving import BackgroundServer
+
+    with BackgroundServer(create_app(llm, default_seed=0)) as server:
+        return httpx.get(f"{server.url}/v1/status", timeout=60).json()
 
 
 def job_refused(job: dict, out: dict, arrays: dict) -> None:
@@ -140,4 +155,5 @@ def main(jobs_path: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent.parent))  # server/
     main(*sys.argv[1:3])

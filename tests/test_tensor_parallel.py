@@ -85,6 +85,8 @@ def results(checkpoints, truncated_checkpoint, smollm2_gguf_path, tmp_path_facto
     jobs += [_generate(f"q8-{kernel}-tp{tp}", dict(TINY, model=llama3, isq="Q8_0", tensor_parallel_size=tp),
                        score_ids, [prompt], env=reference_kernel if kernel == "ref" else None)
              for kernel in ("ref", "kernel") for tp in (1, 2)]
+    re_isq = _generate("re-isq-q8-tp2", dict(TINY, model=llama3, tensor_parallel_size=2), score_ids, [prompt])
+    jobs.append(dict(re_isq, re_isq="Q8_0"))
     batch_prompts = [_ids(28, seed=10 + i) for i in range(4)]
     jobs.append({"name": "batching", "kind": "batching", "llm": dict(BATCH, model=llama3, tensor_parallel_size=2),
                  "prompts": batch_prompts, "shared_prefix": _ids(32, seed=20), "max_tokens": NEW_TOKENS})
@@ -167,6 +169,10 @@ def test_packed_weights_split_by_rows_and_blocks(results):
     kernel1, _, _ = _ok(results, "q8-kernel-tp1")
     kernel2, _, _ = _ok(results, "q8-kernel-tp2")
     assert kernel2["tokens"] == kernel1["tokens"]
+    # Re-quantized while serving (/v1/re_isq): split again, the tokens of a Q8_0 load.
+    requantized, _, _ = _ok(results, "re-isq-q8-tp2")
+    assert requantized["tokens"] == kernel1["tokens"]
+    assert requantized["facts"]["attention_projection_specs"]["o_proj.blocks"] == "P(None, 'tp')"
 
 
 def test_batching_prefix_cache_and_preemption_under_tp2(checkpoints, results):
@@ -182,6 +188,24 @@ def test_batching_prefix_cache_and_preemption_under_tp2(checkpoints, results):
     assert body["compiles_after_warmup"] == 0
     free, total = body["blocks_free_at_end"]
     assert free == total
+
+
+def test_status_reports_the_mesh(results):
+    """/v1/status (the real server over the tp=2 engine): the mesh and what each device holds,
+    which adds up to the arrays' own sizes."""
+    body, _, _ = _ok(results, "batching")
+    mesh = body["status"]["mesh"]
+    assert mesh["tensor_parallel_size"] == 2 and mesh["devices"] == ["cpu:0", "cpu:1"]
+    assert [row["device"] for row in mesh["per_device"]] == mesh["devices"]
+    weights = [row["weight_bytes"] for row in mesh["per_device"]]
+    kv = [row["kv_cache_bytes"] for row in mesh["per_device"]]
+    assert weights[0] == weights[1] > 0 and kv[0] == kv[1] > 0
+    # The KV cache: 2 layers x (k, v) x slots x 2 KV heads x 16 dims x 4 B, half on each device
+    # (slots: the pool's blocks, plus the trash block padding writes into).
+    metrics = body["status"]["metrics"]
+    per_slot = 2 * 2 * 2 * 16 * 4
+    assert sum(kv) in {per_slot * blocks * metrics["block_size"] for blocks in
+                       (metrics["kv_blocks_total"], metrics["kv_blocks_total"] + 1)}
 
 
 def test_refusals(results):
