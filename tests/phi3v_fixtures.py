@@ -48,12 +48,13 @@ def build_phi3v_checkpoint(directory: Path, seed: int = 0, hd_order: str = HD_OR
     import torch
     import transformers
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer
+    from tokenizers import AddedToken, Tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     write_tokenizer(directory)
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tokenizer.add_special_tokens(SPECIAL)
+    # Phi-3's added tokens strip the whitespace after them (rstrip), <|image|> too.
+    tokenizer.add_special_tokens([AddedToken(token, rstrip=True, normalized=False, special=True) for token in SPECIAL])
     tokenizer.save(str(directory / "tokenizer.json"))
     assert tokenizer.token_to_id("<|image|>") == IMAGE_TOKEN_ID
     config = json.loads((directory / "tokenizer_config.json").read_text())

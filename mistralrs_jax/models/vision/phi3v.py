@@ -215,6 +215,7 @@ class Phi3VVision:
         self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         if self.image_token_id is None:
             raise UnsupportedArchitectureError(f"{model_dir}: a Phi-3 Vision tokenizer needs the {IMAGE_TOKEN} token")
+        self._keep_whitespace_around_image_token()
         self.bos_ids = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos", False) and \
             tokenizer.bos_token_id is not None else []
         self.processor = Phi3VImageProcessor.from_model_dir(model_dir, crop_size=config.vision.image_size)
@@ -227,6 +228,22 @@ class Phi3VVision:
         log.info("phi3v vision: CLIP %d/%d layers at %dpx (patch %d), num_crops %d, %d rows per view, %s",
                  len(model.img_processor.layers), v.num_layers, v.image_size, v.patch_size,
                  self.processor.num_crops, self.grid ** 2, config.hd_transform_order)
+
+    def _keep_whitespace_around_image_token(self) -> None:
+        """Phi-3's tokenizer strips the whitespace after its added tokens (rstrip), `<|image|>` among
+        them; the processor's `<|image_N|>` tags are plain text and keep it. So the marker here is
+        re-registered without stripping (the tokenizer takes `<|image|>` from no other text)."""
+        backend = getattr(self.tokenizer, "backend", None)
+        added = backend.get_added_tokens_decoder().get(self.image_token_id) if backend is not None else None
+        if added is None or not (added.rstrip or added.lstrip):
+            return
+        from tokenizers import AddedToken
+
+        backend.add_special_tokens([AddedToken(IMAGE_TOKEN, rstrip=False, lstrip=False, normalized=False,
+                                               special=True)])
+        if backend.token_to_id(IMAGE_TOKEN) != self.image_token_id:
+            raise UnsupportedArchitectureError(f"the tokenizer's {IMAGE_TOKEN} token could not be re-registered")
+        log.info("%s keeps the whitespace around it now (the tokenizer stripped it)", IMAGE_TOKEN)
 
     # -- images -> features -------------------------------------------------------------
 
