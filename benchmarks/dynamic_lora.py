@@ -91,6 +91,24 @@ def measure(rows: dict, concurrency: int, tokens: int, reps: int) -> dict:
             | {"runs": runs[label]} for label in rows}
 
 
+def print_rows(results: dict, baseline: str) -> None:
+    """The table of `measure` results per concurrency, each row against the `baseline` row."""
+    width = max(len(label) for rows in results.values() for label in rows)
+    print(f"{'C':>4} {'row':>{width}} {'tok/s':>8} {'tok/cpu-s':>10} {'ratio (wall)':>13} {'ratio (cpu)':>12}")
+    for c, rows in results.items():
+        ref = rows[baseline]
+        for label, r in rows.items():
+            print(f"{c:>4} {label:>{width}} {r['tok_s']:>8.1f} {r['tok_per_cpu_s']:>10.1f} "
+                  f"{r['tok_s'] / ref['tok_s']:>13.2f} {r['tok_per_cpu_s'] / ref['tok_per_cpu_s']:>12.2f}")
+
+
+def write_json(path: Path, machine: dict, settings: dict, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine, "settings": settings,
+              "results": results}
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dynamic_lora", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="GGUF file or model id (default: SmolLM2-135M-Instruct)")
@@ -120,18 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         merged.shutdown()
         dynamic.shutdown()
-    print(f"{'C':>4} {'row':>14} {'tok/s':>8} {'tok/cpu-s':>10} {'vs merged (wall)':>17} {'vs merged (cpu)':>16}")
-    for c in levels:
-        base = results[c]["merged_base"]
-        for label, r in results[c].items():
-            print(f"{c:>4} {label:>14} {r['tok_s']:>8.1f} {r['tok_per_cpu_s']:>10.1f} "
-                  f"{r['tok_s'] / base['tok_s']:>17.2f} {r['tok_per_cpu_s'] / base['tok_per_cpu_s']:>16.2f}")
+    print_rows(results, "merged_base")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dynamic_lora.json").write_text(json.dumps(
-            {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine, "settings": vars(args),
-             "results": results}, indent=2, default=str))
+        write_json(Path(args.out) / "dynamic_lora.json", machine, vars(args), results)
     return 0
 
 
