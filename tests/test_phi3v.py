@@ -90,6 +90,23 @@ def test_hd_geometry_matches_the_processor_formulas():
     assert Phi3VImageProcessor(num_crops=16).crop_grid(1344, 1344) == (4, 4)
 
 
+def test_global_view_resize_matches_torch_bicubic():
+    """The global view's bicubic resize against torch's `interpolate(mode="bicubic")` on noise, from
+    HD canvases of the published 336-px crops and from odd sizes, down and up."""
+    import torch
+
+    from mistralrs_jax.models.vision.phi3v_processing import bicubic_resize
+
+    rng = np.random.default_rng(2)
+    cases = [((672, 1344), (336, 336)), ((1344, 336), (336, 336)), ((1008, 1008), (336, 336)),
+             ((336, 336), (336, 336)), ((97, 311), (40, 123)), ((50, 60), (77, 90))]
+    for (height, width), size in cases:
+        values = rng.standard_normal((3, height, width)).astype(np.float32)
+        want = torch.nn.functional.interpolate(torch.from_numpy(values)[None], size=size, mode="bicubic")[0].numpy()
+        got = bicubic_resize(values, *size)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, (height, width, size)
+
+
 @pytest.mark.parametrize("order", ["sub_glb", "glb_sub"])
 def test_hd_layout_matches_the_published_reshape(order):
     """Our merge + row gather against the published reshape / newline / separator code on

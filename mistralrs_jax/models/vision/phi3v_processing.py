@@ -151,22 +151,22 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
     return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
-def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] weights of torch's bicubic resampling along one axis (align_corners=False,
-    edge samples repeated)."""
-    scale = in_size / out_size
-    source = (np.arange(out_size) + 0.5) * scale - 0.5
+def _bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """([out, 4] source indices, [out, 4] weights) of torch's bicubic resampling along one axis
+    (align_corners=False, edge samples repeated)."""
+    # torch computes the scale in f32 and the source position as one fused multiply-add rounded
+    # to f32 (exact in f64, then rounded once); another rounding moves the taps.
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    source = (scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
     floor = np.floor(source)
-    weights = _cubic_weights(source - floor)
-    matrix = np.zeros((out_size, in_size))
-    for k in range(4):
-        index = np.clip(floor.astype(np.int64) - 1 + k, 0, in_size - 1)
-        np.add.at(matrix, (np.arange(out_size), index), weights[:, k])
-    return matrix
+    index = np.clip(floor.astype(np.int64)[:, None] + np.arange(-1, 3), 0, in_size - 1)
+    return index, _cubic_weights(source - floor).astype(np.float32)
 
 
 def bicubic_resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
-    """f32 [C, H, W] -> [C, height, width], as torch's `interpolate(mode="bicubic")` computes it."""
-    rows = _bicubic_matrix(values.shape[1], height)
-    cols = _bicubic_matrix(values.shape[2], width)
-    return (rows @ values.astype(np.float64) @ cols.T).astype(np.float32)
+    """f32 [C, H, W] -> [C, height, width], as torch's `interpolate(mode="bicubic")` computes it:
+    4 taps per output row, then 4 per output column."""
+    index, weights = _bicubic_taps(values.shape[1], height)
+    rows = np.einsum("cokw,ok->cow", values.astype(np.float32)[:, index], weights)
+    index, weights = _bicubic_taps(values.shape[2], width)
+    return np.einsum("chok,ok->cho", rows[:, :, index], weights).astype(np.float32)
