@@ -86,7 +86,8 @@ def _download(repo_id: str, token_source: str) -> str:
     from ..hub import fetch_from_hub
 
     return fetch_from_hub(repo_id, f"the X-LoRA model {repo_id}", token_source,
-                          lambda **hub: snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], **hub))
+                          lambda **hub: snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors",
+                                                                                 "*/adapter_model.bin"], **hub))
 
 
 def resolve_xlora_dir(model_id: str, token_source: str = "cache") -> tuple[str, str]:
