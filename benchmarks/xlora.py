@@ -48,20 +48,25 @@ def write_xlora(directory: Path, config, rank: int) -> Path:
     return directory
 
 
+FLAGS = {
+    "--model": {"help": "GGUF file or model id (default: SmolLM2-135M-Instruct)"},
+    "--concurrency": {"default": "1,8", "help": "comma-separated numbers of requests at once"},
+    "--tokens": {"type": int, "default": 64, "help": "tokens each request generates"},
+    "--rank": {"type": int, "default": 16, "help": "rank of the random adapters"},
+    "--reps": {"type": int, "default": 2, "help": "timed runs of each row (after one untimed)"},
+    "--out": {"help": "directory for xlora.json"},
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.xlora", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="GGUF file or model id (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--concurrency", default="1,8", help="comma-separated numbers of requests at once")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens each request generates")
-    parser.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--out", default=None, help="directory for xlora.json")
+    for flag, options in FLAGS.items():
+        parser.add_argument(flag, **options)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mistralrs_jax import LLM
 
-    levels = [int(c) for c in args.concurrency.split(",")]
-    machine = describe_machine()
+    levels, machine = [int(c) for c in args.concurrency.split(",")], describe_machine()
     sizes = dict(max_seqs=max(levels), max_num_batched_tokens=64, token_buckets=[2, 16, 64])  # few step shapes
     base = LLM(args.model, **sizes)
     engines = [base]
