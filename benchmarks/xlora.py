@@ -48,6 +48,11 @@ def write_xlora(directory: Path, config, rank: int) -> Path:
     return directory
 
 
+def _save(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
 FLAGS = {
     "--model": {"help": "GGUF file or model id (default: SmolLM2-135M-Instruct)"},
     "--concurrency": {"default": "1,8", "help": "comma-separated numbers of requests at once"},
@@ -88,11 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c:>4} {label:>12} {r['tok_s']:>8.1f} {r['tok_per_cpu_s']:>10.1f} "
                   f"{r['tok_s'] / ref['tok_s']:>15.2f} {r['tok_per_cpu_s'] / ref['tok_per_cpu_s']:>14.2f}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "xlora.json").write_text(json.dumps(
-            {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine, "settings": vars(args),
-             "results": results}, indent=2, default=str))
+        _save(Path(args.out) / "xlora.json", {"date": dt.datetime.now(dt.timezone.utc).isoformat(),
+                                              "machine": machine, "settings": vars(args), "results": results})
     return 0
 
 
