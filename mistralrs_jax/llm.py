@@ -239,6 +239,10 @@ class LLM:
         if self.isq_factory is None:
             raise NotSupportedError("re-quantizing (re_isq) is only available for GGUF models in mistralrs-jax")
         self._refuse_multi_host("re-quantizing (re_isq)")
+        if self.engine.runner.tp_relaid_out:
+            raise NotSupportedError("re-quantizing (re_isq) is not supported yet for a model whose fused projections "
+                                    "or KV heads were re-laid out for -tp (fused qkv/gate_up, or fewer KV heads "
+                                    "than devices); restart with --isq instead")
         with self._re_isq_lock:
             self.engine.swap_weights(lambda: self._requantize(new_type), self.model,
                                      warmup=bool(self.engine_config.warmup))

@@ -120,11 +120,13 @@ def _server_status(llm) -> dict:
 
 
 def job_refused(job: dict, out: dict, arrays: dict) -> None:
-    """LLM(...) must raise: record the exception."""
+    """LLM(...) (or, with "re_isq", its re_isq) must raise: record the exception."""
     from mistralrs_jax import LLM
 
     try:
-        LLM(**job["llm"]).shutdown()
+        with LLM(**job["llm"]) as llm:
+            if job.get("re_isq"):
+                llm.re_isq(job["re_isq"])
     except Exception as exc:  # noqa: BLE001 - the test checks the type
         out["error_type"] = type(exc).__name__
         out["error_mro"] = [c.__name__ for c in type(exc).__mro__]

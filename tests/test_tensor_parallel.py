@@ -34,7 +34,9 @@ pytestmark = pytest.mark.slow
 
 MAX_ABS_DIFF = 1e-4
 NUM_DEVICES = 4
-TP4_FAMILIES = ("llama3", "mixtral", "phi3", "gemma3")  # KV heads replicated, experts, fused qkv/gate_up, local/global
+# At tp=4 the 2 KV heads are replicated (each held by 2 devices): plain (llama3), with q/k/v biases
+# (qwen2), cut out of a fused qkv_proj (phi3, also a fused gate_up_proj); mixtral splits its experts 4 ways.
+TP4_FAMILIES = ("llama3", "qwen2", "phi3", "mixtral")
 SCORE_LEN, PROMPT_LEN, NEW_TOKENS = 32, 24, 16
 TINY = dict(warmup=False, max_seqs=1, max_num_batched_tokens=32, token_buckets=[2, 32], pa_ctxt_len=128,
             prefix_cache_n=0)
@@ -94,6 +96,8 @@ def results(checkpoints, truncated_checkpoint, smollm2_gguf_path, tmp_path_facto
         ("heads-tp3", {"model": str(truncated_checkpoint), "tensor_parallel_size": 3}),
         ("too-many-devices", {"model": llama3, "tensor_parallel_size": 2 * NUM_DEVICES}),
         ("q8-blocks-tp4", {"model": llama3, "isq": "Q8_0", "tensor_parallel_size": 4}))]
+    jobs.append({"name": "re-isq-fused", "kind": "refused", "re_isq": "Q8_0",
+                 "llm": dict(TINY, model=str(checkpoints["phi3"]), tensor_parallel_size=2)})
     out_dir = tmp_path_factory.mktemp("tp_results")
     (out_dir / "jobs.json").write_text(json.dumps(jobs))
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}", JAX_PLATFORMS="cpu")
@@ -218,6 +222,9 @@ def test_refusals(results):
     blocks, _, _ = results["q8-blocks-tp4"]
     assert blocks["error_type"] == "TensorParallelError", blocks
     assert "Q8_0" in blocks["error"] and "block" in blocks["error"]
+    # phi3's fused qkv_proj was split for -tp: re-quantizing it is refused, not silently partial.
+    fused, _, _ = results["re-isq-fused"]
+    assert fused["error_type"] == "NotSupportedError" and "re-laid out" in fused["error"], fused
 
 
 def test_tui_shows_one_row_per_device(results):

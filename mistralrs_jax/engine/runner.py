@@ -173,6 +173,7 @@ class ModelRunner:
         are split per parallel/rules.py, the KV cache over its KV heads, logits come back whole."""
         self.mesh = mesh
         self.tp_size = 1 if mesh is None else int(mesh.size)
+        self.tp_relaid_out = 0  # projections parallel.rules.prepare_model replaced by re-laid-out copies
         self.config = config
         self.num_lookahead_tokens = num_lookahead_tokens
         self.input_embeds = input_embeds
@@ -208,7 +209,8 @@ class ModelRunner:
             from ..parallel.rules import prepare_model
 
             with host_staging(self.tp_size):  # rebuilt projections stay on the host until placed
-                prepare_model(model, self.tp_size)  # split fused projections, replicate scarce KV heads
+                # Split fused projections, replicate scarce KV heads (LLM.re_isq refuses such a model).
+                self.tp_relaid_out = max(self.tp_relaid_out, prepare_model(model, self.tp_size))
         self.graphdef, state = nnx.split(model)
         # Pass the weights as a flat list of arrays and close over the graph definition:
         # hashing a GraphDef and flattening an nnx.State on every call cost ~20 ms per step.

@@ -58,7 +58,8 @@ def _rebuild(linear, cols: np.ndarray | slice, heads: tuple[int, int, int] | Non
     return type(linear)(take(np.asarray(weight), 1), bias=bias, dtype=weight.dtype)
 
 
-def _prepare_attention(attn, tp: int) -> None:
+def _prepare_attention(attn, tp: int) -> int:
+    rebuilt = 0
     q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
     if attn.qkv_proj is not None:
         fused = attn.qkv_proj
@@ -67,42 +68,52 @@ def _prepare_attention(attn, tp: int) -> None:
         attn.k_proj = nnx.data(_rebuild(fused, slice(q_size, q_size + kv_size)))
         attn.v_proj = nnx.data(_rebuild(fused, slice(q_size + kv_size, q_size + 2 * kv_size)))
         attn.qkv_proj = None
+        rebuilt += 1
     if attn.num_kv_heads < tp:
         heads = (attn.num_kv_heads, attn.head_dim, tp // attn.num_kv_heads)
         attn.k_proj = nnx.data(_rebuild(attn.k_proj, slice(None), heads))
         attn.v_proj = nnx.data(_rebuild(attn.v_proj, slice(None), heads))
         attn.num_kv_heads = tp
+        rebuilt += 1
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         proj.tp_role = COLUMN
     attn.o_proj.tp_role = ROW
+    return rebuilt
 
 
-def _prepare_mlp(mlp) -> None:
+def _prepare_mlp(mlp) -> int:
+    rebuilt = 0
     if getattr(mlp, "gate_up_proj", None) is not None:
         fused, half = mlp.gate_up_proj, mlp.gate_up_proj.out_features // 2
         mlp.gate_proj = nnx.data(_rebuild(fused, slice(0, half)))
         mlp.up_proj = nnx.data(_rebuild(fused, slice(half, None)))
         mlp.gate_up_proj = None
+        rebuilt = 1
     for proj in (getattr(mlp, "gate_proj", None), mlp.up_proj):
         if proj is not None:
             proj.tp_role = COLUMN
     mlp.down_proj.tp_role = ROW
+    return rebuilt
 
 
-def prepare_model(model: nnx.Module, tp: int) -> None:
-    """Rewrite `model` in place for `tp` devices (see the module docstring). Idempotent."""
+def prepare_model(model: nnx.Module, tp: int) -> int:
+    """Rewrite `model` in place for `tp` devices (see the module docstring). Idempotent.
+    Returns how many projections it replaced by re-laid-out copies (fused ones split, KV heads
+    repeated): those are no longer the objects the ISQ factory re-quantizes."""
     nodes = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
     if any(_is_linear(node) and getattr(node, "lora", None) is not None for node in nodes):
         raise TensorParallelError("LoRA adapters are not supported with tensor_parallel_size (-tp) > 1 yet")
+    rebuilt = 0
     for node in nodes:
         if hasattr(node, "o_proj") and hasattr(node, "num_kv_heads"):
-            _prepare_attention(node, tp)
+            rebuilt += _prepare_attention(node, tp)
         elif hasattr(node, "down_proj") and hasattr(node, "up_proj"):
-            _prepare_mlp(node)
+            rebuilt += _prepare_mlp(node)
         elif hasattr(node, "embed_tokens") and hasattr(node, "lm_head"):
             node.embed_tokens.tp_role = COLUMN
             if node.lm_head is not None:
                 node.lm_head.tp_role = COLUMN
+    return rebuilt
 
 
 def _linear_specs(linear, name: str, tp: int) -> dict[str, P]:
