@@ -208,6 +208,9 @@ def test_batched_greedy_generation_matches_the_reference(phi3v_llm, reference):
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = phi3v_llm.chat([_chat(image) for image in images], greedy)
     assert [out.outputs[0].token_ids for out in outputs] == wanted
+    _, text, _ = phi3v_llm.chat_prompt(_chat(images[0]))  # a raw prompt holds <|image|> where the image goes
+    raw = phi3v_llm.generate({"prompt": text, "multi_modal_data": {"image": images[0]}}, greedy)
+    assert raw[0].outputs[0].token_ids == wanted[0]
     assert phi3v_llm.metrics()["compiles"] == compiles
 
 
