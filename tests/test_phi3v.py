@@ -214,6 +214,26 @@ def test_batched_greedy_generation_matches_the_reference(phi3v_llm, reference):
     assert phi3v_llm.metrics()["compiles"] == compiles
 
 
+def test_bf16_weights_stay_close_to_the_f32_reference(phi3v_dir, reference):
+    """--dtype bf16 (what a GPU serves the published bf16 checkpoints in): features and logits within
+    bf16 rounding of the f32 reference, the same greedy choices."""
+    from mistralrs_jax import LLM
+
+    llm = LLM(str(phi3v_dir), dtype="bf16", max_seqs=2, token_buckets=[8, 32], max_num_batched_tokens=32,
+              pa_ctxt_len=256, warmup=False)
+    try:
+        image = _images()[0]
+        features, _ = llm.vision.encode_images([image])
+        want = reference.image_features(image)
+        assert np.abs(features[0] - want).max() < 0.02 * np.abs(want).max()
+        _, text, _ = llm.chat_prompt(_chat(image))
+        got = llm.score(llm.tokenizer.encode_prompt(text), images=[image])
+        logits = reference.logits(reference.prompt_ids(text.replace("<|image|>", "<|image_1|>"), [image]), [image])
+        assert np.abs(got - logits).max() < 0.2 and (got.argmax(-1) == logits.argmax(-1)).mean() > 0.95
+    finally:
+        llm.shutdown()
+
+
 def test_numbered_image_tags_place_the_images(phi3v_llm, reference):
     """`<|image_N|>` written in the text (the processor's and mistral.rs' Phi-3 Vision prompts) places
     the images instead of the image parts; the ids are the processor's for that text."""
