@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from family_fixtures import VOCAB_SIZE, build_checkpoint, load_reference, reference_greedy, reference_logits
-from peers import require_peer
+from family_fixtures import (VOCAB_SIZE, ReferenceUnavailable, build_checkpoint, convert_to_gguf, load_reference,
+                             reference_greedy, reference_logits)
+from peers import missing_peer, require_peer
 from test_lora import ATTENTION, MLP, make_adapter
 
 MAX_ABS_DIFF = 1e-4  # f32, summation order only
@@ -141,6 +142,51 @@ def test_unknown_adapter_is_a_typed_404(llm):
     with pytest.raises(InvalidRequestError) as info:
         llm.generate(["hi"], lora="nope")
     assert info.value.http_status == 404 and info.value.param == "lora" and "nope" in str(info.value)
+
+
+# --------------------------------------------------------------------------- fused projections
+
+
+def _score_against_peft(model: str, checkpoint: Path, adapter: Path, label: str, **kwargs) -> None:
+    from mistralrs_jax import LLM
+
+    ids = prompts()[0]
+    expected = reference_logits(peft_model(checkpoint, adapter), ids)
+    base = reference_logits(peft_model(checkpoint, None), ids)
+    with LLM(model=model, lora_adapters=[str(adapter)], **{**LLM_KWARGS, "warmup": False, **kwargs}) as llm:
+        got = llm.score(ids, lora=adapter.name)
+        untouched = llm.score(ids)
+    diff = np.abs(got - expected).max()
+    print(f"\n{label}: max |Δ| to PEFT {diff:.2e} (base {np.abs(untouched - base).max():.2e})")
+    assert np.abs(expected - base).max() >= MIN_ADAPTER_EFFECT
+    assert diff <= MAX_ABS_DIFF and np.abs(untouched - base).max() <= MAX_ABS_DIFF
+
+
+@pytest.mark.slow
+def test_phi3_fused_projections_match_peft(tmp_path):
+    """Phi-3 holds qkv_proj and gate_up_proj fused; its PEFT adapters are trained on them."""
+    for peer in ("torch", "transformers", "peft"):
+        require_peer(peer)
+    checkpoint = build_checkpoint("phi3", tmp_path / "phi3")
+    adapter = make_adapter(checkpoint, tmp_path / "fused", seed=5, r=4, lora_alpha=8,
+                           target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    _score_against_peft(str(checkpoint), checkpoint, adapter, "phi3 fused adapter")
+
+
+@pytest.mark.slow
+def test_separate_adapter_on_a_fused_gguf_qkv_matches_peft(tmp_path):
+    """llama.cpp's --fuse-qkv GGUF: one attn_qkv tensor, so each of the adapter's q/k/v parts
+    gets its own rank block of the fused stack and its own rows (Q/K rows as the GGUF permutes them)."""
+    for peer in ("torch", "transformers", "peft"):
+        require_peer(peer)
+    checkpoint = build_checkpoint("llama3", tmp_path / "llama3")
+    adapter = make_adapter(checkpoint, tmp_path / "separate", seed=6, r=4, lora_alpha=8, target_modules=ATTENTION + MLP)
+    gguf = tmp_path / "fused.gguf"
+    try:
+        convert_to_gguf([(checkpoint, gguf, "--fuse-qkv")])
+    except ReferenceUnavailable as exc:
+        missing_peer(f"llama.cpp's converter is unavailable: {exc}")
+    _score_against_peft(str(gguf), checkpoint, adapter, "separate q/k/v adapter on a fused GGUF qkv")
 
 
 # --------------------------------------------------------------------------- through the server
