@@ -235,3 +235,19 @@ def test_tui_shows_one_row_per_device(results):
     assert "tensor parallel over 3 devices" in text
     assert [line.split(":")[0] for line in text.splitlines() if line.startswith("cpu:")] == ["cpu", "cpu", "cpu"]
     assert text.count("weights") == 3
+
+
+def test_command_line_flag_and_the_n_refusal():
+    """-tp / --tensor-parallel-size reach LLM(tensor_parallel_size=...); mistral.rs' -n (layer
+    device mapping) is refused pointing at -tp."""
+    from mistralrs_jax.cli import build_parser
+    from mistralrs_jax.cli_kwargs import build_llm_kwargs
+    from mistralrs_jax.errors import NotSupportedError
+
+    parser = build_parser()
+    assert build_llm_kwargs(parser.parse_args(["-tp", "2", "plain", "-m", "x"]))["tensor_parallel_size"] == 2
+    assert build_llm_kwargs(parser.parse_args(["--tensor-parallel-size", "4", "gguf", "-m", "x", "-f", "y"])
+                            )["tensor_parallel_size"] == 4
+    assert build_llm_kwargs(parser.parse_args(["plain", "-m", "x"]))["tensor_parallel_size"] == 1
+    with pytest.raises(NotSupportedError, match="-tp/--tensor-parallel-size"):
+        build_llm_kwargs(parser.parse_args(["-n", "0:16", "plain", "-m", "x"]))
