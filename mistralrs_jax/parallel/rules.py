@@ -100,6 +100,8 @@ def prepare_model(model: nnx.Module, tp: int) -> int:
     """Rewrite `model` in place for `tp` devices (see the module docstring). Idempotent.
     Returns how many projections it replaced by re-laid-out copies (fused ones split, KV heads
     repeated): those are no longer the objects the ISQ factory re-quantizes."""
+    if tp == 1:  # a one-device mesh (a data-parallel replica's): nothing to split, only placed
+        return 0
     nodes = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
     if any(_is_linear(node) and getattr(node, "lora", None) is not None for node in nodes):
         raise TensorParallelError("LoRA adapters are not supported with tensor_parallel_size (-tp) > 1 yet")
