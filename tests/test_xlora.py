@@ -405,6 +405,19 @@ def test_ordering_not_matching_the_adapters_is_refused(xlora_dir, tmp_path):
         load_xlora(str(directory), str(missing))
 
 
+def test_config_file_path_names_the_model(xlora_dir, tmp_path):
+    """-x may name the config JSON itself, under any file name (the seed's `-x ./xlora-config.json`)."""
+    from mistralrs_jax.loading.adapters.xlora import load_xlora
+
+    directory, ordering = xlora_dir
+    copy = tmp_path / "xlora"
+    shutil.copytree(directory, copy)
+    (copy / "xlora_config.json").rename(copy / "xlora-config.json")
+    ckpt = load_xlora(str(copy / "xlora-config.json"), str(ordering))
+    assert ckpt.adapter_names == ["expert_0", "expert_1"] and ckpt.num_modules == 12
+    assert ckpt.classifier_path == str(copy / "xlora_classifier.safetensors")
+
+
 def test_peft_save_pretrained_without_classifier_layers_is_named(models, tmp_path):
     """PEFT 0.21's own save_pretrained loses classifier layers (see the module docstring): a typed
     error says which and why, before any adapter is read."""
