@@ -234,6 +234,24 @@ def test_bf16_weights_stay_close_to_the_f32_reference(phi3v_dir, reference):
         llm.shutdown()
 
 
+def test_glb_sub_order_checkpoint_matches_the_reference(tmp_path):
+    """hd_transform_order "glb_sub" (the published code's other order): the global view's rows first."""
+    from mistralrs_jax import LLM
+
+    directory = build_phi3v_checkpoint(tmp_path / "glb-sub", seed=4, hd_order="glb_sub")
+    llm = LLM(str(directory), max_seqs=2, token_buckets=[8, 32], max_num_batched_tokens=32, pa_ctxt_len=256,
+              warmup=False)
+    try:
+        assert llm.vision.config.hd_transform_order == "glb_sub"
+        images = _images()[:2]
+        features, _ = llm.vision.encode_images(images)
+        reference = Phi3VReference(directory)
+        for image, ours in zip(images, features):
+            assert np.abs(ours - reference.image_features(image)).max() < 1e-4
+    finally:
+        llm.shutdown()
+
+
 def test_numbered_image_tags_place_the_images(phi3v_llm, reference):
     """`<|image_N|>` written in the text (the processor's and mistral.rs' Phi-3 Vision prompts) places
     the images instead of the image parts; the ids are the processor's for that text."""
