@@ -5,7 +5,8 @@ string), `{"type": "image_pil", "image_pil": PIL.Image}` (vLLM's LLM.chat) and
 `{"type": "image", "image": <URL, path or PIL image>}`. Each becomes `{"type": "image"}`, the
 part multimodal chat templates (LLaVA's among them) turn into the image token. A template
 that takes text only gets, as vLLM does for such templates, each message's image tokens on
-their own lines before its text.
+their own lines before its text. A model whose prompts number their images (Phi-3 Vision's
+`<|image_1|>`, ...) also takes those tags written in the text, which then place the images.
 """
 from __future__ import annotations
 
