@@ -285,7 +285,8 @@ def load_xlora(model_id: str, order: str | None = None, token_source: str = "cac
     """Read and check an X-LoRA model's config, adapters, ordering and classifier (see the module docstring)."""
     directory, config_path = resolve_xlora_dir(model_id, token_source)
     config = read_json_object(config_path)
-    peft_layout = "peft_type" in config  # mistral.rs' config has none (its file may be named anything with -x FILE)
+    # mistral.rs' config has no peft_type (and with -x FILE it may be named anything)
+    peft_layout = "peft_type" in config and os.path.basename(config_path) != MISTRALRS_CONFIG
     if peft_layout and str(config.get("peft_type", "")).upper() != "XLORA":
         raise InvalidRequestError(f"X-LoRA model {model_id}: {config_path} has peft_type "
                                   f"{config.get('peft_type')!r}, not XLORA (a plain LoRA adapter is loaded with "
