@@ -431,6 +431,17 @@ def test_peft_save_pretrained_without_classifier_layers_is_named(models, tmp_pat
         load_xlora(str(tmp_path / "saved"))
 
 
+def test_settings_without_an_xlora_model_are_refused(models):
+    from mistralrs_jax import LLM
+    from mistralrs_jax.errors import InvalidRequestError
+
+    checkpoint, _ = models["llama3"]
+    with pytest.raises(InvalidRequestError, match="--tgt-non-granular-index was given without an X-LoRA model"):
+        LLM(model=str(checkpoint), tgt_non_granular_index=4, **LLM_KWARGS)
+    with pytest.raises(InvalidRequestError, match="--tgt-non-granular-index must be a position of at least 1, got 0"):
+        LLM(model=str(checkpoint), xlora_model_id="unused", tgt_non_granular_index=0, **LLM_KWARGS)
+
+
 def test_classifier_not_fitting_the_base_is_refused(models, xlora_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 

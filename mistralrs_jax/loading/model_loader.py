@@ -105,10 +105,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     # (and checked) before the base model for the same reason.
     isq_type = normalize_isq_type(spec.isq) if spec.isq is not None else None
     lora = _load_lora(spec.lora_adapters, spec.lora_weights, spec.token_source)
+    from .adapters.xlora import XLoraAttacher, check_xlora_request, load_xlora
+
+    check_xlora_request(spec.xlora_model_id, spec.xlora_order, spec.tgt_non_granular_index)
     xlora = None
     if spec.xlora_model_id is not None:
-        from .adapters.xlora import XLoraAttacher, load_xlora
-
         if lora is not None:
             raise NotSupportedError("LoRA adapters and an X-LoRA model cannot be combined")
         xlora = XLoraAttacher(load_xlora(spec.xlora_model_id, spec.xlora_order, spec.token_source))

@@ -281,6 +281,17 @@ def check_classifier(ckpt: XLoraCheckpoint, hidden_size: int) -> None:
 # --------------------------------------------------------------------------- reading everything
 
 
+def check_xlora_request(model_id: str | None, order: str | None, tgt_non_granular_index: int | None) -> None:
+    """The X-LoRA settings make sense together (checked before anything loads)."""
+    if model_id is None and (order is not None or tgt_non_granular_index is not None):
+        raise InvalidRequestError("an X-LoRA ordering file or --tgt-non-granular-index was given without an X-LoRA "
+                                  "model (-x / xlora_model_id)", param="xlora_model_id")
+    if tgt_non_granular_index is not None and (isinstance(tgt_non_granular_index, bool) or not isinstance(
+            tgt_non_granular_index, int) or tgt_non_granular_index < 1):
+        raise InvalidRequestError(f"--tgt-non-granular-index must be a position of at least 1, got "
+                                  f"{tgt_non_granular_index!r}", param="tgt_non_granular_index")
+
+
 def load_xlora(model_id: str, order: str | None = None, token_source: str = "cache") -> XLoraCheckpoint:
     """Read and check an X-LoRA model's config, adapters, ordering and classifier (see the module docstring)."""
     directory, config_path = resolve_xlora_dir(model_id, token_source)
@@ -375,6 +386,7 @@ class XLoraAttacher:
             raise NotSupportedError(f"X-LoRA adapters target {', '.join(missed) or 'nothing this model builds'}, which "
                                     "this model does not build as a plain projection")
         n = len(self.ckpt.adapters)
+        slot_of = {id(adapter): i for i, adapter in enumerate(self.ckpt.adapters)}
         for name, contributions in plan.items():
             linear = self._built[name]
             indices = {self.ckpt.module_index[c.module] for c in contributions}
@@ -388,7 +400,7 @@ class XLoraAttacher:
                 b = factors.b if c.source_rows is None else factors.b[c.source_rows]
                 full_b = np.zeros((out_features, b.shape[1]), np.float32)
                 full_b[c.rows if c.rows is not None else slice(None)] = b * factors.scale
-                per_adapter[self.ckpt.adapters.index(c.adapter)].append((factors.a.T, full_b.T))
+                per_adapter[slot_of[id(c.adapter)]].append((factors.a.T, full_b.T))
             rank = max(sum(a.shape[1] for a, _ in parts) for parts in per_adapter)
             stack = XLoraStack(linear.in_features, out_features, n, rank, index=min(indices))
             for slot, parts in enumerate(per_adapter):
@@ -404,9 +416,6 @@ def build_xlora_model(base, ckpt: XLoraCheckpoint, attacher: XLoraAttacher, conf
     """(the XLoraCausalLM around the built `base`, the config the runner sizes its KV cache by)."""
     from ...models.xlora import XLoraCausalLM, XLoraClassifier
 
-    if tgt_non_granular_index is not None and tgt_non_granular_index < 1:
-        raise InvalidRequestError(f"--tgt-non-granular-index must be at least 1, got {tgt_non_granular_index}",
-                                  param="tgt_non_granular_index")
     check_classifier(ckpt, config.hidden_size)
     attached = attacher.attach()
     opts = ckpt.options
