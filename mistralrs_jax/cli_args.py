@@ -225,6 +225,9 @@ def add_global_flags(parser: argparse.ArgumentParser, verbs: bool = False) -> No
     hosts.add_argument("--distributed-timeout", type=positive_int, metavar="S",
                        help="seconds to wait for every process to join, and for a silent peer before it counts "
                             "as dead (default 60)")
+    sched.add_argument("-dp", "--data-parallel-size", dest="data_parallel_size", type=positive_int, default=1,
+                       metavar="D", help="serve D replicas of the model, each on its own -tp devices, behind one "
+                                         "server; requests go to the least-loaded one (default 1)")
 
     compat = parser.add_argument_group("mistral.rs flags for features mistralrs-jax lacks (they stop with an error)")
     compat.add_argument("--no-kv-cache", action="store_true", help=argparse.SUPPRESS)

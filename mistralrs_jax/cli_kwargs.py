@@ -145,6 +145,7 @@ def build_llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "max_seqs": args.max_seqs,
         "tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
+        "data_parallel_size": getattr(args, "data_parallel_size", 1),
         "prefix_cache_n": args.prefix_cache_n,
         "no_paged_attn": bool(args.no_paged_attn or getattr(args, "paged_attn", None) == "off"),
         "cpu_weights": args.cpu_weights,

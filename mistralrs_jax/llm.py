@@ -26,6 +26,7 @@ from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
 from .parallel.distributed import MultiHost, is_multi_process
 from .parallel.distributed import attach as attach_multi_host
+from .parallel.replicas import ReplicaSet, check_data_parallel, device_groups
 from .parallel.mesh import host_staging
 from .sampling_params import SamplingParams
 
@@ -86,6 +87,7 @@ class LLM:
         speculative_gamma: int = DEFAULT_SPECULATIVE_GAMMA,
         warmup: bool | str = True,
         tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
     ):
         """Keywords as the mistralrs-server flags; `LLM.from_specs` takes the same as a
         `ModelSpec` (target), an `EngineConfig` and an optional draft `ModelSpec`.
@@ -113,6 +115,7 @@ class LLM:
         if draft_model is not None:
             draft = ModelSpec(model=draft_model, gguf_file=draft_gguf_file, token_source=token_source,
                               revision=revision, dtype=dtype, cpu_weights=cpu_weights, isq=draft_isq)
+        self._data_parallel_size = data_parallel_size  # replicas (parallel/replicas.py), built in _start
         self._start(target, engine_config, draft)
 
     @classmethod
@@ -139,6 +142,7 @@ class LLM:
                 raise NotSupportedError("per-request (dynamic) LoRA and X-LoRA adapters are not supported with "
                                         "tensor_parallel_size (-tp) > 1 yet (merged LoRA adapters are)")
         dynamic_lora = getattr(self, "_dynamic_lora", None)
+        replica_groups = self._replica_groups(engine_config, draft, dynamic_lora)  # None: one engine
         lora_specs = (target.lora_adapters, target.lora_weights)
         if dynamic_lora is not None:  # held unmerged (below), not merged while loading
             self._refuse_with_dynamic_lora(engine_config, draft)
@@ -153,7 +157,9 @@ class LLM:
         if dynamic_lora is not None:
             self.adapter_slots = hold_dynamic_adapters(self.loaded.model, self.loaded.config, *dynamic_lora,
                                                        *lora_specs, token_source=target.token_source)
-        self.engine: Engine = build_engine(engine_config, self.loaded, self.draft)
+        self.engine: Engine = build_engine(engine_config, self.loaded, self.draft) if replica_groups is None else \
+            ReplicaSet([build_engine(engine_config, self.loaded, self.draft, devices=group)
+                        for group in replica_groups], replica_groups)
         if self.adapter_slots is not None:
             self.engine.runner.num_lora_slots = self.adapter_slots.num_slots
             self.adapter_slots.on_change = lambda: self.engine.runner.refresh_adapter_weights(self.loaded.model)
@@ -168,6 +174,12 @@ class LLM:
         # Several processes (jax.distributed): process 0's steps are broadcast to the others.
         self.distributed: MultiHost | None = attach_multi_host(self.engine.runner)
         self.engine.start()
+
+    def _replica_groups(self, engine_config: EngineConfig, draft, dynamic_lora) -> list | None:
+        """The device group of each data-parallel replica (checked before loading), None for one engine."""
+        size = getattr(self, "_data_parallel_size", 1)
+        check_data_parallel(size, draft is not None, dynamic_lora is not None, is_multi_process())
+        return None if size == 1 else device_groups(size, engine_config.tensor_parallel_size)
 
     def _refuse_with_dynamic_lora(self, engine_config: EngineConfig, draft) -> None:
         for what, present in (("a draft model (speculative decoding)", draft is not None),

@@ -57,6 +57,8 @@ def create_app(llm: Any, *, api_key: str | None = None, request_log: str | None 
     state.metrics_registry = make_registry(EngineCollector(
         llm.metrics, state.model_name, lambda: getattr(metrics, "compiles_at_start", None),
         lambda: dict(state.http_responses)))
+    if hasattr(getattr(llm, "engine", None), "replicas"):  # --data-parallel-size: per-replica load too
+        state.metrics_registry.register(ReplicaCollector(llm.engine.stats, state.model_name))
     app.extensions["mistralrs"] = state
     for blueprint in (chat_blueprint, completions_blueprint, admin_blueprint, loras_blueprint):
         app.register_blueprint(blueprint)
@@ -117,6 +119,27 @@ async def _drain_body() -> None:
         await request.get_data(cache=False)
     except HTTPException:  # too large or too slow: the connection closes, as it must
         pass
+
+
+class ReplicaCollector:
+    """/metrics rows per data-parallel replica (parallel/replicas.py), labelled replica="i"."""
+
+    def __init__(self, stats: Any, model_name: str):
+        self._stats, self._model = stats, model_name
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        rows = self._stats().get("replicas", [])
+        for key, doc in (("num_running", "sequences running"), ("num_waiting", "sequences waiting"),
+                         ("load", "unfinished sequences routed to the replica"),
+                         ("requests_routed", "requests routed to the replica"),
+                         ("kv_blocks_free", "free KV cache blocks")):
+            family = GaugeMetricFamily(f"mistralrs_replica_{key}", f"{doc}, per data-parallel replica",
+                                       labels=["model", "replica"])
+            for row in rows:
+                family.add_metric([self._model, str(row["replica"])], float(row.get(key) or 0))
+            yield family
 
 
 def _error_message(body: str) -> str:

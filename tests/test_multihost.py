@@ -4,8 +4,10 @@ process 1, which runs the same compiled programs.
 
 Judged against a single-process server on the same model and flags: the openai client gets the
 same greedy replies (one at a time and concurrently batched); process 1 ran exactly as many model
-steps as process 0's engine counted; SIGTERM to process 0 stops both cleanly (exit 0); killing
-process 1 makes process 0 exit with EXIT_PEER_LOST and a message naming process 1 within the
+steps as process 0's engine counted; SIGTERM to process 0 stops both cleanly (exit 0). Three
+processes of one fake CPU device each serve SmolLM2 at -tp 3 over the global mesh (every step a
+gloo collective across the processes) with the single-process greedy reply; killing process 2
+then makes processes 0 and 1 exit with EXIT_PEER_LOST and a message naming process 2 within the
 timeout."""
 from __future__ import annotations
 
@@ -15,27 +17,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
+from multidevice_fixtures import FLAGS, PROMPTS, client_for, reference, reply, served_url  # noqa: F401 (a fixture)
 
 from mistralrs_jax.parallel.distributed import EXIT_PEER_LOST
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# f32 weights: a reply does not depend on which other rows share its step (the packed kernels' activation
-# rounding does), so concurrent replies can be held to the one-at-a-time reference.
-FLAGS = ["--max-seqs", "4", "--max-num-batched-tokens", "32", "--pa-ctxt-len", "1024", "--seed", "0",
-         "--cpu-weights", "f32"]
 TIMEOUT_S = 10  # --distributed-timeout: joining, and a silent peer
-START_TIMEOUT_S = 600
-PROMPTS = ["Name three colors.", "What is the capital of France?", "Write one sentence about the sea.",
-           "Count from one to five."]
 
 
 def _free_port() -> int:
@@ -45,39 +39,40 @@ def _free_port() -> int:
 
 
 class Cluster:
-    """Two processes of one multi-host run; their output goes to files (no pipe can fill up)."""
+    """The processes of one multi-host run, one fake CPU device each; their output goes to files
+    (no pipe can fill up). `wait()` blocks until process 0 serves and gives its URL."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, num_processes: int, *flags: str):
         coordinator = f"127.0.0.1:{_free_port()}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        self.logs = [tmp_path / f"process{i}.log" for i in range(2)]
+        self.logs = [tmp_path / f"process{i}.log" for i in range(num_processes)]
         self.processes = []
+        self.url = ""
         for process_id, log in enumerate(self.logs):
-            command = [sys.executable, "-m", "mistralrs_jax.cli", "--port", "0", *FLAGS,
-                       "--coordinator-address", coordinator, "--num-processes", "2",
+            command = [sys.executable, "-m", "mistralrs_jax.cli", "--port", "0", *FLAGS, *flags,
+                       "--coordinator-address", coordinator, "--num-processes", str(num_processes),
                        "--process-id", str(process_id), "--distributed-timeout", str(TIMEOUT_S)]
             with open(log, "w") as out:
                 self.processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                                        env=env))
-        self.url = self._wait_for_url()
 
     def log(self, process_id: int) -> str:
         return self.logs[process_id].read_text(errors="replace")
 
-    def _wait_for_url(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            found = re.search(r"serving .* on (http://\S+) ", self.log(0))
-            if found:
-                return found.group(1)
-            if any(p.poll() is not None for p in self.processes):
-                break
-            time.sleep(0.5)
-        self.kill()
-        raise AssertionError(f"the cluster did not start:\n{self.log(0)[-3000:]}\n---\n{self.log(1)[-3000:]}")
+    def wait(self) -> "Cluster":
+        self.url = self._wait_for_url()
+        return self
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    def _wait_for_url(self) -> str:
+        url = served_url(self.logs[0], self.processes)
+        if url is not None:
+            return url
+        self.kill()
+        raise AssertionError("the cluster did not start:\n" + "\n---\n".join(self.log(i)[-3000:]
+                                                                            for i in range(len(self.logs))))
+
+    def client(self):
+        return client_for(self.url)
 
     def kill(self) -> None:
         for process in self.processes:
@@ -87,43 +82,29 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path, smollm2_gguf_path):
-    cluster = Cluster(tmp_path)
+def clusters(tmp_path, smollm2_gguf_path):
+    """Starts clusters (`clusters(P, *flags)`, not waited for) and kills what is left of them at the end."""
+    started: list[Cluster] = []
+
+    def start(num_processes: int, *flags: str) -> Cluster:
+        started.append(Cluster(tmp_path, num_processes, *flags))
+        return started[-1]
+
     try:
-        yield cluster
+        yield start
     finally:
-        cluster.kill()
+        for cluster in started:
+            cluster.kill()
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_gguf_path):
-    """The same model and flags in one process (this one), served on loopback."""
-    from mistralrs_jax import LLM
-    from mistralrs_jax.cli import build_parser
-    from mistralrs_jax.cli_kwargs import build_llm_kwargs
-    from server.app import create_app
-    from server.serving import BackgroundServer
-
-    llm = LLM(**build_llm_kwargs(build_parser().parse_args(FLAGS)))
-    try:
-        with BackgroundServer(create_app(llm, default_seed=0)) as server:
-            yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
-    finally:
-        llm.shutdown()
-
-
-def _reply(client: openai.OpenAI, prompt: str) -> str:
-    response = client.chat.completions.create(model="default", messages=[{"role": "user", "content": prompt}],
-                                              max_tokens=24, temperature=0)
-    return response.choices[0].message.content
-
-
-def test_two_processes_answer_as_one_and_stop_together(cluster, reference):
-    client = cluster.client()
-    one_by_one = [_reply(client, prompt) for prompt in PROMPTS[:2]]
+def test_two_processes_answer_as_one_and_stop_together(clusters, request):
+    cluster = clusters(2)
+    reference = request.getfixturevalue("reference")  # loads while the cluster starts
+    client = cluster.wait().client()
+    one_by_one = [reply(client, prompt) for prompt in PROMPTS[:2]]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:  # batched steps: several rows per broadcast step
-        together = list(pool.map(lambda prompt: _reply(client, prompt), PROMPTS))
-    expected = [_reply(reference, prompt) for prompt in PROMPTS]
+        together = list(pool.map(lambda prompt: reply(client, prompt), PROMPTS))
+    expected = [reply(reference, prompt) for prompt in PROMPTS]
     assert one_by_one == expected[:2]
     assert together == expected
     status = httpx.get(f"{cluster.url}/v1/status", timeout=30).json()
@@ -138,10 +119,15 @@ def test_two_processes_answer_as_one_and_stop_together(cluster, reference):
     assert int(followed.group(1)) == steps  # process 1 ran every model step process 0 ran, no more
 
 
-def test_killing_process_1_makes_process_0_exit_naming_it(cluster):
-    assert _reply(cluster.client(), PROMPTS[0])  # the pair works
-    cluster.processes[1].send_signal(signal.SIGKILL)
-    code = cluster.processes[0].wait(TIMEOUT_S + 30)  # raises TimeoutExpired if it hangs on
-    log = cluster.log(0)
-    assert code == EXIT_PEER_LOST, log[-3000:]
-    assert "lost contact with process 1 of 2" in log, log[-3000:]
+def test_tensor_parallel_over_three_processes_then_a_lost_one_stops_the_others(clusters, request):
+    # SmolLM2 splits 3 ways (9 query heads, 3 KV heads): each process holds a third of every layer.
+    cluster = clusters(3, "-tp", "3")
+    reference = request.getfixturevalue("reference")
+    client = cluster.wait().client()
+    assert reply(client, PROMPTS[0]) == reply(reference, PROMPTS[0])
+    cluster.processes[2].send_signal(signal.SIGKILL)
+    for survivor in (0, 1):
+        code = cluster.processes[survivor].wait(TIMEOUT_S + 30)  # raises TimeoutExpired if it hangs on
+        log = cluster.log(survivor)
+        assert code == EXIT_PEER_LOST, log[-3000:]
+        assert "lost contact with process 2 of 3" in log, log[-3000:]

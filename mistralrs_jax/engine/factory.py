@@ -111,9 +111,11 @@ def check_engine_config(engine: EngineConfig, speculative: bool = False) -> None
                                     "tensor_parallel_size (-tp) > 1 yet")
 
 
-def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedModel | None" = None) -> Engine:
+def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedModel | None" = None,
+                 devices=None) -> Engine:
     """An engine serving `target` (speculating with `draft` when given), not yet started or
-    warmed up (`Engine.warmup`)."""
+    warmed up (`Engine.warmup`). `devices`: the ones its mesh takes (a data-parallel replica's
+    group, parallel/replicas.py); default the first -tp devices, or JAX's default device at -tp 1."""
     import jax
 
     check_engine_config(engine, speculative=draft is not None)
@@ -130,7 +132,7 @@ def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedMode
     scheduler = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
                           eos_token_ids=target.eos_token_ids, num_lookahead_tokens=gamma)
     # A verification step runs every scheduled token plus up to gamma draft tokens per sequence.
-    mesh = make_mesh(engine.tensor_parallel_size) if engine.tensor_parallel_size > 1 else None
+    mesh = make_mesh(engine.tensor_parallel_size, devices) if engine.tensor_parallel_size > 1 or devices else None
     if mesh is not None:
         log.info("tensor parallel over %d devices: %s", mesh.size, ", ".join(map(str, mesh.devices.flat)))
     runner = ModelRunner(target.model, config, num_blocks, engine.pa_blk_size, max_model_len, max_seqs,
