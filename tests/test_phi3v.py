@@ -255,6 +255,33 @@ def test_glb_sub_order_checkpoint_matches_the_reference(tmp_path):
         llm.shutdown()
 
 
+def test_prompt_ids_with_a_phi3_style_tokenizer(phi3v_dir, tmp_path):
+    """Phi-3's tokenizer.json (the legacy Llama conversion: a Prepend("▁") + Replace normalizer, no
+    pre-tokenizer, added tokens that rstrip): the expanded prompt is still the processor's ids."""
+    from tokenizers import Tokenizer, normalizers
+
+    from mistralrs_jax import LLM
+
+    directory = tmp_path / "phi3-style-tokenizer"
+    shutil.copytree(phi3v_dir, directory)
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.pre_tokenizer = None
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    llm = LLM(str(directory), max_seqs=2, token_buckets=[8, 32], max_num_batched_tokens=32, pa_ctxt_len=256,
+              warmup=False)
+    try:
+        reference = Phi3VReference(directory)
+        images = _images()[:2]
+        parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+        for content in ([parts[0], {"type": "text", "text": QUESTION}],
+                        [*parts, {"type": "text", "text": "Compare <|image_1|> with <|image_2|> please."}]):
+            ids, text, multimodal = llm.chat_prompt([{"role": "user", "content": content}])
+            assert ids == _reference_ids(reference, text, images[:multimodal.num_images])
+    finally:
+        llm.shutdown()
+
+
 def test_numbered_image_tags_place_the_images(phi3v_llm, reference):
     """`<|image_N|>` written in the text (the processor's and mistral.rs' Phi-3 Vision prompts) places
     the images instead of the image parts; the ids are the processor's for that text."""
