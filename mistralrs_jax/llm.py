@@ -251,6 +251,9 @@ class LLM:
         if self.isq_factory is None:
             raise NotSupportedError("re-quantizing (re_isq) is only available for GGUF models in mistralrs-jax")
         self._refuse_multi_host("re-quantizing (re_isq)")
+        if getattr(self.loaded, "xlora", None) is not None:
+            raise NotSupportedError("re-quantizing (re_isq) an X-LoRA model is not supported yet (the re-built "
+                                    "projections would drop their adapter stacks); start it with --isq instead")
         if self.engine.runner.tp_relaid_out:
             raise NotSupportedError("re-quantizing (re_isq) is not supported yet for a model whose fused projections "
                                     "or KV heads were re-laid out for -tp (fused qkv/gate_up, or fewer KV heads "

@@ -278,8 +278,10 @@ def test_non_granular_scalings_batch_without_compiles(models, tmp_path):
 
 @pytest.mark.slow
 def test_gguf_base_with_safetensors_adapters(models, tmp_path):
-    """llama.cpp's f32 GGUF of the checkpoint (Q/K rows permuted in the file) under safetensors adapters."""
+    """llama.cpp's f32 GGUF of the checkpoint (Q/K rows permuted in the file) under safetensors adapters.
+    Re-quantizing it while serving is refused (the re-built projections would lose their stacks)."""
     from mistralrs_jax import LLM
+    from mistralrs_jax.errors import NotSupportedError
 
     checkpoint, adapters = models["llama3"]
     gguf = tmp_path / "llama3.gguf"
@@ -293,6 +295,8 @@ def test_gguf_base_with_safetensors_adapters(models, tmp_path):
     expected = peft_forward(xlora, ids)[0]
     with LLM(model=str(gguf), xlora_model_id=str(directory), **LLM_KWARGS) as llm:
         logits = llm.score(ids)
+        with pytest.raises(NotSupportedError, match=r"re-quantizing \(re_isq\) an X-LoRA model is not supported"):
+            llm.re_isq("Q8_0")
     print(f"\nGGUF base: max |Δ| {np.abs(logits - expected).max():.2e}")
     assert np.abs(logits - expected).max() <= MAX_ABS_DIFF
 
