@@ -87,6 +87,11 @@ def results(checkpoints, truncated_checkpoint, smollm2_gguf_path, tmp_path_facto
     jobs += [_generate(f"q8-{kernel}-tp{tp}", dict(TINY, model=llama3, isq="Q8_0", tensor_parallel_size=tp),
                        score_ids, [prompt], env=reference_kernel if kernel == "ref" else None)
              for kernel in ("ref", "kernel") for tp in (1, 2)]
+    # The GPU kernels (Pallas paged attention and quantized matmul) in interpret mode, per shard.
+    pallas = {"MISTRALRS_JAX_ATTENTION": "interpret", "MISTRALRS_JAX_QMATMUL": "interpret"}
+    jobs += [_generate(f"pallas-tp{tp}", dict(TINY, model=str(checkpoints["mistral"]), isq="Q8_0",
+                                              tensor_parallel_size=tp), score_ids, [prompt], env=pallas)
+             for tp in (1, 2)]
     re_isq = _generate("re-isq-q8-tp2", dict(TINY, model=llama3, tensor_parallel_size=2), score_ids, [prompt])
     jobs.append(dict(re_isq, re_isq="Q8_0"))
     batch_prompts = [_ids(28, seed=10 + i) for i in range(4)]
@@ -178,6 +183,16 @@ def test_packed_weights_split_by_rows_and_blocks(results):
     requantized, _, _ = _ok(results, "re-isq-q8-tp2")
     assert requantized["tokens"] == kernel1["tokens"]
     assert requantized["facts"]["attention_projection_specs"]["o_proj.blocks"] == "P(None, 'tp')"
+
+
+def test_pallas_kernels_run_per_shard(results):
+    """The Pallas attention and quantized-matmul kernels (interpret mode on CPU: the GPU path's
+    code) under shard_map at tp=2 give their own one-device logits and tokens."""
+    one, one_arrays, _ = _ok(results, "pallas-tp1")
+    two, two_arrays, _ = _ok(results, "pallas-tp2")
+    assert np.abs(two_arrays["logits"] - one_arrays["logits"]).max() < MAX_ABS_DIFF
+    assert two["tokens"] == one["tokens"]
+    _assert_really_split(two["facts"], 2)
 
 
 def test_batching_prefix_cache_and_preemption_under_tp2(checkpoints, results):
