@@ -228,6 +228,14 @@ def test_server_adds_and_removes_adapters_while_serving(family, llm, served, tmp
     assert first_text.strip() == peft_text(family["adapters"]["first"])
     assert complete(lora="second").strip() == peft_text(family["adapters"]["second"])
     assert complete().strip() == peft_text(None)
+    chat = [{"role": "user", "content": "hello there"}]
+    reply = client.chat.completions.create(model=f"{base}:second", messages=chat, max_tokens=6, temperature=0.0,
+                                           extra_body={"ignore_eos": True}).choices[0].message.content
+    from mistralrs_jax import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    assert reply == llm.chat(chat, greedy, lora="second")[0].outputs[0].text  # the same adapter's tokens
+    assert reply != llm.chat(chat, greedy)[0].outputs[0].text
 
     # Remove "first": a 404 for it from then on, by model name and by the lora field.
     gone = http.delete("/v1/loras/first")
@@ -256,7 +264,9 @@ def test_server_adds_and_removes_adapters_while_serving(family, llm, served, tmp
     assert http.delete("/v1/loras/third").status_code == 200
     wide = make_adapter(family["checkpoint"], tmp_path / "wide", seed=3, r=16, lora_alpha=16, target_modules=["q_proj"])
     head = make_adapter(family["checkpoint"], tmp_path / "head", seed=4, r=4, lora_alpha=8, target_modules=["lm_head"])
+    elsewhere = write_peft_dir(tmp_path / "elsewhere", {"model.layers.7.self_attn.q_proj": (4, 32, 32)})
     cases = [({"name": "wide", "path": str(wide)}, 400, "lora_rank_too_large"),
+             ({"name": "elsewhere", "path": str(elsewhere)}, 400, "invalid_adapter"),
              ({"name": "head", "path": str(head)}, 400, "not_supported"),
              ({"name": "nowhere", "path": str(tmp_path / "missing")}, 400, "invalid_adapter"),
              ({"name": "a:b", "path": str(wide)}, 400, None),
@@ -268,6 +278,23 @@ def test_server_adds_and_removes_adapters_while_serving(family, llm, served, tmp
             assert answer.json()["error"]["code"] == code, answer.text
     with pytest.raises(openai.BadRequestError):
         complete(model=f"{base}:again", lora="second")  # two different adapters named
+
+
+def write_peft_dir(directory: Path, modules: dict[str, tuple[int, int, int]]) -> Path:
+    """A hand-written PEFT LoRA directory: module -> (rank, in, out) with random factors."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, (rank, fan_in, fan_out) in modules.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = rng.standard_normal((rank, fan_in)).astype(np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = rng.standard_normal((fan_out, rank)).astype(np.float32)
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    return directory
 
 
 def test_removal_lets_running_requests_finish(family, llm):
