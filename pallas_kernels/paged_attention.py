@@ -144,7 +144,11 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    decode_kernel: bool = False,
 ) -> jax.Array:
+    """`decode_kernel`: the decode rows' sums come from the CPU kernel library's decode attention
+    (mistralrs_jax/quant/cpu_kernel/attention.h, same sums, the cache read in place) instead of
+    `_decode_path`; f32 caches on CPU only (see `paged_attention`)."""
     q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
     meta = jax.tree.map(jnp.asarray, meta)
     num_tokens, num_heads, head_dim = q.shape
@@ -161,9 +165,16 @@ def paged_attention_reference(
     blocks_per_chunk = max(1, DECODE_CHUNK_TOKENS // block_size)
     if tables.shape[1] % blocks_per_chunk:
         tables = jnp.pad(tables, ((0, 0), (0, blocks_per_chunk - tables.shape[1] % blocks_per_chunk)))
-    dec_l, dec_acc = _decode_path(
-        qg[:num_rows], k_blocks, v_blocks, tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
-        meta.num_decode_chunks, block_size, sliding_window, soft_cap)
+    if decode_kernel:
+        from mistralrs_jax.quant.cpu_kernel import decode_attention_cpu
+
+        dec_l, dec_acc = decode_attention_cpu(
+            qg[:num_rows], k_cache, v_cache, meta.block_tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
+            meta.num_decode_tokens, block_size=block_size, window=sliding_window, soft_cap=soft_cap)
+    else:
+        dec_l, dec_acc = _decode_path(
+            qg[:num_rows], k_blocks, v_blocks, tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
+            meta.num_decode_chunks, block_size, sliding_window, soft_cap)
 
     prefill_blocks = max(1, PREFILL_KEY_CHUNK // block_size)
     tables = meta.block_tables
@@ -203,11 +214,28 @@ def _pallas_available() -> bool:
     return triton_available()
 
 
+def _cpu_decode_kernel(k_cache) -> bool:
+    """Whether the reference's decode rows use the CPU kernel library's decode attention
+    (MISTRALRS_JAX_CPU_DECODE_ATTENTION=on; CPU, f32 cache, the library built). Off by default:
+    its sums equal `_decode_path`'s only up to the order of f32 roundings, which on the packed
+    engine (8-bit activations) flips some greedy near-ties. On XLA:CPU the reference's gather of
+    each 128-key chunk costs ~2-3x the kernel (SmolLM2, batch 1, context 300, one core)."""
+    import os
+
+    if os.environ.get("MISTRALRS_JAX_CPU_DECODE_ATTENTION", "").strip().lower() not in ("1", "on", "true", "yes"):
+        return False
+    if jax.default_backend() != "cpu" or k_cache.dtype != jnp.float32:
+        return False
+    from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available
+
+    return cpu_kernel_available()
+
+
 def paged_attention(q, k_cache, v_cache, meta, *, impl: str | None = None, **kwargs):
     """Paged attention over the ragged batch; `impl` (a `dispatch()` value) overrides the choice."""
     impl = impl or dispatch()
     if impl == "reference":
-        return paged_attention_reference(q, k_cache, v_cache, meta, **kwargs)
+        return paged_attention_reference(q, k_cache, v_cache, meta, decode_kernel=_cpu_decode_kernel(k_cache), **kwargs)
     from .paged_attention_pallas import paged_attention_pallas, triton_supports
 
     if impl == "pallas" and not triton_supports(q.shape[-1], kwargs["block_size"]):

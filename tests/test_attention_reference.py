@@ -15,6 +15,7 @@ import pytest
 from mistralrs_jax.engine.runner import ModelRunner
 from mistralrs_jax.config import ModelConfig
 from pallas_kernels.paged_attention import paged_attention_reference
+from peers import not_applicable
 
 
 def naive_attention(q, keys, values, positions, scale, window=None, soft_cap=None):
@@ -55,8 +56,15 @@ CASES = [  # (block_size, heads, kv_heads, window, soft_cap, mix): every value o
 ]
 
 
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["xla", "cpu-decode-kernel"])
 @pytest.mark.parametrize("block_size,heads,kv_heads,window,soft_cap,mix", CASES)
-def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, mix):
+def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, mix, decode_kernel):
+    """`decode_kernel`: the decode rows through the CPU kernel library's decode attention."""
+    if decode_kernel:
+        from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available
+
+        if jax.default_backend() != "cpu" or not cpu_kernel_available():
+            not_applicable("the CPU kernel library is not built here (x86-64 with AVX2 and a C++ compiler, CPU backend)")
     rng = np.random.default_rng(hash((block_size, heads, window, mix)) % 2**32)
     head_dim = 16
     num_blocks = 64
@@ -86,7 +94,7 @@ def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, 
     q = rng.standard_normal((t_pad, heads, head_dim)).astype(np.float32)
     scale = head_dim ** -0.5
     attend = jax.jit(functools.partial(paged_attention_reference, block_size=block_size, scale=scale,
-                                       sliding_window=window, soft_cap=soft_cap))
+                                       sliding_window=window, soft_cap=soft_cap, decode_kernel=decode_kernel))
     out = np.asarray(attend(q, k_cache, v_cache, meta))
     offset = 0
     for keys, values, cached, new in seqs:

@@ -409,6 +409,21 @@ static void pair_activations(int8_t* a, int64_t K) {
   }
 }
 
+// `fn(*job)` on this thread and on `helpers` pool threads; returns once job->done reaches
+// `items`. Items are claimed, never handed out, so the only wait is for items already running.
+template <class J>
+static void run_shared(ffi::ThreadPool& pool, int64_t helpers, const std::shared_ptr<J>& job, int64_t items,
+                       void (*fn)(J&)) {
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, fn]() { fn(*job); });
+  fn(*job);
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < items; ++spins) {
+    if (spins < 4096)
+      _mm_pause();
+    else
+      std::this_thread::yield();
+  }
+}
+
 // ggml's vec_dot_type of each weight type: what its activations are quantized to.
 static int act_kind(const MjFormat& f) {
   if (f.block == 256) return kActQ8_K;
@@ -465,27 +480,21 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // A thread per ~256K multiply-adds at most: waking a thread costs microseconds, so a small
   // matmul on a many-core machine should not be spread over all of them.
   const int64_t useful = std::max<int64_t>(1, N * K * T / kWorkPerThread);
-  const int64_t helpers = std::min({threads, job->nchunks, useful}) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job]() { work(*job); });
-  work(*job);
-  // Chunks are claimed, never handed out, so the only wait is for chunks already running.
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->nchunks; ++spins) {
-    if (spins < 4096)
-      _mm_pause();
-    else
-      std::this_thread::yield();
-  }
+  run_shared(pool, std::min({threads, job->nchunks, useful}) - 1, job, job->nchunks, work);
   return ffi::Error::Success();
 }
 
+// How every handler here is bound: XLA's intra-op thread pool, then an f32 input.
+static inline auto mj_bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjQuantMatmul, QuantMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              mj_bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("qtype")
                                   .Attr<int64_t>("k"));
+
+#include "attention.h"
 
 // ---------------------------------------------------------------------------------------
 // Plain C entry points for tests and diagnostics.
