@@ -136,6 +136,8 @@ class LLM:
             target.refuse_vision = VISION_DRAFT_REFUSED
             draft.refuse_vision = VISION_DRAFT_REFUSED
         target.tensor_parallel_size = engine_config.tensor_parallel_size  # checked against the config pre-load
+        if draft is not None:  # the draft is split over the same devices
+            draft.tensor_parallel_size = engine_config.tensor_parallel_size
         if engine_config.tensor_parallel_size != 1:
             target.refuse_vision = "vision models are not supported with tensor_parallel_size (-tp) > 1 yet"
             if getattr(self, "_dynamic_lora", None) is not None or getattr(target, "xlora_model_id", None):

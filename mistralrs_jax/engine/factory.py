@@ -106,9 +106,6 @@ def check_engine_config(engine: EngineConfig, speculative: bool = False) -> None
         raise NotSupportedError(f"speculative_gamma (-g/--gamma) must be a positive integer, got {gamma!r}")
     if engine.tensor_parallel_size != 1:
         make_mesh(engine.tensor_parallel_size)  # a bad size or too few devices: TensorParallelError
-        if speculative:
-            raise NotSupportedError("speculative decoding (a draft model) is not supported with "
-                                    "tensor_parallel_size (-tp) > 1 yet")
 
 
 def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedModel | None" = None,
@@ -146,7 +143,8 @@ def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedMode
     if draft is not None:
         draft_runner = ModelRunner(draft.model, draft.config, num_blocks, engine.pa_blk_size, max_model_len,
                                    runner.seq_buckets[-1], runner.token_buckets[-1],
-                                   token_buckets=runner.token_buckets, seq_buckets=runner.seq_buckets)
+                                   token_buckets=runner.token_buckets, seq_buckets=runner.seq_buckets,
+                                   mesh=mesh)  # split over the same devices: its logits meet the target's
         log.info("speculative decoding: draft %s (%s, %d layers%s), gamma %d, draft KV cache %.0f MiB",
                  draft.name, draft.config.arch, draft.config.num_layers,
                  f", ISQ {draft.isq_type}" if draft.isq_type else "", gamma, draft_runner.kv_cache_bytes / 2**20)

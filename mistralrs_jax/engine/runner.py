@@ -556,7 +556,8 @@ class ModelRunner:
         num_logits = self.num_verify_logits(num_tokens, num_seqs)
         logits = self.forward([], (num_tokens, num_seqs), [], num_logits)
         # The draft distributions' buffer as the proposer holds it: one row per possible sequence.
-        q_buffer = jnp.zeros((self.seq_buckets[-1], gamma, self.config.vocab_size), jnp.float32)
+        q_buffer = jax.device_put(np.zeros((self.seq_buckets[-1], gamma, self.config.vocab_size), np.float32),
+                                  self._logits_sharding)
         for params in SAMPLER_WARMUP_PARAMS:
             arrays, modes = step_sampling_arrays([params], [([0], 1)], [0], [0], num_logits)
             inputs = jax.device_put((arrays, np.zeros(num_seqs, np.int32), np.zeros((num_seqs, gamma + 1), np.int32),

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import DEFAULT_SPECULATIVE_GAMMA
@@ -91,7 +90,9 @@ class DraftProposer:
         self.num_speculative_steps = 0  # row-steps that proposed at least one token
         self._draft_computed: dict[int, int] = {}  # seq_id -> positions whose draft KV is written
         self._q_rows = max_rows
-        self._q_buffer = jnp.zeros((max_rows, gamma, vocab_size), jnp.float32)
+        # Under -tp placed as the runners' logits are (replicated over the mesh), so no call recompiles.
+        self._q_buffer = jax.device_put(np.zeros((max_rows, gamma, vocab_size), np.float32),
+                                        draft_runner._logits_sharding)
         self._draft_sample_fn = jax.jit(draft_sample, static_argnames=("modes",), donate_argnums=(2,))
 
     # -- one step --------------------------------------------------------------------
@@ -187,7 +188,7 @@ class DraftProposer:
 
         self.draft_runner.warmup_forward(lambda t, s: s, lambda i, n, shape: tick(i, shape))
         for i, s in enumerate(self._draft_seq_buckets()):
-            logits = jax.device_put(np.zeros((s, self.vocab_size), np.float32))
+            logits = jax.device_put(np.zeros((s, self.vocab_size), np.float32), self.draft_runner._logits_sharding)
             for params in SAMPLER_WARMUP_PARAMS:
                 arrays, modes = step_sampling_arrays([params], [([0], 1)], [0], [0], s)
                 jax.block_until_ready(self._draw(logits, arrays, modes, np.full(s, self._q_rows, np.int32), 0))
