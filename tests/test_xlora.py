@@ -245,11 +245,24 @@ def fix_scalings_after(xlora, k: int) -> None:
     classifier.forward = forward
 
 
+def joining_mid_decode(llm, prompts: list[list[int]]) -> list:
+    """The last prompt starts alone; the others are added once it has decoded 3 tokens."""
+    first = llm.engine.add_request(prompts[-1], greedy_params())
+    seen = 0
+    for delta in first:
+        seen += len(delta.token_ids)
+        if seen >= 3:
+            break
+    rest = [llm.engine.add_request(p, greedy_params()) for p in prompts[:-1]]
+    return [handle.result(timeout=300) for handle in [*rest, first]]
+
+
 @pytest.mark.slow
 def test_non_granular_scalings_batch_without_compiles(models, tmp_path):
     """k = 9: one prompt reaches position 9 while decoding (its scalings come from the KV slot of
     an earlier step), two inside their prompt (from the same step); all in one batch, after
-    warm-up, with no compile; run again, the prompts' full blocks come from the prefix cache."""
+    warm-up, with no compile. Run again with the last prompt first and the others joining while
+    it decodes (steps mixing prefill and decode; its full blocks from the prefix cache)."""
     from mistralrs_jax import LLM
 
     k = 9
@@ -266,7 +279,7 @@ def test_non_granular_scalings_batch_without_compiles(models, tmp_path):
              **{**LLM_KWARGS, "warmup": True, "prefix_cache_n": 16}) as llm:
         compiles = llm.metrics()["compiles"]
         outs = llm.generate(prompts, greedy_params())
-        again = llm.generate(prompts, greedy_params())
+        again = joining_mid_decode(llm, prompts)
         assert llm.metrics()["compiles"] == compiles, "an X-LoRA step compiled after warm-up"
         logits = llm.score(ids)
     print(f"\nnon-granular k={k}: max |Δ| {np.abs(logits - expected).max():.2e}; fixing moves PEFT's logits by "
