@@ -76,7 +76,9 @@ def job_generate(job: dict, out: dict, arrays: dict) -> None:
         outs = llm.generate(job["prompts"], _greedy(job["max_tokens"]))
         out["tokens"] = [o.outputs[0].token_ids for o in outs]
         out["facts"] = sharding_facts(llm)
-        out["compiles_after_warmup"] = llm.engine.stats()["compiles_after_warmup"]
+        stats = llm.engine.stats()
+        out["compiles_after_warmup"] = stats["compiles_after_warmup"]
+        out["spec_acceptance_rate"] = stats.get("spec_acceptance_rate")
     for key in job.get("env", {}):
         os.environ.pop(key)
 

@@ -1,6 +1,8 @@
-"""Tensor parallelism (-tp) on fake CPU devices: every family split 2 and 4 ways against transformers,
-SmolLM2 split 3 ways against itself on one device, packed quantized weights, batching, the
-prefix cache and preemption, and the refusals.
+"""Tensor parallelism (-tp) on fake CPU devices: every family split 2 (and 4) ways against
+transformers, SmolLM2 split 3 ways against itself on one device, packed quantized weights (CPU
+kernel, XLA reference, Pallas interpret mode), re_isq, batching with the prefix cache and
+preemption, speculative decoding, /v1/status over the real server, the TUI rows, the CLI flag
+and the refusals.
 
 The engines run in one child process (tests/tensor_parallel_worker.py) started with
 XLA_FLAGS=--xla_force_host_platform_device_count=4: the flag must be set before JAX starts, and
@@ -92,6 +94,9 @@ def results(checkpoints, truncated_checkpoint, smollm2_gguf_path, tmp_path_facto
     jobs += [_generate(f"pallas-tp{tp}", dict(TINY, model=str(checkpoints["mistral"]), isq="Q8_0",
                                               tensor_parallel_size=tp), score_ids, [prompt], env=pallas)
              for tp in (1, 2)]
+    # Speculative decoding split 2 ways, target and draft (the same checkpoint: every draft fits).
+    jobs.append(_generate("speculative-tp2", dict(TINY, model=llama3, draft_model=llama3, speculative_gamma=3,
+                                                  tensor_parallel_size=2, warmup=True), None, [prompt]))
     re_isq = _generate("re-isq-q8-tp2", dict(TINY, model=llama3, tensor_parallel_size=2), score_ids, [prompt])
     jobs.append(dict(re_isq, re_isq="Q8_0"))
     batch_prompts = [_ids(28, seed=10 + i) for i in range(4)]
@@ -193,6 +198,16 @@ def test_pallas_kernels_run_per_shard(results):
     assert np.abs(two_arrays["logits"] - one_arrays["logits"]).max() < MAX_ABS_DIFF
     assert two["tokens"] == one["tokens"]
     _assert_really_split(two["facts"], 2)
+
+
+def test_speculative_decoding_under_tp2(checkpoints, results):
+    """Draft and target both split over the mesh: the target's greedy tokens (transformers'),
+    the drafts accepted, no compile after warm-up."""
+    body, _, job = _ok(results, "speculative-tp2")
+    reference = load_reference(checkpoints["llama3"])
+    assert body["tokens"][0] == reference_greedy(reference, job["prompts"][0], NEW_TOKENS)
+    assert body["spec_acceptance_rate"] > 0.9
+    assert body["compiles_after_warmup"] == 0
 
 
 def test_batching_prefix_cache_and_preemption_under_tp2(checkpoints, results):
