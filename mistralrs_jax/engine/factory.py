@@ -41,7 +41,8 @@ def kv_bytes_per_token(config: ModelConfig, bytes_per_elem: int = 4, tensor_para
     return config.num_layers * 2 * kv_heads * config.head_dim * bytes_per_elem
 
 
-def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, draft_config: ModelConfig | None = None) -> int:
+def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, draft_config: ModelConfig | None = None,
+                        pending_weight_bytes: int = 0) -> int:
     """Blocks in the pool (the null block included) from --pa-gpu-mem (MB), --pa-gpu-mem-usage
     (fraction) or --pa-ctxt-len (tokens). With a draft model both caches share the block
     tables: a token budget is kept (each cache gets that many tokens), a memory budget is
@@ -66,7 +67,10 @@ def kv_cache_num_blocks(config: ModelConfig, engine: EngineConfig, draft_config:
         budget = min(CPU_DEFAULT_KV_BYTES, psutil.virtual_memory().available // 8)
     else:
         stats = jax.devices()[0].memory_stats() or {}
-        budget = 0.8 * max(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0), per_block * 64) * tp
+        # Under -tp the weights wait in host memory (parallel.mesh.host_staging): each device will
+        # still receive 1/tp of `pending_weight_bytes` before the cache is allocated.
+        free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0) - pending_weight_bytes // tp
+        budget = 0.8 * max(free, per_block * 64) * tp
     # +1: block 0 is the trash block padding tokens write into.
     num_blocks = max(2, int(budget // per_block)) + 1
     if draft_config is None or engine.pa_ctxt_len is not None:
@@ -119,7 +123,12 @@ def build_engine(engine: EngineConfig, target: "LoadedModel", draft: "LoadedMode
     config = target.config
     if draft is not None:
         check_draft_vocabulary(target, draft)
-    num_blocks = kv_cache_num_blocks(config, engine, draft.config if draft is not None else None)
+    pending = 0
+    if engine.tensor_parallel_size > 1 and jax.default_backend() != "cpu":
+        from ..memory import weight_bytes
+
+        pending = weight_bytes(target.model) + (weight_bytes(draft.model) if draft is not None else 0)
+    num_blocks = kv_cache_num_blocks(config, engine, draft.config if draft is not None else None, pending)
     kv, num_blocks, max_model_len = _kv_cache(engine, config, num_blocks)
     max_seqs = engine.max_seqs
     batched = engine.max_num_batched_tokens or (CPU_DEFAULT_MAX_BATCHED_TOKENS if jax.default_backend() == "cpu"
