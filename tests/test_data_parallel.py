@@ -18,7 +18,7 @@ import httpx
 import pytest
 from multidevice_fixtures import FLAGS, PROMPTS, client_for, reference, reply, served_url  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.slow
+from mistralrs_jax import cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,7 @@ def replicas_server(tmp_path_factory, smollm2_gguf_path):
         process.wait()
 
 
+@pytest.mark.slow
 def test_two_replicas_share_concurrent_requests_and_answer_as_one_engine(replicas_server, reference):
     client = client_for(replicas_server)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -65,3 +66,10 @@ def test_two_replicas_share_concurrent_requests_and_answer_as_one_engine(replica
     routed = {m.group(1): float(m.group(2)) for m in re.finditer(
         r'mistralrs_replica_requests_routed\{[^}]*replica="(\d)"[^}]*\} (\S+)', metrics)}
     assert set(routed) == {"0", "1"} and all(v > 0 for v in routed.values()), metrics[-2000:]
+
+
+def test_too_few_devices_for_the_replicas_is_one_line_error_before_loading(capsys):
+    assert cli.main(["--data-parallel-size", "2", "plain", "-m", "./no/such/model"]) == 1
+    err = capsys.readouterr().err
+    assert "needs 2 devices, but only 1" in err and "xla_force_host_platform_device_count=2" in err, err
+    assert err.count("\n") == 1 and "model path not found" not in err  # refused before the model is looked at

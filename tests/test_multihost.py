@@ -24,9 +24,9 @@ import httpx
 import pytest
 from multidevice_fixtures import FLAGS, PROMPTS, client_for, reference, reply, served_url  # noqa: F401 (a fixture)
 
+from mistralrs_jax import cli
 from mistralrs_jax.parallel.distributed import EXIT_PEER_LOST
 
-pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 10  # --distributed-timeout: joining, and a silent peer
@@ -97,6 +97,30 @@ def clusters(tmp_path, smollm2_gguf_path):
             cluster.kill()
 
 
+@pytest.mark.parametrize("flags, message", [
+    ("--num-processes 2 --process-id 2 --coordinator-address 127.0.0.1:9", "--process-id must be in [0, 2)"),
+    ("--num-processes 2 --process-id 0 --coordinator-address localhost", "must be HOST:PORT"),
+    ("-i --num-processes 2 --process-id 0 --coordinator-address 127.0.0.1:9", "serve HTTP only"),
+])
+def test_bad_multi_host_command_lines_stop_before_joining(flags, message, capsys):
+    assert cli.main([*flags.split(), "plain", "-m", "x"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("mistralrs-server: error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_a_missing_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
+    """Process 1 started alone: it cannot join, and says so (exit 3) instead of JAX's abort."""
+    result = subprocess.run([sys.executable, "-m", "mistralrs_jax.cli", "--coordinator-address",
+                             f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1",
+                             "--distributed-timeout", "2", "plain", "-m", str(tmp_path)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_PEER_LOST, result.stderr[-3000:]
+    assert "could not join the multi-host cluster at 127.0.0.1:" in result.stderr, result.stderr[-3000:]
+    assert "Check failure stack trace" not in result.stderr
+
+
+@pytest.mark.slow
 def test_two_processes_answer_as_one_and_stop_together(clusters, request):
     cluster = clusters(2)
     reference = request.getfixturevalue("reference")  # loads while the cluster starts
@@ -119,6 +143,7 @@ def test_two_processes_answer_as_one_and_stop_together(clusters, request):
     assert int(followed.group(1)) == steps  # process 1 ran every model step process 0 ran, no more
 
 
+@pytest.mark.slow
 def test_tensor_parallel_over_three_processes_then_a_lost_one_stops_the_others(clusters, request):
     # SmolLM2 splits 3 ways (9 query heads, 3 KV heads): each process holds a third of every layer.
     cluster = clusters(3, "-tp", "3")

@@ -9,10 +9,11 @@ KV cache. So every process runs the same compiled programs in the same order, wh
 a mesh spanning all processes' devices needs (a program over the global mesh is a collective
 every process must enter), and nothing is scheduled twice.
 
-A message is a fixed-size header (kind, payload length, sequence number) followed, for a
-call, by its payload: the call's arguments, pickled and zlib-compressed (a grammar-free
-bitmask is all ones and shrinks to nothing), padded to a power-of-two length so a handful of
-broadcast programs serve every step; those sizes are compiled when the broadcaster starts.
+A message is one fixed-size frame: a header (kind, payload length, sequence number) and, for a
+call, its payload: the call's arguments, pickled and zlib-compressed (a grammar-free bitmask is
+all ones and shrinks to nothing). A payload too long for the frame sends its rest in a second
+broadcast, padded to a power-of-two length so a handful of broadcast programs serve every step;
+those sizes are compiled when the broadcaster starts.
 The processes trust each other: they are one job, started by one operator, running each
 other's compiled programs anyway.
 
@@ -47,7 +48,8 @@ EXIT_PEER_LOST = 3
 # Message kinds (the header's first word).
 STOP, HEARTBEAT, STEP, SAMPLE = 0, 1, 2, 3
 KIND_NAMES = {STOP: "stop", HEARTBEAT: "heartbeat", STEP: "step", SAMPLE: "sample"}
-HEADER_WORDS = 4  # kind, payload bytes, sequence number, reserved
+HEADER_BYTES = 32  # four int64 words: kind, payload bytes, sequence number, reserved
+FRAME_BYTES = 8192  # every message's first broadcast: the header and the payload's first bytes
 MIN_PAYLOAD_BYTES = 1 << 10
 _timeout_s = DEFAULT_TIMEOUT_S  # as initialize() was given it
 READY_TIMEOUT_S = 900  # for the slowest process to load and compile, once every process runs
@@ -121,16 +123,25 @@ def initialize(settings: DistributedSettings) -> None:
     start = time.perf_counter()
     log.info("joining the multi-host cluster at %s as process %s of %s (waiting up to %d s for the others)",
              settings.coordinator_address, settings.process_id, settings.num_processes, settings.timeout_s)
+    failed = (f"could not join the multi-host cluster at {settings.coordinator_address} as process "
+              f"{settings.process_id} of {settings.num_processes} within {settings.timeout_s} s")
+    hint = "start one process per id, all with the same --coordinator-address and --num-processes"
+    # JAX's client aborts the process (a C++ stack trace) a few seconds after its own join timeout:
+    # say what went wrong first, and leave.
+    watchdog = threading.Timer(settings.timeout_s + 1, exit_peer_lost,
+                               args=(f"{failed}: process 0's coordinator is unreachable or a process is missing "
+                                     f"({hint})", 0.0))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
                                    initialization_timeout=settings.timeout_s,
                                    heartbeat_timeout_seconds=settings.timeout_s,
                                    shutdown_timeout_seconds=settings.timeout_s)
     except Exception as exc:
-        raise DistributedError(
-            f"could not join the multi-host cluster at {settings.coordinator_address} as process "
-            f"{settings.process_id} of {settings.num_processes} within {settings.timeout_s} s: {exc} "
-            "(start one process per id, all with the same --coordinator-address and --num-processes)") from exc
+        raise DistributedError(f"{failed}: {exc} ({hint})") from exc
+    finally:
+        watchdog.cancel()
     log.info("joined the cluster in %.1fs: process %d of %d, %d local / %d global devices", time.perf_counter() - start,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -179,33 +190,42 @@ class Channel:
         except Exception as exc:
             raise DistributedError(f"multi-host: the other processes did not finish loading within "
                                    f"{READY_TIMEOUT_S} s: {str(exc).splitlines()[0][:300]}") from exc
-        self._broadcast(np.zeros(HEADER_WORDS, np.int64))
+        self._broadcast(np.zeros(FRAME_BYTES, np.uint8))
         size = MIN_PAYLOAD_BYTES
         while size <= PREWARMED_PAYLOAD_BYTES:
             self._broadcast(np.zeros(size, np.uint8))
             size *= 2
 
     def send(self, kind: int, payload: Any = None) -> None:
+        """One collective for a message that fits a frame (a step's inputs do), two otherwise."""
         with self.lock:
             data = b"" if payload is None else zlib.compress(pickle.dumps(payload, protocol=5), 1)
             self.sequence += 1
-            self._broadcast(np.array([kind, len(data), self.sequence, 0], np.int64))
-            if data:
-                buffer = np.zeros(_bucket(len(data)), np.uint8)
-                buffer[:len(data)] = np.frombuffer(data, np.uint8)
+            frame = np.zeros(FRAME_BYTES, np.uint8)
+            frame[:HEADER_BYTES] = np.array([kind, len(data), self.sequence, 0], np.int64).view(np.uint8)
+            inline = data[:FRAME_BYTES - HEADER_BYTES]
+            frame[HEADER_BYTES:HEADER_BYTES + len(inline)] = np.frombuffer(inline, np.uint8)
+            self._broadcast(frame)
+            rest = data[len(inline):]
+            if rest:
+                buffer = np.zeros(_bucket(len(rest)), np.uint8)
+                buffer[:len(rest)] = np.frombuffer(rest, np.uint8)
                 self._broadcast(buffer)
             self.last_send = time.monotonic()
 
     def receive(self) -> tuple[int, Any]:
-        kind, length, sequence, _ = (int(v) for v in self._broadcast(np.zeros(HEADER_WORDS, np.int64)))
+        frame = self._broadcast(np.zeros(FRAME_BYTES, np.uint8))
+        kind, length, sequence, _ = (int(v) for v in frame[:HEADER_BYTES].view(np.int64))
         self.sequence += 1
         if sequence != self.sequence:
             raise DistributedError(f"message {sequence} arrived where {self.sequence} was due: the processes "
                                    "are out of step")
         if not length:
             return kind, None
-        buffer = self._broadcast(np.zeros(_bucket(length), np.uint8))
-        return kind, pickle.loads(zlib.decompress(buffer[:length].tobytes()))
+        data = frame[HEADER_BYTES:HEADER_BYTES + length].tobytes()
+        if length > len(data):
+            data += self._broadcast(np.zeros(_bucket(length - len(data)), np.uint8))[:length - len(data)].tobytes()
+        return kind, pickle.loads(zlib.decompress(data))
 
 
 # -- what crosses: a call's arguments as host arrays, and how to place them again -------------
