@@ -90,11 +90,21 @@ async def status() -> Response:
         "memory": read_local_memory().as_dict(),
         # {"tensor_parallel_size", "devices", "per_device": weight / KV bytes held, memory stats}
         "mesh": engine.runner.mesh_report(),
+        "loras": _loras(llm),
         "server": {"api_key_required": state.api_key is not None,
                    "request_logging": state.request_log is not None,
                    "http_responses": [{"route": route, "status": code, "count": count}
                                       for (route, code), count in sorted(state.http_responses.items())]},
     })
+
+
+def _loras(llm) -> dict | None:
+    """Per-request LoRA (--lora-mode dynamic): its slots and the adapters in them; None without it."""
+    slots = getattr(llm, "adapter_slots", None)
+    if slots is None:
+        return None
+    return {"max_loras": slots.num_slots, "max_lora_rank": slots.held.max_rank,
+            "stack_bytes": slots.held.nbytes, "loaded": [a.card() for a in slots.list()]}
 
 
 def _runtime() -> dict:

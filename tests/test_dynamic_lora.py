@@ -259,6 +259,8 @@ def test_server_adds_and_removes_adapters_while_serving(family, llm, served, tmp
     assert taken.status_code == 409 and taken.json()["error"]["code"] == "lora_name_taken"
     assert sorted(a["id"] for a in http.get("/v1/loras").json()["data"]) == ["again", "second", "third"]
     assert llm.metrics()["compiles"] == compiles  # loading, clearing and selecting adapters compiled nothing
+    status = http.get("/v1/status").json()["loras"]
+    assert status["max_loras"] == 3 and sorted(a["id"] for a in status["loaded"]) == ["again", "second", "third"]
 
     # Bad input: each a typed 4xx naming what is wrong.
     assert http.delete("/v1/loras/third").status_code == 200
