@@ -6,6 +6,9 @@ multi-host caller may pass its own list). `check_divisible(config, N)` refuses, 
 `TensorParallelError`, a model whose heads, KV heads, MLP width or vocabulary cannot be
 split N ways: query heads, MLP width and vocabulary must divide by N; KV heads must divide
 by N, or divide N (then each KV head is replicated on N / kv_heads devices, as vLLM does).
+While tracing, the model code asks `active_tp_size()` (the runner calls its jitted step inside
+`jax.set_mesh`, via `bind_mesh`); `host_staging` keeps a model that is about to be split in
+host memory instead of whole on the first accelerator.
 """
 from __future__ import annotations
 

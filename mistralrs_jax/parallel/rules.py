@@ -1,6 +1,6 @@
 """Megatron-style sharding rules for a built model, and the placement of its state.
 
-`prepare_model(model, config, N)` rewrites a built model in place so that every split is a
+`prepare_model(model, N)` rewrites a built model in place so that every split is a
 plain slice of one axis:
 - a fused qkv_proj becomes separate q/k/v projections (a device then holds its own heads'
   q, k and v), and a fused gate_up_proj separate gate/up projections;
