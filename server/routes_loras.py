@@ -9,6 +9,9 @@
 
 Adapters are selected per request by the model name `base:adapter` or the `lora` field. The
 slots have fixed shapes, so none of this compiles anything (loading/adapters/unmerged.py).
+
+POST makes the server read the directory (or fetch the Hub repo) the client names, with the
+server's own file access and token: expose these routes only behind `--api-key`.
 """
 from __future__ import annotations
 
