@@ -163,7 +163,9 @@ def test_smollm2_tp3_matches_one_device(results):
     over 32 x 49152 logits (30 layers of reordered f32 sums; the tiny families stay under 7e-6)."""
     one, one_arrays, _ = _ok(results, "smollm2-tp1")
     three, three_arrays, _ = _ok(results, "smollm2-tp3")
-    assert np.abs(three_arrays["logits"] - one_arrays["logits"]).max() < MAX_ABS_DIFF
+    # 30 layers of all-reduced f32 sums in another order: bound at ~4x the measured 7e-5, so another
+    # CPU's summation order cannot flake it; a wrong split moves logits by O(1).
+    assert np.abs(three_arrays["logits"] - one_arrays["logits"]).max() < 3e-4
     assert three["tokens"] == one["tokens"]
     _assert_really_split(three["facts"], 3)
     assert three["facts"]["kv_shape"][1] == 3 and one["facts"]["mesh"]["tensor_parallel_size"] == 1
