@@ -261,9 +261,16 @@ class LLM:
                                     "or KV heads were re-laid out for -tp (fused qkv/gate_up, or fewer KV heads "
                                     "than devices); restart with --isq instead")
         with self._re_isq_lock:
-            self.engine.swap_weights(lambda: self._requantize(new_type), self.model,
+            self.engine.swap_weights(lambda: self._requantize_keeping_adapters(new_type), self.model,
                                      warmup=bool(self.engine_config.warmup))
         return new_type
+
+    def _requantize_keeping_adapters(self, new_type: str) -> None:
+        try:
+            self._requantize(new_type)
+        finally:  # re-ISQ rebuilds each Linear in place; per-request LoRA stacks go back on them
+            if self.adapter_slots is not None:
+                self.adapter_slots.held.reattach()
 
     def _requantize(self, new_type: str) -> None:
         """On the engine loop thread, with no sequence in flight and the runner's weights dropped."""

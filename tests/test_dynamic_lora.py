@@ -363,3 +363,31 @@ def test_refused_combinations_name_the_option(family):
     with pytest.raises(InvalidRequestError, match="--max-lora-rank 2"):  # the start-up adapter is rank 4
         LLM(model=str(family["checkpoint"]), lora_adapters=[str(family["adapters"]["first"])], lora_mode="dynamic",
             max_lora_rank=2, warmup=False)
+
+
+@pytest.mark.slow
+def test_re_isq_keeps_the_adapters(tmp_path):
+    """Re-quantizing a GGUF base while serving rebuilds every projection in place: the adapter
+    stacks go back on them, so an adapter's effect survives (the base weights alone change)."""
+    from mistralrs_jax import LLM
+
+    for peer in ("torch", "transformers", "peft"):
+        require_peer(peer)
+    checkpoint = build_checkpoint("llama3", tmp_path / "llama3")
+    adapter = make_adapter(checkpoint, tmp_path / "adapter", seed=7, r=4, lora_alpha=8, target_modules=ATTENTION + MLP)
+    gguf = tmp_path / "base.gguf"
+    try:
+        convert_to_gguf([(checkpoint, gguf)])
+    except ReferenceUnavailable as exc:
+        missing_peer(f"llama.cpp's converter is unavailable: {exc}")
+    ids = prompts()[0]
+    expected = reference_logits(peft_model(checkpoint, adapter), ids) - reference_logits(peft_model(checkpoint, None),
+                                                                                         ids)
+    with LLM(model=str(gguf), lora_adapters=[str(adapter)], cpu_weights="f32",
+             **{**LLM_KWARGS, "warmup": False}) as llm:
+        llm.re_isq("Q8_0")
+        effect = llm.score(ids, lora="adapter") - llm.score(ids)
+    diff = np.abs(effect - expected).max()
+    print(f"\nadapter effect after re-ISQ to Q8_0: max |Δ| to PEFT's {diff:.2e} (effect up to "
+          f"{np.abs(expected).max():.1f})")
+    assert np.abs(expected).max() >= MIN_ADAPTER_EFFECT and diff <= 0.05 * np.abs(expected).max()

@@ -210,6 +210,12 @@ class UnmergedAdapters:
             a, b = (placed or {}).get(name, (None, None))
             stack.set_slot(slot, a, b)
 
+    def reattach(self) -> None:
+        """Put the stacks back on their projections after something rebuilt them in place (re-ISQ
+        replaces a Linear's attributes, `lora` included)."""
+        for name, stack in self.stacks.items():
+            stack.attach_to(self.projections[name])
+
     @property
     def nbytes(self) -> int:
         return sum(stack.nbytes for stack in self.stacks.values())
