@@ -181,19 +181,26 @@ def test_phi3_fused_projections_match_peft(tmp_path):
     _score_against_peft(str(checkpoint), checkpoint, adapter, "phi3 fused adapter")
 
 
+def llama_adapter_and_gguf(tmp_path: Path, seed: int, *convert_flags: str) -> tuple[Path, Path, Path]:
+    """A tiny llama checkpoint, a PEFT adapter on every projection, and llama.cpp's f32 GGUF of it."""
+    for peer in ("torch", "transformers", "peft"):
+        require_peer(peer)
+    checkpoint = build_checkpoint("llama3", tmp_path / "llama3")
+    adapter = make_adapter(checkpoint, tmp_path / "adapter", seed=seed, r=4, lora_alpha=8,
+                           target_modules=ATTENTION + MLP)
+    gguf = tmp_path / "base.gguf"
+    try:
+        convert_to_gguf([(checkpoint, gguf, *convert_flags)])
+    except ReferenceUnavailable as exc:
+        missing_peer(f"llama.cpp's converter is unavailable: {exc}")
+    return checkpoint, adapter, gguf
+
+
 @pytest.mark.slow
 def test_separate_adapter_on_a_fused_gguf_qkv_matches_peft(tmp_path):
     """llama.cpp's --fuse-qkv GGUF: one attn_qkv tensor, so each of the adapter's q/k/v parts
     gets its own rank block of the fused stack and its own rows (Q/K rows as the GGUF permutes them)."""
-    for peer in ("torch", "transformers", "peft"):
-        require_peer(peer)
-    checkpoint = build_checkpoint("llama3", tmp_path / "llama3")
-    adapter = make_adapter(checkpoint, tmp_path / "separate", seed=6, r=4, lora_alpha=8, target_modules=ATTENTION + MLP)
-    gguf = tmp_path / "fused.gguf"
-    try:
-        convert_to_gguf([(checkpoint, gguf, "--fuse-qkv")])
-    except ReferenceUnavailable as exc:
-        missing_peer(f"llama.cpp's converter is unavailable: {exc}")
+    checkpoint, adapter, gguf = llama_adapter_and_gguf(tmp_path, 6, "--fuse-qkv")
     _score_against_peft(str(gguf), checkpoint, adapter, "separate q/k/v adapter on a fused GGUF qkv")
 
 
@@ -371,15 +378,7 @@ def test_re_isq_keeps_the_adapters(tmp_path):
     stacks go back on them, so an adapter's effect survives (the base weights alone change)."""
     from mistralrs_jax import LLM
 
-    for peer in ("torch", "transformers", "peft"):
-        require_peer(peer)
-    checkpoint = build_checkpoint("llama3", tmp_path / "llama3")
-    adapter = make_adapter(checkpoint, tmp_path / "adapter", seed=7, r=4, lora_alpha=8, target_modules=ATTENTION + MLP)
-    gguf = tmp_path / "base.gguf"
-    try:
-        convert_to_gguf([(checkpoint, gguf)])
-    except ReferenceUnavailable as exc:
-        missing_peer(f"llama.cpp's converter is unavailable: {exc}")
+    checkpoint, adapter, gguf = llama_adapter_and_gguf(tmp_path, 7)
     ids = prompts()[0]
     expected = reference_logits(peft_model(checkpoint, adapter), ids) - reference_logits(peft_model(checkpoint, None),
                                                                                          ids)
