@@ -185,7 +185,8 @@ class LLM:
 
     def _refuse_with_dynamic_lora(self, engine_config: EngineConfig, draft) -> None:
         for what, present in (("a draft model (speculative decoding)", draft is not None),
-                              ("tensor_parallel_size > 1", getattr(engine_config, "tensor_parallel_size", 1) != 1)):
+                              ("tensor_parallel_size > 1", getattr(engine_config, "tensor_parallel_size", 1) != 1),
+                              ("several processes (jax.distributed)", is_multi_process())):
             if present:
                 raise NotSupportedError(f"lora_mode='dynamic' (per-request LoRA) is not supported with {what} yet")
 
