@@ -24,7 +24,7 @@ from .loading.chat_template import ChatTemplate
 from .loading.model_loader import LoadedModel, ModelSpec, load_model
 from .models.vision import SUPPORTED_VISION_ARCHS
 from .outputs import RequestOutput
-from .parallel.distributed import MultiHost, is_multi_process
+from .parallel.distributed import MultiHost, check_mesh_spans_processes, is_multi_process
 from .parallel.distributed import attach as attach_multi_host
 from .parallel.replicas import ReplicaSet, check_data_parallel, device_groups
 from .parallel.mesh import host_staging
@@ -181,6 +181,7 @@ class LLM:
         """The device group of each data-parallel replica (checked before loading), None for one engine."""
         size = getattr(self, "_data_parallel_size", 1)
         check_data_parallel(size, draft is not None, dynamic_lora is not None, is_multi_process())
+        check_mesh_spans_processes(engine_config.tensor_parallel_size)
         return None if size == 1 else device_groups(size, engine_config.tensor_parallel_size)
 
     def _refuse_with_dynamic_lora(self, engine_config: EngineConfig, draft) -> None:

@@ -121,6 +121,22 @@ def test_a_missing_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_mesh_short_of_every_process_is_refused_by_each_before_loading(tmp_path):
+    """2 processes of 2 devices: -tp 2 would leave process 1's devices out of the mesh."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    processes = [subprocess.Popen([sys.executable, "-m", "mistralrs_jax.cli", "--coordinator-address", coordinator,
+                                   "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "20",
+                                   "-tp", "2", "plain", "-m", str(tmp_path)], cwd=REPO_ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 1, err[-3000:]
+        assert "the mesh must span every process's devices, -tp 4 here (2 per process)" in err, err[-3000:]
+        assert "model path not found" not in err
+
+
+@pytest.mark.slow
 def test_two_processes_answer_as_one_and_stop_together(clusters, request):
     cluster = clusters(2)
     reference = request.getfixturevalue("reference")  # loads while the cluster starts

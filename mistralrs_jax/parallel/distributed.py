@@ -26,6 +26,7 @@ timeout), fails the requests in flight with a `DistributedError` and exits with
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -142,14 +143,53 @@ def initialize(settings: DistributedSettings) -> None:
         raise DistributedError(f"{failed}: {exc} ({hint})") from exc
     finally:
         watchdog.cancel()
+    # Registered after JAX's own exit hook (which disconnects from the coordinator), so it runs first.
+    atexit.register(_leave_in_order, jax.process_index(), jax.process_count())
     log.info("joined the cluster in %.1fs: process %d of %d, %d local / %d global devices", time.perf_counter() - start,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _left_key(process_id: int) -> str:
+    return f"mistralrs-jax/left/{process_id}"
+
+
+def _leave_in_order(process_id: int, count: int) -> None:
+    """At exit: process 0 hosts the coordination service, so it waits (up to the timeout) until
+    every other process has said it is leaving, and then a moment for their disconnects to land;
+    JAX's exit hook would abort a process whose disconnect finds the coordinator gone."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        return
+    try:
+        if process_id != 0:
+            client.key_value_set(_left_key(process_id), "1")
+            return
+        deadline = time.monotonic() + _timeout_s
+        for other in range(1, count):
+            client.blocking_key_value_get(_left_key(other), max(1, int((deadline - time.monotonic()) * 1000)))
+        time.sleep(0.5)
+    except Exception as exc:  # a peer already gone, or the coordinator: nothing left to wait for
+        log.debug("leaving the cluster: %s", exc)
 
 
 def is_multi_process() -> bool:
     import jax
 
     return jax.process_count() > 1
+
+
+def check_mesh_spans_processes(tensor_parallel_size: int) -> None:
+    """Several processes: -tp must take every process's devices (one mesh over all of them), or be 1
+    (each process then holds the whole model on its first device and mirrors process 0)."""
+    import jax
+
+    if jax.process_count() == 1 or tensor_parallel_size in (1, jax.device_count()):
+        return
+    raise NotSupportedError(
+        f"tensor_parallel_size (-tp) {tensor_parallel_size} with {jax.process_count()} processes: the mesh must span "
+        f"every process's devices, -tp {jax.device_count()} here ({jax.local_device_count()} per process), or be 1")
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -438,6 +478,7 @@ class MultiHost:
             threading.Event().wait()  # the exit thread ends the process
         # Leave without JAX's shutdown handshake: process 0 hosts the coordination service and may
         # be gone before it would answer (recoverable tasks do not hold its shutdown back).
+        _leave_in_order(self.process_id, self.num_processes)
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
