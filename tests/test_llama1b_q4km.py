@@ -207,7 +207,7 @@ def test_loads_within_1_5_gb_plus_the_kv_pool(engine_run, llama1b_gguf):
     assert peak <= MAX_RSS_BYTES + kv, (
         f"peak RSS {peak / 1e6:.0f} MB exceeds 1.5 GB + the {kv / 1e6:.0f} MB KV pool (at the end: anonymous "
         f"{end['RssAnon'] / 1e6:.0f} MB, file-backed {end['RssFile'] / 1e6:.0f} MB, the weights' memory map included; "
-        f"{engine_run['compiles']} step shapes compiled)")
+        f"{engine_run['compiles']} compiles)")
 
 
 def test_greedy_tokens_follow_llama_cpp(engine_run, llama1b_gguf):
