@@ -10,7 +10,8 @@ How each row is measured (median over ``--reps``, after one untimed warm-up):
 
 - ``mistralrs-jax``: ``LLM.generate`` with ``ignore_eos``. Prefill is a ``max_tokens=1`` run
   of a pp-token prompt (prefill plus sampling the first token). A ``max_tokens=tg`` run is
-  that prefill plus tg-1 decode steps, so decode tok/s = (tg-1) / (T_tg - T_1). Every
+  that prefill plus tg-1 decode steps, so decode tok/s = (tg-1) / (T_tg - T_1). The notes add
+  the jitted decode step alone (median of 50, at position pp + tg/2) next to that per-token time. Every
   timed run gets a fresh random prompt, so the prefix cache cannot skip the prefill.
 - ``llama.cpp (python)``: llama-cpp-python's ``Llama.eval`` on the prompt, then tg single
   tokens; times from llama.cpp's own perf counters (``llama_perf_context``), which is what
@@ -137,7 +138,12 @@ def bench_ours(work: Workload) -> Row:
             t_all = timed(work.tg)
             row.prefill_runs.append(work.pp / t_first)
             row.decode_runs.append((work.tg - 1) / (t_all - t_first))
-        row.notes = f"cpu_weights={work.cpu_weights}"
+        step_ms = _decode_step_ms(llm.runner, work.pp + work.tg // 2)
+        llm.reset_prefix_cache()  # the timed steps wrote into blocks a cached prefix may name
+        row.details["decode_step_ms"] = step_ms
+        per_token_ms = 1e3 / statistics.median(row.decode_runs)
+        row.notes = (f"cpu_weights={work.cpu_weights}; the jitted decode step alone {step_ms:.2f} ms of "
+                     f"{per_token_ms:.2f} ms a token")
         engine_config = getattr(llm, "engine_config", None)
         if dataclasses.is_dataclass(engine_config):
             row.details["engine_config"] = dataclasses.asdict(engine_config)
@@ -145,6 +151,27 @@ def bench_ours(work: Workload) -> Row:
     finally:
         llm.shutdown()
     return row.finish()
+
+
+def _decode_step_ms(runner, position: int, reps: int = 50) -> float:
+    """Median ms of the jitted model step alone (no sampling, no Python around it) for one
+    sequence decoding one token at `position`: what the engine's host-side work adds to a decode
+    token is the rest of its time. The step writes one KV slot through a made-up block table (no
+    sequence runs meanwhile; the caller resets the prefix cache afterwards)."""
+    import jax
+
+    bs = runner.block_size
+    table = list(range(1, 1 + min(runner.num_blocks - 1, -(-(position + 1) // bs))))
+    position = min(position, len(table) * bs - 1)
+    inputs = jax.device_put(runner.build_metadata([([0], position, table)], *runner.padded_shape(1, 1)))
+    times = []
+    for i in range(reps + 3):
+        start = time.perf_counter()
+        logits, runner.kv_caches = runner._step_fn(runner.state_leaves, runner.kv_caches, *inputs)
+        logits.block_until_ready()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def bench_llamacpp_python(work: Workload) -> Row:
