@@ -166,6 +166,10 @@ def test_tensor_parallel_over_three_processes_then_a_lost_one_stops_the_others(c
     reference = request.getfixturevalue("reference")
     client = cluster.wait().client()
     assert reply(client, PROMPTS[0]) == reply(reference, PROMPTS[0])
+    mesh = httpx.get(f"{cluster.url}/v1/status", timeout=30).json()["mesh"]
+    assert mesh["tensor_parallel_size"] == 3 and len(set(mesh["devices"])) == 3
+    local = [row for row in mesh["per_device"] if row["weight_bytes"]]  # process 0 sees its own shards only
+    assert len(local) == 1 and local[0]["kv_cache_bytes"] > 0, mesh
     cluster.processes[2].send_signal(signal.SIGKILL)
     for survivor in (0, 1):
         code = cluster.processes[survivor].wait(TIMEOUT_S + 30)  # raises TimeoutExpired if it hangs on

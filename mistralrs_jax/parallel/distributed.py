@@ -48,7 +48,6 @@ HEARTBEAT_S = 1.0  # process 0 sends a heartbeat message after this long without
 EXIT_PEER_LOST = 3
 # Message kinds (the header's first word).
 STOP, HEARTBEAT, STEP, SAMPLE = 0, 1, 2, 3
-KIND_NAMES = {STOP: "stop", HEARTBEAT: "heartbeat", STEP: "step", SAMPLE: "sample"}
 HEADER_BYTES = 32  # four int64 words: kind, payload bytes, sequence number, reserved
 FRAME_BYTES = 8192  # every message's first broadcast: the header and the payload's first bytes
 MIN_PAYLOAD_BYTES = 1 << 10
@@ -430,9 +429,10 @@ def describe_lost_peers(exc: BaseException) -> str:
     asker.start()
     asker.join(_timeout_s + 5)
     gone = found[0] if found else None
-    who = (f"process {', '.join(map(str, gone))} of {count}" if gone else f"a peer process (of {count})")
-    return (f"multi-host: lost contact with {who}: {str(exc).strip().splitlines()[0][:300]}; process {me} "
-            "cannot go on alone and exits (restart every process to serve again)")
+    what = (f"lost contact with process {', '.join(map(str, gone))} of {count}" if gone else
+            f"a step across the {count} processes failed (the coordinator named no process as gone)")
+    return (f"multi-host: {what}: {str(exc).strip().splitlines()[0][:300]}; process {me} cannot go on alone "
+            "and exits (restart every process to serve again)")
 
 
 def exit_peer_lost(message: str, delay_s: float = 1.0) -> None:

@@ -163,6 +163,8 @@ def shard_state(model: nnx.Module, state, mesh) -> list[jax.Array]:
     placed = []
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         spec = specs.get(_state_path(key_path), P())
+        if jax.process_count() > 1:  # from the host: a replicated device_put of a device array over
+            leaf = np.asarray(leaf)  # processes leaves one global array where its per-device shards belong
         placed.append(jax.device_put(leaf, NamedSharding(mesh, spec)))
     return placed
 
@@ -184,7 +186,8 @@ def mesh_report(devices, weights, kv_caches) -> dict:
     weight_bytes, kv_bytes = bytes_per_device(weights), bytes_per_device(kv_caches)
     per_device = []
     for device in devices:
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        local = getattr(device, "process_index", 0) == jax.process_index()  # another host's: not readable here
+        stats = device.memory_stats() if local and hasattr(device, "memory_stats") else None
         per_device.append({
             "device": str(device), "weight_bytes": weight_bytes.get(str(device), 0),
             "kv_cache_bytes": kv_bytes.get(str(device), 0),
