@@ -29,7 +29,7 @@ from mistralrs_jax.parallel.distributed import EXIT_PEER_LOST
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 10  # --distributed-timeout: joining, and a silent peer
+TIMEOUT_S = 30  # --distributed-timeout: joining, and a silent peer (a busy 2-core machine misses 10 s heartbeats)
 
 
 def _free_port() -> int:
