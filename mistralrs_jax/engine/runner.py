@@ -286,7 +286,7 @@ class ModelRunner:
         from ..parallel.rules import mesh_report
 
         devices = list(self.mesh.devices.flat) if self.mesh is not None else \
-            sorted({d for leaf in self.state_leaves[:1] for d in leaf.devices()}, key=lambda d: d.id)
+            sorted({d for leaf in self.state_leaves[:1] for d in leaf.sharding.device_set}, key=lambda d: d.id)
         return mesh_report(devices, self.state_leaves, self.kv_caches)
 
     # -- the jitted step -------------------------------------------------------------------

@@ -170,12 +170,17 @@ def shard_state(model: nnx.Module, state, mesh) -> list[jax.Array]:
 
 
 def bytes_per_device(arrays) -> dict[str, int]:
-    """{device: bytes} of the shards of `arrays` (any pytree of jax.Arrays) each device holds."""
+    """{device: bytes} of the shards of `arrays` (any pytree of jax.Arrays) each device of this
+    process holds. Read from the shardings alone, never the buffers: a KV cache array is donated
+    to the step running meanwhile (rule 3), so its buffer may be deleted while /v1/status asks."""
     held: dict[str, int] = {}
     for array in jax.tree.leaves(arrays):
-        for shard in getattr(array, "addressable_shards", ()):
-            key = str(shard.device)
-            held[key] = held.get(key, 0) + int(shard.data.nbytes)
+        sharding = getattr(array, "sharding", None)
+        if sharding is None:
+            continue
+        shard_bytes = int(np.prod(sharding.shard_shape(array.shape), dtype=np.int64)) * array.dtype.itemsize
+        for device in sharding.addressable_devices:
+            held[str(device)] = held.get(str(device), 0) + shard_bytes
     return held
 
 
