@@ -199,15 +199,20 @@ def engine_run(llama1b_gguf, tmp_path_factory) -> dict:
     return report
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 13 (open): with default warm-up the peak RSS is 1.72-1.93 GB, over 1.5 GB + the KV pool; the compiled "
-    "step shapes hold ~60 MB each (warmup=False: 1.49-1.56 GB). Strict: the mark must go when the bound is met"))
+def test_weights_are_held_at_the_files_size(engine_run, llama1b_gguf):
+    """Packed at the file's own bits: every tensor as stored (the norms are the few f32 ones)."""
+    assert engine_run["weight_bytes"] <= llama1b_gguf.stat().st_size
+
+
+# Not strict: the peak depends on whether the step executables come from the persistent compilation
+# cache (~85 MB each) or are compiled afresh (~55 MB), so a cold CI cache may land on either side.
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 13 (open): with default warm-up the peak RSS measured 1.72-1.93 GB, over 1.5 GB + the KV pool; the "
+    "compiled step shapes hold ~55-85 MB each (warmup=False: 1.49-1.56 GB)"))
 def test_loads_within_1_5_gb_plus_the_kv_pool(engine_run, llama1b_gguf):
     """The issue's bound: the packed 1B model serves in at most 1.5 GB of RSS plus its KV pool.
     VmHWM is the peak over the whole run (load, compile, generate, score)."""
     file_bytes = llama1b_gguf.stat().st_size
-    # Packed at the file's own bits: every tensor as stored (the norms are the few f32 ones).
-    assert engine_run["weight_bytes"] <= file_bytes
     peak, end = engine_run["end"]["VmHWM"], engine_run["end"]
     kv = engine_run["kv_cache_bytes"]
     print(f"\nfile {file_bytes / 1e6:.0f} MB, weights as held {engine_run['weight_bytes'] / 1e6:.0f} MB, KV pool "
