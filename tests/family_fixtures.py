@@ -278,6 +278,13 @@ def llama_cpp_converter_dir() -> Path:
     return target
 
 
+def build_all_checkpoints(root: Path) -> dict:
+    """{family: checkpoint dir} for every tiny family, built under `root` (fails or skips per the
+    skip policy when transformers or torch is missing)."""
+    require_checkpoint_peers()
+    return {name: build_checkpoint(name, root / name) for name in FAMILIES}
+
+
 def convert_to_gguf(jobs: list[tuple]) -> None:
     """Convert each (checkpoint dir, .gguf path, *extra converter flags) with llama.cpp's converter,
     f32, all in one process."""
@@ -292,5 +299,5 @@ def convert_to_gguf(jobs: list[tuple]) -> None:
         raise RuntimeError(f"llama.cpp's converter wrote no {missing}:\n{result.stderr[-4000:]}")
 
 
-__all__ = ["FAMILIES", "ReferenceUnavailable", "build_checkpoint", "convert_to_gguf", "load_reference",
+__all__ = ["FAMILIES", "ReferenceUnavailable", "build_all_checkpoints", "build_checkpoint", "convert_to_gguf", "load_reference",
            "reference_greedy", "reference_logits", "require_checkpoint_peers", "write_tokenizer"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from family_fixtures import (FAMILIES, VOCAB_SIZE, ReferenceUnavailable, build_checkpoint, convert_to_gguf,
-                             load_reference, reference_greedy, reference_logits, require_checkpoint_peers)
+from family_fixtures import (FAMILIES, VOCAB_SIZE, build_all_checkpoints, convert_to_gguf, load_reference,
+                             reference_greedy, reference_logits, ReferenceUnavailable)
 from peers import missing_peer
 
 # Measured (JAX 0.10.2 XLA:CPU vs torch 2.13 CPU, f32, 80 tokens, logits within ±0.8..±14):
@@ -37,9 +37,7 @@ FUSED_QKV = ("llama3", "qwen2")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    require_checkpoint_peers()
-    root = tmp_path_factory.mktemp("families")
-    return {name: build_checkpoint(name, root / name) for name in FAMILIES}
+    return build_all_checkpoints(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="module")

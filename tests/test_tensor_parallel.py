@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from family_fixtures import (FAMILIES, VOCAB_SIZE, build_checkpoint, load_reference, reference_greedy,
-                             reference_logits, require_checkpoint_peers)
+from family_fixtures import (FAMILIES, VOCAB_SIZE, build_all_checkpoints, load_reference, reference_greedy,
+                             reference_logits)
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,7 @@ def _generate(name: str, llm: dict, score_ids, prompts, max_tokens: int = NEW_TO
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    require_checkpoint_peers()
-    root = tmp_path_factory.mktemp("tp_families")
-    return {name: build_checkpoint(name, root / name) for name in FAMILIES}
+    return build_all_checkpoints(tmp_path_factory.mktemp("tp_families"))
 
 
 @pytest.fixture(scope="module")
