@@ -194,7 +194,9 @@ def check_mesh_spans_processes(tensor_parallel_size: int) -> None:
 # -- messages ------------------------------------------------------------------------------
 
 
-def _bucket(num_bytes: int) -> int:
+def _padded_payload_size(num_bytes: int) -> int:
+    """Bytes of the broadcast buffer for a payload: powers of two from MIN_PAYLOAD_BYTES, so a
+    handful of collective sizes is compiled (not one per message length)."""
     return max(MIN_PAYLOAD_BYTES, 1 << max(0, num_bytes - 1).bit_length())
 
 
@@ -247,7 +249,7 @@ class Channel:
             self._broadcast(frame)
             rest = data[len(inline):]
             if rest:
-                buffer = np.zeros(_bucket(len(rest)), np.uint8)
+                buffer = np.zeros(_padded_payload_size(len(rest)), np.uint8)
                 buffer[:len(rest)] = np.frombuffer(rest, np.uint8)
                 self._broadcast(buffer)
             self.last_send = time.monotonic()
@@ -263,7 +265,8 @@ class Channel:
             return kind, None
         data = frame[HEADER_BYTES:HEADER_BYTES + length].tobytes()
         if length > len(data):
-            data += self._broadcast(np.zeros(_bucket(length - len(data)), np.uint8))[:length - len(data)].tobytes()
+            missing = length - len(data)
+            data += self._broadcast(np.zeros(_padded_payload_size(missing), np.uint8))[:missing].tobytes()
         return kind, pickle.loads(zlib.decompress(data))
 
 
