@@ -150,6 +150,10 @@ class Engine:
         """The metrics snapshot (counters, gauges, histograms) dashboards and /metrics read."""
         return self.metrics.snapshot()
 
+    def mesh_report(self) -> dict:
+        """{"tensor_parallel_size", "devices", "per_device": weight / KV bytes held, memory stats}."""
+        return self.runner.mesh_report()
+
     def check_prompt_fits(self, num_prompt_tokens: int) -> None:
         """Raise PromptTooLongError if a prompt this long could never be served."""
         self.scheduler.check_prompt_fits(num_prompt_tokens)
