@@ -3,8 +3,9 @@ proved on generated test files run by a real pytest in a subprocess.
 
 The generated files need a reference that does not exist, import a peer that is "uninstalled"
 (blocked in sys.modules, as a missing package is), or declare themselves not applicable.
-A run of the real suite with torch shadowed by a package that fails to import shows the same
-for an existing test.
+Runs of the suite's own tests with torch, PEFT or sentencepiece shadowed by a package that fails
+to import show the same for existing reference tests (the issue's "a run with one reference package
+uninstalled fails in CI mode").
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 TESTS_DIR = Path(__file__).parent
 
@@ -94,18 +97,30 @@ def test_outside_ci_a_missing_peer_is_a_skip_that_says_why(tmp_path):
     assert "a reference file could not be fetched" in out
 
 
-def test_a_real_reference_test_fails_in_ci_without_torch(tmp_path):
-    """The suite's own transformers comparison with torch made uninstalled (a `torch` package
-    that raises ModuleNotFoundError shadows the real one): CI fails, a local run skips."""
-    shadow = tmp_path / "shadow" / "torch"
+# (uninstalled peer, one real test of the suite that needs it): the fixture-level require_peer
+# path (LoRA vs PEFT, the family checkpoints built with sentencepiece) and a test that imports
+# its peer directly (torch in the sampler comparison)
+REAL_TESTS = [
+    ("torch", "tests/test_sampler_reference.py::test_repetition_penalty_matches_transformers"),
+    ("peft", "tests/test_lora.py::test_rslora_matches_peft"),
+    ("sentencepiece", "tests/test_families.py::test_family_matches_transformers[llama3-safetensors]"),
+]
+
+
+@pytest.mark.parametrize("package,target", REAL_TESTS, ids=[package for package, _ in REAL_TESTS])
+def test_a_real_reference_test_fails_in_ci_without_its_peer(package, target, tmp_path):
+    """The suite's own reference tests with one peer made uninstalled (a package of that name that
+    raises ModuleNotFoundError shadows the real one): CI fails, a local run skips and says why."""
+    shadow = tmp_path / "shadow" / package
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+        f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')\n")
     repo = TESTS_DIR.parent
-    target = "tests/test_sampler_reference.py::test_repetition_penalty_matches_transformers"
     ci = _run_pytest(repo, target, ci=True, pythonpath=[shadow.parent, repo])
     print(ci.stdout[-2000:])
-    assert ci.returncode == 1 and "1 failed" in ci.stdout and "skipped in CI" in ci.stdout, ci.stdout + ci.stderr
+    assert ci.returncode == 1, ci.stdout + ci.stderr
+    assert "skipped in CI" in ci.stdout and f"'{package}' is not importable" in ci.stdout, ci.stdout + ci.stderr
+    assert " passed" not in ci.stdout.splitlines()[-1], ci.stdout
     local = _run_pytest(repo, target, ci=False, pythonpath=[shadow.parent, repo])
     assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout + local.stderr
-    assert "'torch' is not importable" in local.stdout
+    assert f"'{package}' is not importable" in local.stdout
