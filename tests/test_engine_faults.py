@@ -137,3 +137,35 @@ def test_a_detokenizer_fault_fails_only_its_request(live_server, monkeypatch):
     _wait_idle(llm)
     monkeypatch.undo()
     _assert_still_serving(live_server)
+
+
+class LoopKilled(BaseException):
+    """Not an Exception: it passes the loop's `except Exception` and ends the loop thread."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_health_answers_503_once_the_engine_loop_itself_died(live_server, monkeypatch):
+    """The faults above leave /health at 200; only a dead loop thread turns it to 503."""
+    llm = live_server.llm
+    engine = llm.engine
+    _wait_idle(llm)
+    loop_thread = engine._thread
+    assert loop_thread is not None and loop_thread.is_alive()
+
+    def die() -> bool:
+        raise LoopKilled("the engine loop was killed by the test")
+
+    monkeypatch.setattr(engine, "_apply_commands", die)  # the loop calls it at the top of every turn
+    engine._wakeup.set()
+    loop_thread.join(30)
+    assert not loop_thread.is_alive()
+    try:
+        with live_server.http() as http:
+            health = http.get("/health")
+        assert health.status_code == 503, health.text
+        assert health.json()["status"] == "error" and "not running" in health.json()["detail"]
+    finally:
+        monkeypatch.undo()
+        engine._thread = None  # a fresh loop thread for the tests that follow
+        engine.start()
+    _assert_still_serving(live_server)

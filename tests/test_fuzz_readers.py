@@ -146,8 +146,10 @@ def expect_named_error(path: str, error=ModelLoadError, match: str = "", **kwarg
     ("tensor0.offset", 1, None, "alignment"),  # misaligned
     ("tensor1.offset", 0, None, "overlaps"),
     ("tensor1.offset", 2**40, None, "gap|ends at byte"),  # past the end
-    ("tensor1.type", 8, None, "overlaps|gap"),  # Q4_1 -> Q8_0: the type id does not match the data size
-    ("tensor0.dim0", 0, None, "tensor"),  # embedding dims 0
+    ("tensor1.type", 8, None, "overlaps|gap"),  # F32 -> Q8_0: the type id does not match the data size
+    ("tensor0.dim0", 0, None, "tensor"),  # token_embd.weight with a dim of 0
+    ("tensor0.dim1", 49151, None, "tensor"),  # embedding rows one short of the vocabulary
+    ("tensor1.dim0", 0, None, "tensor"),  # blk.0.attn_norm.weight with a dim of 0
     ("tensor1.dim0", 575, None, "tensor"),  # a norm of the wrong size
 ])
 def test_corrupt_header_field_is_refused_naming_the_file(tmp_path, smollm2_header, label, value, code, match):
@@ -236,6 +238,7 @@ def _ggjt(n_vocab=4, n_embd=64, n_mult=1, n_head=4, n_layer=1, n_rot=16, ftype=0
 
 @pytest.mark.parametrize("changes, match", [
     ({"n_embd": 0}, "n_embd = 0"), ({"n_layer": 2**31 - 1}, "n_layer"), ({"n_embd": -64}, "n_embd = -64"),
+    ({"n_layer": -2**31}, "n_layer = -2147483648"),  # the bytes of 2^31 (0x80000000), as the i32 the format holds
     ({"n_head": 0}, "n_head = 0"), ({"n_embd": 64, "n_head": 5}, "multiple"),
 ])
 def test_ggml_hyperparameters_are_checked_before_use(tmp_path, changes, match):

@@ -77,7 +77,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_in_flight_requests_then_exits_zero(smollm2_gguf_path, signum):
     process, url = _start_server("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--max-body-bytes", str(BODY_LIMIT))
     try:
