@@ -1,7 +1,7 @@
 """On-device token sampling: penalties, logit bias, temperature, top-k/top-p/min-p, logprobs.
 
-Design rule 6: the whole sampler runs inside the jitted step; only the sampled ids and
-their logprobs go back to the host. Rule 2: every per-request value (temperature, top-k,
+Design rule 6: the whole sampler runs on the device, as its own jitted call right after the
+model step (runner.py); only the sampled ids and their logprobs go back to the host. Rule 2: every per-request value (temperature, top-k,
 seed, ...) is an array row of `SamplingArrays`; only the `SamplerModes` flags are static,
 so a new request never triggers a compile.
 
