@@ -3,9 +3,11 @@
 Types are checked strictly (`"temperature": "0.5"` is an error, as at OpenAI); value
 ranges are checked by `SamplingParams`, so the engine and the server agree on them.
 Unknown fields are ignored, as mistral.rs and vLLM do, so clients that send extras
-(`user`, `store`, `metadata`, ...) work; fields that would change the output and that
-this server does not implement (`UNSUPPORTED_FIELDS`: `audio`, `prediction`, vLLM's
-`guided_json`, llama.cpp's `mirostat`, ...) answer a 400 naming them, never a silent 200.
+(`user`, `metadata`, `prompt_cache_key`, ...) work; fields that would change the output or
+promise something this server does not do (`UNSUPPORTED_FIELDS`: `audio`, `prediction`,
+`store: true`, `verbosity`, vLLM's `guided_json`, llama.cpp's `mirostat`, ...) answer a 400
+naming them, never a silent 200. A value that asks for nothing beyond what the server does
+(`modalities: ["text"]`, `service_tier: "auto"`) is accepted.
 """
 from __future__ import annotations
 
@@ -108,7 +110,18 @@ UNSUPPORTED_FIELDS = {
     "prompt_logprobs": "prompt logprobs", "repeat_last_n": "repeat_last_n (the penalty window is 64 tokens)",
     "penalty_last_n": "penalty_last_n (the penalty window is 64 tokens)", "n_probs": "n_probs (use logprobs)",
     "continue_final_message": "continue_final_message (use add_generation_prompt: false)",
+    "store": "stored completions (store: true)", "verbosity": "output verbosity other than medium",
+    "service_tier": "service tiers other than auto and default", "moderation": "moderation of input and output",
 }
+# Values of the fields above that ask for nothing beyond what this server does anyway.
+_HARMLESS_VALUES: dict[str, tuple[Any, ...]] = {"modalities": (["text"],), "service_tier": ("auto", "default"),
+                                                "verbosity": ("medium",)}
+# OpenAI fields accepted and ignored, because they change neither the output nor what the
+# server promises: bookkeeping for OpenAI's own services, and prompt-cache hints (the prefix
+# cache here is automatic). tests/test_request_fields.py checks every OpenAI field is either
+# a request field, refused above, or listed here.
+IGNORED_FIELDS = {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_options",
+                  "prompt_cache_retention"}
 _UNSET = (None, False, [], {}, "")
 # Template variables the request sets through its own fields.
 _TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
@@ -396,7 +409,7 @@ def parse_request(model: type[SamplingFields], body: Any) -> Any:
                        code="invalid_json")
     for name, what in UNSUPPORTED_FIELDS.items():
         value = body.get(name)
-        if value not in _UNSET and not (name == "modalities" and value == ["text"]):
+        if value not in _UNSET and value not in _HARMLESS_VALUES.get(name, ()):
             raise APIError(400, f"{name}: {what} is not supported by this server; drop the field", param=name,
                            code="not_supported")
     try:
