@@ -43,15 +43,15 @@ def quant_matmul_reference(x: jax.Array, blocks: jax.Array, qtype: str) -> jax.A
 
 @functools.cache
 def _cpu_kernel():
-    """(quant_matmul_cpu, supported ggml type ids) or None, logged once."""
+    """(quant_matmul_cpu, the kernel's type id of a format name, its supported ids) or None, logged once."""
     try:
-        from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available, quant_matmul_cpu, supported_types
+        from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available, quant_matmul_cpu, supported_types, type_id
     except ImportError as exc:
         log.warning("quantized matmul: no CPU kernel module (%s); using the XLA reference (slower)", exc)
         return None
     if not cpu_kernel_available():  # the module logs why
         return None
-    return quant_matmul_cpu, frozenset(int(t) for t in supported_types())
+    return quant_matmul_cpu, type_id, frozenset(int(t) for t in supported_types())
 
 
 def ggml_type_id(qtype: str) -> int | None:
@@ -66,7 +66,7 @@ def ggml_type_id(qtype: str) -> int | None:
 
 def cpu_kernel_serves(qtype: str) -> bool:
     kernel = _cpu_kernel()
-    return kernel is not None and ggml_type_id(qtype) in kernel[1]
+    return kernel is not None and kernel[1](qtype) in kernel[2]
 
 
 def _pallas_available() -> bool:
@@ -102,9 +102,9 @@ def quant_matmul(x: jax.Array, blocks: jax.Array, qtype: str, *, impl: str | Non
     impl = impl or dispatch(qtype)
     fmt = block_format(qtype, tuple(blocks.shape))
     if impl == "cpu-kernel":
-        quant_matmul_cpu = _cpu_kernel()[0]
+        quant_matmul_cpu, type_id, _ = _cpu_kernel()
         lead, in_features = x.shape[:-1], x.shape[-1]
-        y = quant_matmul_cpu(jnp.asarray(x, jnp.float32).reshape(-1, in_features), blocks, ggml_type_id(qtype),
+        y = quant_matmul_cpu(jnp.asarray(x, jnp.float32).reshape(-1, in_features), blocks, type_id(qtype),
                              in_features)
         return y.reshape(*lead, blocks.shape[0])
     if impl in ("pallas", "pallas-interpret"):

@@ -118,9 +118,9 @@ def _model(kernel, qtype, w: np.ndarray, x: np.ndarray):
 
 
 def _bound(x: np.ndarray, w_deq: np.ndarray, qtype) -> np.ndarray:
-    """The stated bound on |y - W . x| (module docstring)."""
+    """The stated bound on |y - W . x| (module docstring); Q8_K weights take Q8_K activations too."""
     t, k = x.shape
-    block = 256 if qtype in K_QUANTS else 32
+    block = 256 if qtype in K_QUANTS or qtype == Q.Q8_K else 32
     d = np.abs(x.reshape(t, k // block, block)).max(-1) / 127.0
     if block == 32:  # the f16 rounding of d: half an f16 ulp (2^-11 relative, 2^-25 in subnormals)
         d = d / 2 + 127 * np.maximum(d * 2.0**-11, 2.0**-25)
@@ -289,14 +289,20 @@ def _decode_q8(xq: np.ndarray, kind: str, k: int):
     return b[..., head:].copy().view(np.int8).reshape(t, k), d, s
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_activations_are_llamacpp_q8(kernel, ggml_cpu, qtype):
-    """The kernel quantizes activations exactly as llama.cpp's CPU backend does for the weight type."""
-    rng = np.random.default_rng(int(qtype) + 20)
-    t, k = 4, 1024
+def activation_rows(seed: int, t: int = 4, k: int = 1024) -> np.ndarray:
+    """Rows of very different scales, an all-zero 256-block and a large negative element."""
+    rng = np.random.default_rng(seed)
     x = (rng.standard_normal((t, k)) * rng.uniform(0.001, 30, size=(t, 1))).astype(np.float32)
     x[1, :256] = 0.0
     x[2, 77] = -50.0
+    return x
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_activations_are_llamacpp_q8(kernel, ggml_cpu, qtype):
+    """The kernel quantizes activations exactly as llama.cpp's CPU backend does for the weight type."""
+    x = activation_rows(int(qtype) + 20)
+    t, k = x.shape
     kind = ACTIVATION_TYPE[qtype]
     codes, d, extra = _decode_q8(ggml_cpu.quantize(x, kind), kind, k)
     a, da, qa = _kernel_activations(kernel, qtype, x)
@@ -359,7 +365,7 @@ def test_portable_instruction_sets_agree(kernel, isa):
     other = load_kernel(isa)
     assert other.isa == isa
     rng = np.random.default_rng(6)
-    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q4_K):
+    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q4_K, Q.Q8_1, Q.Q8_K, cpu_kernel.type_id("HQQ4")):
         k = 512
         w = random_blocks(int(qtype), 9, k, rng)
         x = rng.standard_normal((2, k)).astype(np.float32)
@@ -427,7 +433,7 @@ def test_unavailable_kernel_logs_one_line(kernel, monkeypatch, caplog, tmp_path)
         cpu_kernel._default_kernel.cache_clear()
     monkeypatch.undo()
     assert cpu_kernel.cpu_kernel_available() is True
-    assert cpu_kernel.supported_types() == {int(t) for t in TYPES}
+    assert cpu_kernel.supported_types() == {int(t) for t in TYPES} | {int(Q.Q8_1), int(Q.Q8_K), 1004, 1008}
 
 
 def test_benchmark_script_runs(kernel, tmp_path):

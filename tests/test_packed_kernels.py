@@ -25,6 +25,7 @@ from pallas_kernels import quant_matmul as qmatmul
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.quant_blocks import FORMATS
 from pallas_kernels.quant_matmul_pallas import quant_matmul_pallas
+from peers import not_applicable
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 GGUF_TYPES = [t for t in FORMATS if not t.startswith("HQQ")]
@@ -156,6 +157,37 @@ def test_cpu_dispatch_matches_reference(qtype, tokens, monkeypatch, caplog):
             print(f"the CPU kernel does not serve {qtype} on this machine: the XLA reference ran")
     y = jax.jit(lambda x, b: qmatmul.quant_matmul(x, b, qtype))(x, blocks)
     _assert_close(y, expected, rtol=CPU_KERNEL_RTOL if impl == "cpu-kernel" else 1e-5)
+
+
+def test_every_packed_format_runs_in_the_cpu_kernel(monkeypatch):
+    """Where the CPU kernel is built it serves every packed format, the ones only ISQ writes
+    (Q8_1, Q8_K, HQQ4, HQQ8) included: none falls back to the XLA reference."""
+    monkeypatch.delenv(qmatmul.ENV_VAR, raising=False)
+    if jax.default_backend() != "cpu" or qmatmul._cpu_kernel() is None:
+        not_applicable("needs the CPU backend with the CPU kernel built")
+    assert [t for t in PACKED_TYPES if qmatmul.dispatch(t) != "cpu-kernel"] == []
+
+
+def test_a_format_the_cpu_kernel_lacks_falls_back_with_one_log_line(monkeypatch, caplog):
+    """A kernel without some format (here one built without HQQ4) leaves that format to the XLA
+    reference, with one log line naming it however often it is dispatched, and the right result."""
+    monkeypatch.delenv(qmatmul.ENV_VAR, raising=False)
+    kernel = qmatmul._cpu_kernel()
+    if jax.default_backend() != "cpu" or kernel is None:
+        not_applicable("needs the CPU backend with the CPU kernel built")
+    fn, type_id, ids = kernel
+    monkeypatch.setattr(qmatmul, "_cpu_kernel", lambda: (fn, type_id, ids - {type_id("HQQ4")}))
+    qmatmul._note_reference.cache_clear()
+    caplog.set_level(logging.INFO, logger="pallas_kernels.quant_matmul")
+    x, blocks, expected = _matmul_case("HQQ4", out_features=9, tokens=3, seed=11)
+    try:
+        assert [qmatmul.dispatch("HQQ4") for _ in range(3)] == ["reference"] * 3
+        assert qmatmul.dispatch("HQQ8") == "cpu-kernel"
+        _assert_close(jax.jit(lambda x, b: qmatmul.quant_matmul(x, b, "HQQ4"))(x, blocks), expected)
+        lines = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+        assert len(lines) == 1 and "HQQ4" in lines[0] and "XLA reference" in lines[0]
+    finally:
+        qmatmul._note_reference.cache_clear()
 
 
 def test_dispatch_env_forces_a_choice(monkeypatch):

@@ -3,7 +3,9 @@
     y = quant_matmul_cpu(x, w, qtype, K)      # x f32 (T, K), w uint8 (N, row_bytes) -> f32 (T, N)
 
 `w` holds each output row's GGUF blocks exactly as the file stores them (Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS; `qtype` is gguf-py's GGMLQuantizationType id).
+Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS, and Q8_1 / Q8_K, which ISQ can write; `qtype` is
+gguf-py's GGMLQuantizationType id), or this project's HQQ4/HQQ8 blocks (quant/hqq.py; ids in
+`blocks.HQQ_TYPE_IDS`). `type_id(name)` gives the id of a format name.
 Activations are quantized to 8 bits exactly as llama.cpp's CPU backend quantizes them for the
 weight type (Q8_0, Q8_1 or Q8_K blocks, activations.h) and dotted with the weight codes in
 integers, so each output is ggml's vec_dot up to the order of f32 roundings; see qmatmul.cc
@@ -29,12 +31,12 @@ from typing import NamedTuple
 import numpy as np
 
 from ...errors import NotSupportedError
-from .blocks import LAYOUTS
+from .blocks import HQQ_TYPE_IDS, LAYOUTS
 from .build import KernelBuildError, library_path
 
 log = logging.getLogger(__name__)
 
-# gguf-py GGMLQuantizationType ids -> (elements per block, bytes per block)
+# kernel type ids -> (elements per block, bytes per block)
 _FORMATS: dict[int, tuple[int, int]] = {t: (block, nbytes) for t, (block, nbytes, _) in LAYOUTS.items()}
 
 
@@ -88,8 +90,21 @@ def cpu_kernel_available() -> bool:
 
 
 def supported_types() -> set[int]:
-    """gguf-py GGMLQuantizationType ids the kernel takes (empty where it is unavailable)."""
+    """Type ids the kernel takes (empty where it is unavailable): gguf-py's
+    GGMLQuantizationType ids, and HQQ_TYPE_IDS."""
     return set(_FORMATS) if cpu_kernel_available() else set()
+
+
+def type_id(qtype: str) -> int | None:
+    """The kernel's id of a packed format name (`PackedWeight.qtype`), None for a name it has no id for."""
+    if qtype in HQQ_TYPE_IDS:
+        return HQQ_TYPE_IDS[qtype]
+    from gguf import GGMLQuantizationType
+
+    try:
+        return int(GGMLQuantizationType[qtype])
+    except KeyError:
+        return None
 
 
 def row_bytes(qtype: int, K: int) -> int:
@@ -109,7 +124,8 @@ def quant_matmul_cpu(x, w, qtype: int, K: int, *, kernel: Kernel | None = None):
     qtype = int(qtype)
     if qtype not in _FORMATS:
         raise NotSupportedError(
-            f"the CPU kernel has no GGML type {qtype}; it takes {sorted(_FORMATS)} (gguf-py GGMLQuantizationType ids)"
+            f"the CPU kernel has no GGML type {qtype}; it takes {sorted(_FORMATS)} (gguf-py GGMLQuantizationType "
+            f"ids, and {HQQ_TYPE_IDS})"
         )
     block, nbytes = _FORMATS[qtype]
     if K % block:
@@ -162,4 +178,5 @@ __all__ = [
     "quant_matmul_cpu",
     "row_bytes",
     "supported_types",
+    "type_id",
 ]

@@ -1,5 +1,5 @@
 // The fused GEMV of the AVX-512 VNNI build (included by qmatmul.cc after reduce_rows): for
-// T <= 2 tokens the blocks of the 32-element formats and of Q4_K are decoded straight into
+// T <= 2 tokens the blocks of the 32-element formats, Q4_K, Q8_K and HQQ4/HQQ8 are decoded straight into
 // 512-bit registers and dotted with every token, with no unpacked copy of the row in memory.
 #pragma once
 #define MJ_FUSED_GEMV 1
@@ -143,36 +143,59 @@ static inline void gemv32(const uint8_t* const* rows, int64_t K, const int8_t* a
   gemv_store<R, NT>(acc, corr, out, ostride);
 }
 
-// Q4_K: each 64-element chunk of a super-block is one load of 32 bytes (low
-// nibbles: group 2p, high nibbles: group 2p + 1), in natural order. (Q5_K read this way,
+// Formats read in 64-element chunks of natural order (KPair<F>: the chunk's 64 codes in one
+// register, and its block's per-32 scales and offsets): Q4_K (each chunk is one load of 32 bytes,
+// low nibbles group 2p, high nibbles group 2p + 1), Q8_K, HQQ4 and HQQ8. (Q5_K read this way,
 // with its fifth bits through a byte mask, measured slower than unpacking it.)
 template <class F>
 struct KPair {
   static constexpr bool ok = false;
 };
+static inline __m512i mj_nibbles64(const uint8_t* qs) {  // 32 bytes: low nibbles, then high nibbles
+  const __m256i q = _mm256_loadu_si256((const __m256i*)qs), m = _mm256_set1_epi8(0x0f);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, m)), _mm256_and_si256(_mm256_srli_epi16(q, 4), m),
+                            1);
+}
 template <>
 struct KPair<Fmt_q4_k> {
   static constexpr bool ok = true;
   static inline void scales(const uint8_t* b, float* s, float* c) { mj_scales_k4(mj_f16(b), mj_f16(b + 2), b + 4, s, c); }
+  static inline __m512i codes(const uint8_t* b, int p) { return mj_nibbles64(b + 16 + 32 * p); }
+};
+template <>
+struct KPair<Fmt_q8_k> {
+  static constexpr bool ok = true;
+  static inline void scales(const uint8_t* b, float* s, float* c) { mj_sc_q8_k(b, s, c); }
   static inline __m512i codes(const uint8_t* b, int p) {
-    const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * p)), m = _mm256_set1_epi8(0x0f);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, m)),
-                              _mm256_and_si256(_mm256_srli_epi16(q, 4), m), 1);
+    return _mm512_xor_si512(_mm512_loadu_si512(b + 4 + 64 * p), _mm512_set1_epi8((char)0x80));
   }
+};
+template <>
+struct KPair<Fmt_hqq4> {
+  static constexpr bool ok = true;
+  static inline void scales(const uint8_t* b, float* s, float* c) { mj_sc_hqq(b, s, c); }
+  static inline __m512i codes(const uint8_t* b, int) { return mj_nibbles64(b + 4); }
+};
+template <>
+struct KPair<Fmt_hqq8> {
+  static constexpr bool ok = true;
+  static inline void scales(const uint8_t* b, float* s, float* c) { mj_sc_hqq(b, s, c); }
+  static inline __m512i codes(const uint8_t* b, int) { return _mm512_loadu_si512(b + 4); }
 };
 
 template <class F, int R, int NT>
 static inline void gemvk(const uint8_t* const* rows, int64_t K, const int8_t* a, const float* da, const float* qa,
                          float* out, int64_t ostride) {
+  constexpr int C = F::block / 64;  // 64-element chunks per block
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[NT][R];
   __m128 corr[NT][R];
   gemv_zero<R, NT>(acc, corr);
-  for (int64_t sb = 0; sb < K / 256; ++sb) {
-    alignas(32) float s[R][8], c[R][8];
+  for (int64_t sb = 0; sb < K / F::block; ++sb) {
+    alignas(32) float s[R][2 * C], c[R][2 * C];
     for (int r = 0; r < R; ++r) KPair<F>::scales(rows[r] + sb * F::bytes, s[r], c[r]);
-    for (int p = 0; p < 4; ++p) {
-      const int64_t e = 256 * sb + 64 * p;
+    for (int p = 0; p < C; ++p) {
+      const int64_t e = F::block * sb + 64 * p;
       __m512i av[NT];
       __m128 dav[NT], qav[NT];
       gemv_load<NT>(a, da, qa, K, e, av, dav, qav);

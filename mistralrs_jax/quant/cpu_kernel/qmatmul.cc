@@ -14,7 +14,7 @@
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
 // (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T <= 2 the
-// 32-element block formats and Q4_K are decoded in registers (gemv32, gemvk); otherwise four rows are
+// 32-element block formats, Q4_K, Q8_K and HQQ are decoded in registers (gemv32, gemvk); otherwise four rows are
 // unpacked into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and
 // dotted with every token of an L2-sized block of tokens, K in 2048-element slices.
 // ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
@@ -265,7 +265,7 @@ struct Job {
   std::atomic<int64_t> done{0};
 };
 
-// Few tokens (T <= kGemvMaxT) on a 32-element block format or Q4_K: blocks are read in place
+// Few tokens (T <= kGemvMaxT) on a 32-element block format or a KPair one: blocks are read in place
 // (gemv32, gemvk), four rows at a time, each decoded register of weights serving two tokens.
 template <class F, int NT>
 static inline void gemv_tile(const uint8_t* const* rows, int64_t R, int64_t K, const int8_t* a, const float* da,
@@ -424,7 +424,11 @@ static void run_shared(ffi::ThreadPool& pool, int64_t helpers, const std::shared
   }
 }
 
-// ggml's vec_dot_type of each weight type: what its activations are quantized to.
+// ggml's vec_dot_type of each weight type: what its activations are quantized to. ggml's CPU
+// backend has no vec_dot for Q8_1 or Q8_K weights (only for them as activations): Q8_1 weights
+// take Q8_0 blocks (ggml names Q8_1 as their vec_dot_type, whose codes and d are Q8_0's; its
+// s only serves affine weights), Q8_K weights take Q8_K blocks (as candle, mistral.rs' backend,
+// dots them). HQQ4/HQQ8 (no llama.cpp peer) take Q8_0 blocks: two per 64-weight group.
 static int act_kind(const MjFormat& f) {
   if (f.block == 256) return kActQ8_K;
   return f.type == Fmt_q4_1::type || f.type == Fmt_q5_1::type ? kActQ8_1 : kActQ8_0;

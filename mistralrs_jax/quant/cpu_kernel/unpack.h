@@ -8,8 +8,12 @@
 // u8 x s8 instruction (VNNI vpdpbusd, or a widening multiply-add) serve every format; the
 // offset is applied once per group with the activations' group sum.
 //
-// Block layouts follow ggml's ggml-common.h (block_q4_0 ... block_iq4_xs), the bytes GGUF
-// files store. The loops are written over fixed byte counts so that gcc vectorizes them.
+// Block layouts follow ggml's ggml-common.h (block_q4_0 ... block_iq4_xs, and the activation
+// types block_q8_1 / block_q8_K, which ISQ can write as weights), the bytes GGUF files store;
+// HQQ4/HQQ8 are this project's layout (quant/hqq.py): per 64 weights an f16 scale, an f16 zero
+// point and the codes, w = (q - zero) * scale = scale * q + (-scale * zero). That offset is exact
+// in f32 (a product of two f16 values), so the kernel's weights are HQQ's to the last bit.
+// The loops are written over fixed byte counts so that gcc vectorizes them.
 #pragma once
 
 #include <cstdint>
@@ -96,6 +100,10 @@ static inline __m256i mj_codes_q5_1(const uint8_t* b) { return _mm256_or_si256(m
 static inline __m256i mj_codes_q8_0(const uint8_t* b) {  // int8 q -> q + 128
   return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(b + 2)), _mm256_set1_epi8((char)0x80));
 }
+// Q8_1 as a weight: d, s = d * (sum of codes) (an aid for affine dots, unused here), 32 int8 codes.
+static inline __m256i mj_codes_q8_1(const uint8_t* b) {
+  return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(b + 4)), _mm256_set1_epi8((char)0x80));
+}
 // IQ4 codebook (ggml's kvalues_iq4nl: -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113)
 // + 128, looked up for the 32 nibbles of 16 bytes.
 static inline __m256i mj_iq4_codes(const uint8_t* qs) {
@@ -143,6 +151,7 @@ MJ_SC2_AFFINE(q4_1)
 MJ_SC2_SYM(q5_0, 16.0f)
 MJ_SC2_AFFINE(q5_1)
 MJ_SC2_SYM(q8_0, 128.0f)
+MJ_SC2_SYM(q8_1, 128.0f)
 MJ_SC2_SYM(iq4_nl, 128.0f)
 
 MJ_SC_SYM(q4_0, 8.0f)
@@ -150,6 +159,7 @@ MJ_SC_AFFINE(q4_1)
 MJ_SC_SYM(q5_0, 16.0f)
 MJ_SC_AFFINE(q5_1)
 MJ_SC_SYM(q8_0, 128.0f)
+MJ_SC_SYM(q8_1, 128.0f)
 MJ_SC_SYM(iq4_nl, 128.0f)
 
 #define MJ_UNPACK32(name)                                                                         \
@@ -162,6 +172,7 @@ MJ_UNPACK32(q4_1)
 MJ_UNPACK32(q5_0)
 MJ_UNPACK32(q5_1)
 MJ_UNPACK32(q8_0)
+MJ_UNPACK32(q8_1)
 MJ_UNPACK32(iq4_nl)
 
 // ---- K-quants: 256-element super-blocks ----
@@ -292,6 +303,41 @@ static inline void mj_unpack_iq4_xs(const uint8_t* b, uint8_t* u, float* s, floa
   }
 }
 
+// Q8_K as a weight: f32 d, 256 int8 codes, 16 int16 sums of 16 codes (unused here); w = d * q.
+static inline float mj_f32(const uint8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return f;
+}
+static inline void mj_sc_q8_k(const uint8_t* b, float* s, float* c) {
+  const __m256 d = _mm256_set1_ps(mj_f32(b));
+  _mm256_storeu_ps(s, d);
+  _mm256_storeu_ps(c, _mm256_mul_ps(d, _mm256_set1_ps(-128.0f)));
+}
+static inline void mj_unpack_q8_k(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  for (int j = 0; j < 8; ++j) mj_store32(u + 32 * j, _mm256_xor_si256(mj_load32(b + 4 + 32 * j), _mm256_set1_epi8((char)0x80)));
+  mj_sc_q8_k(b, s, c);
+}
+
+// HQQ4 / HQQ8: 64 weights in two 32-groups sharing one scale and zero point. HQQ4's 32 bytes
+// hold code j in the low nibble of byte j and code j + 32 in its high nibble; HQQ8's 64 bytes
+// are the codes.
+static inline void mj_sc_hqq(const uint8_t* b, float* s, float* c) {
+  const float scale = mj_f16(b), zero = mj_f16(b + 2);
+  s[0] = s[1] = scale;
+  c[0] = c[1] = -(scale * zero);
+}
+static inline void mj_unpack_hqq4(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  const __m256i q = mj_load32(b + 4);
+  mj_store32(u, _mm256_and_si256(q, _mm256_set1_epi8(0x0f)));
+  mj_store32(u + 32, mj_srl8(q, 4, 0x0f));
+  mj_sc_hqq(b, s, c);
+}
+static inline void mj_unpack_hqq8(const uint8_t* b, uint8_t* u, float* s, float* c) {
+  std::memcpy(u, b + 4, 64);
+  mj_sc_hqq(b, s, c);
+}
+
 struct MjFormat {
   int type;   // gguf-py GGMLQuantizationType id
   int block;  // elements per block
@@ -299,20 +345,25 @@ struct MjFormat {
   int group;  // elements per scale group (16 or 32)
 };
 
-// X(name, type id, block, bytes, group)
+// X(name, type id, block, bytes, group). Ids are gguf-py's GGMLQuantizationType ids; HQQ4/HQQ8,
+// which GGML does not have, get this project's ids 1004 / 1008 (blocks.py), outside GGML's range.
 #define MJ_FORMATS(X)                  \
   X(q4_0, 2, 32, 18, 32)               \
   X(q4_1, 3, 32, 20, 32)               \
   X(q5_0, 6, 32, 22, 32)               \
   X(q5_1, 7, 32, 24, 32)               \
   X(q8_0, 8, 32, 34, 32)               \
+  X(q8_1, 9, 32, 36, 32)               \
   X(q2_k, 10, 256, 84, 16)             \
   X(q3_k, 11, 256, 110, 16)            \
   X(q4_k, 12, 256, 144, 32)            \
   X(q5_k, 13, 256, 176, 32)            \
   X(q6_k, 14, 256, 210, 16)            \
+  X(q8_k, 15, 256, 292, 32)            \
   X(iq4_nl, 20, 32, 18, 32)            \
-  X(iq4_xs, 23, 256, 136, 32)
+  X(iq4_xs, 23, 256, 136, 32)          \
+  X(hqq4, 1004, 64, 36, 32)            \
+  X(hqq8, 1008, 64, 68, 32)
 
 // One type per format, so that the kernels are instantiated with the unpacker inlined.
 #define MJ_TRAITS(name, id, blk, nbytes, grp)                                          \
@@ -345,6 +396,7 @@ MJ_BLOCK32(q4_1)
 MJ_BLOCK32(q5_0)
 MJ_BLOCK32(q5_1)
 MJ_BLOCK32(q8_0)
+MJ_BLOCK32(q8_1)
 MJ_BLOCK32(iq4_nl)
 #undef MJ_BLOCK32
 
