@@ -79,7 +79,9 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_in_flight_requests_then_exits_zero(smollm2_gguf_path, signum):
-    process, url = _start_server("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--max-body-bytes", str(BODY_LIMIT))
+    # --max-seqs 2 --max-waiting 0: the two streams below fill the server, so a third request is refused.
+    process, url = _start_server("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--max-body-bytes", str(BODY_LIMIT),
+                                 "--max-seqs", "2", "--max-waiting", "0")
     try:
         too_big = httpx.post(f"{url}/v1/completions", json={"prompt": "x" * BODY_LIMIT, "max_tokens": 1}, timeout=60)
         assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
@@ -87,6 +89,10 @@ def test_signal_drains_in_flight_requests_then_exits_zero(smollm2_gguf_path, sig
         short.start()
         long.start()
         assert short.started.wait(120) and long.started.wait(120), (short.error, long.error)
+        full = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                              "max_tokens": 2}, timeout=10)
+        assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
+        assert full.json()["error"]["code"] == "server_overloaded" and "--max-waiting 0" in full.text
         signalled = time.monotonic()
         process.send_signal(signum)
         health = None
