@@ -116,6 +116,8 @@ UNSUPPORTED_FIELDS = {
 # Values of the fields above that ask for nothing beyond what this server does anyway.
 _HARMLESS_VALUES: dict[str, tuple[Any, ...]] = {"modalities": (["text"],), "service_tier": ("auto", "default"),
                                                 "verbosity": ("medium",)}
+# Fields refused even when empty (OpenAI's search models search with `web_search_options: {}`).
+_REFUSED_WHEN_PRESENT = {"web_search_options"}
 # OpenAI fields accepted and ignored, because they change neither the output nor what the
 # server promises: bookkeeping for OpenAI's own services, and prompt-cache hints (the prefix
 # cache here is automatic). tests/test_request_fields.py checks every OpenAI field is either
@@ -275,17 +277,16 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_kwargs(self, reads) -> dict[str, Any]:
         """Variables for the chat template; `reads(name)` says whether the template uses a variable.
-        reasoning_effort for a template that ignores it is a 400 (it would be a silent no-op)."""
-        kwargs = dict(self.chat_template_kwargs or {})
-        if self.enable_thinking is not None:
-            kwargs["enable_thinking"] = self.enable_thinking
-        if self.reasoning_effort is not None:
-            if not reads("reasoning_effort"):
-                raise InvalidRequestError("reasoning_effort: this model's chat template has no reasoning_effort "
-                                          "setting; drop the field", param="reasoning_effort",
-                                          code="not_supported")
-            kwargs["reasoning_effort"] = self.reasoning_effort
-        return kwargs
+        One the template never mentions (enable_thinking, reasoning_effort or a chat_template_kwargs
+        key) is a 400 naming it: passing it on would be a silent no-op."""
+        fields = {name: value for name, value in (("enable_thinking", self.enable_thinking),
+                                                  ("reasoning_effort", self.reasoning_effort)) if value is not None}
+        for params, names in (("", fields), ("chat_template_kwargs.", self.chat_template_kwargs or {})):
+            for name in names:
+                if not reads(name):
+                    raise InvalidRequestError(f"{params}{name}: this model's chat template has no {name} setting; "
+                                              "drop the field", param=params + name, code="not_supported")
+        return {**(self.chat_template_kwargs or {}), **fields}
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -409,7 +410,8 @@ def parse_request(model: type[SamplingFields], body: Any) -> Any:
                        code="invalid_json")
     for name, what in UNSUPPORTED_FIELDS.items():
         value = body.get(name)
-        if value not in _UNSET and value not in _HARMLESS_VALUES.get(name, ()):
+        present = value is not None if name in _REFUSED_WHEN_PRESENT else value not in _UNSET
+        if present and value not in _HARMLESS_VALUES.get(name, ()):
             raise APIError(400, f"{name}: {what} is not supported by this server; drop the field", param=name,
                            code="not_supported")
     try:

@@ -287,7 +287,8 @@ def test_default_chatml_with_warning_and_override_file(tmp_path, caplog):
 THINKING_TEMPLATE = (
     "{%- for message in messages %}<|{{ message.role }}|>{{ message.content }}\n{%- endfor %}"
     "{%- if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
-    "<think>\n\n</think>\n{% endif %}{% if reasoning_effort %}[effort={{ reasoning_effort }}]{% endif %}{% endif %}"
+    "<think>\n\n</think>\n{% endif %}{% if reasoning_effort %}[effort={{ reasoning_effort }}]{% endif %}"
+    "{% if custom %}[custom]{% endif %}{% endif %}"
 )
 
 
@@ -306,10 +307,14 @@ def test_template_variables_from_the_request_match_transformers():
     assert kwargs == {"enable_thinking": False, "reasoning_effort": "low", "custom": 1}
     expected = _transformers_render(THINKING_TEMPLATE, messages, add_generation_prompt=True, **kwargs)
     assert template.render(messages, **kwargs) == expected
-    assert "<think>\n\n</think>" in expected and "[effort=low]" in expected
-    plain = ChatTemplate(DEFAULT_CHATML_TEMPLATE)
-    with pytest.raises(InvalidRequestError, match="reasoning_effort"):
-        request.template_kwargs(plain.reads)
+    assert "<think>\n\n</think>" in expected and "[effort=low]" in expected and "[custom]" in expected
+    plain = ChatTemplate(DEFAULT_CHATML_TEMPLATE)  # reads none of them: each is a 400 naming it
+    for body, param in (({"enable_thinking": False}, "enable_thinking"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+                        ({"chat_template_kwargs": {"custom": 1}}, "chat_template_kwargs.custom")):
+        unread = ChatCompletionRequest.model_validate({"messages": messages, **body})
+        with pytest.raises(InvalidRequestError, match=param) as info:
+            unread.template_kwargs(plain.reads)
+        assert info.value.param == param
 
 
 def test_a_tool_conversation_from_a_request_body_renders_as_transformers_renders_it():

@@ -268,3 +268,41 @@ def test_mistralrs_run_answers_one_prompt(smollm2_gguf_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout, result.stdout
     assert "What is the capital of France? Answer in one word." in log_file.read_text()
+
+
+@pytest.mark.slow
+def test_log_file_receives_the_served_requests(smollm2_gguf_path, tmp_path):
+    """`mistralrs-server --port P --log FILE` (the seed's `--log output.log` line, on the default model):
+    the server answers, and FILE receives the exchange as a JSON line; SIGTERM then exits 0."""
+    import json
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_file = tmp_path / "output.log"
+    server = subprocess.Popen([sys.executable, "-m", "mistralrs_jax.cli", "--port", str(port), "--log", str(log_file),
+                               "--max-seqs", "2"], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    question = "Say hello to the log."
+    try:
+        deadline, reply = time.monotonic() + 500, None
+        while reply is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300, json={
+                    "model": "default", "messages": [{"role": "user", "content": question}], "max_tokens": 4})
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert reply is not None and reply.status_code == 200, server.poll()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=120)
+    assert server.returncode == 0, stderr[-3000:]
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert len(records) == 1 and records[0]["status"] == 200 and records[0]["route"] == "/v1/chat/completions"
+    assert records[0]["params"]["messages"][0]["content"] == question
+    assert records[0]["response"] == [reply.json()["choices"][0]["message"]["content"]]

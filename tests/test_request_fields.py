@@ -35,7 +35,7 @@ REFUSED = {
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},
-    "web_search_options": {"search_context_size": "low"},
+    "web_search_options": {},
     "store": True,
     "service_tier": "flex",
     "verbosity": "low",
