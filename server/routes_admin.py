@@ -89,7 +89,7 @@ async def status() -> Response:
         "runtime": _runtime(),
         "memory": read_local_memory().as_dict(),
         # {"tensor_parallel_size", "devices", "per_device": weight / KV bytes held, memory stats}
-        "mesh": engine.runner.mesh_report(),
+        "mesh": engine.mesh_report(),
         "loras": _loras(llm),
         "server": {"api_key_required": state.api_key is not None,
                    "request_logging": state.request_log is not None,

@@ -179,6 +179,10 @@ class ReplicaSet:
             raise AttributeError(name)
         return getattr(self.replicas[0], name)
 
+    def mesh_report(self) -> dict:
+        """Every replica's devices (`_Runners.mesh_report`), not replica 0's alone."""
+        return self.runner.mesh_report()
+
     def stats(self) -> dict:
         snapshots = [engine.stats() for engine in self.replicas]
         merged = merge_snapshots(snapshots)
