@@ -9,7 +9,8 @@ the table is `x (T, K) @ W.T` inside a jitted program that runs 8 of them, each 
 last (the time per matmul is the program's / 8, so Python's dispatch is not counted), with
 weights passed as arguments (not constants) so nothing is folded away: the kernel on raw
 GGUF blocks, and `jnp.dot` on the same weights dequantized to f32. "G w/s" is weights (N * K) per second, so at T = 1 it is
-the GEMV rate; "GB/s" is the bytes of the stored weights per second.
+the GEMV rate; "GB/s" is the bytes of the stored weights per second. --types takes every
+format the kernel serves, the ones only ISQ writes (Q8_1, Q8_K, HQQ4, HQQ8) included.
 
 The kernel uses XLA's intra-op threads (all cores unless XLA_FLAGS restricts them), as the
 f32 dot does. On a machine shared with other work, wall-clock times swing with their load;
@@ -32,10 +33,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gguf import GGMLQuantizationType, quants
 
-from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available, load_kernel, quant_matmul_cpu
+from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available, load_kernel, quant_matmul_cpu, type_id
 from mistralrs_jax.quant.cpu_kernel.blocks import LAYOUTS, random_blocks
+from mistralrs_jax.quant.packed import PackedWeight
 
 SHAPES = {
     "smollm2": [(576, 576), (1536, 576), (576, 1536), (49152, 576)],
@@ -78,12 +79,14 @@ def run(types: list[str], tokens: list[int], shape_sets: list[str], reps: int, c
     rows = []
     for n, k in (s for name in shape_sets for s in _shapes(name)):
         for tname in types:
-            qtype = int(GGMLQuantizationType[tname])
+            qtype = type_id(tname)
+            if qtype not in LAYOUTS:
+                raise SystemExit(f"the CPU kernel has no format {tname!r}; it takes ids {sorted(LAYOUTS)}")
             if k % LAYOUTS[qtype][0]:
                 print(f"{tname:7s} {n:>6d}x{k:<5d} skipped: K is not a multiple of its {LAYOUTS[qtype][0]}-blocks")
                 continue
             w = random_blocks(qtype, n, k, rng)
-            w_f32 = quants.dequantize(w, GGMLQuantizationType(qtype)).astype(np.float32)
+            w_f32 = PackedWeight(w, tname, k).dequantize().astype(np.float32)
             wq_dev, wf_dev = jnp.asarray(w), jnp.asarray(w_f32)
             kern = jax.jit(_chain(lambda x, w, q=qtype, k=k: quant_matmul_cpu(x, w, q, k)))
             dense = jax.jit(_chain(lambda x, w: jnp.dot(x, w.T)))

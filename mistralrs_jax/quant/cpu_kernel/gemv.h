@@ -1,6 +1,7 @@
 // The fused GEMV of the AVX-512 VNNI build (included by qmatmul.cc after reduce_rows): for
-// T <= 2 tokens the blocks of the 32-element formats, Q4_K, Q8_K and HQQ4/HQQ8 are decoded straight into
-// 512-bit registers and dotted with every token, with no unpacked copy of the row in memory.
+// T <= 2 tokens the blocks of the 32-element formats, Q4_K, Q6_K, Q8_K and HQQ4/HQQ8 are
+// decoded straight into 512-bit registers and dotted with every token, with no unpacked copy
+// of the row in memory.
 #pragma once
 #define MJ_FUSED_GEMV 1
 
@@ -55,14 +56,27 @@ static inline void gemv_zero(__m512 (*acc)[R], __m128 (*corr)[R]) {
     for (int r = 0; r < R; ++r) acc[n][r] = _mm512_setzero_ps(), corr[n][r] = _mm_setzero_ps();
 }
 
-// The NT tokens' 64 activation codes at element e, and the scale / offset terms of its two groups.
-template <int NT>
+// The 64 / G scale (or offset) terms of the groups of a 64-element chunk, in the low lanes.
+template <int G>
+static inline __m128 gemv_groups(const float* p) {
+  if constexpr (G == 16) return _mm_loadu_ps(p);
+  return _mm_castpd_ps(_mm_load_sd((const double*)p));
+}
+// vpdpbusd lane l sums bytes 4l..4l+3: the lanes of each group take its scale.
+template <int G>
+static inline __m512i gemv_spread() {
+  if constexpr (G == 16) return _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
+// The NT tokens' 64 activation codes at element e, and the scale / offset terms of its groups.
+template <int NT, int G = 32>
 static inline void gemv_load(const int8_t* a, const float* da, const float* qa, int64_t K, int64_t e, __m512i* av,
                              __m128* dav, __m128* qav) {
   for (int n = 0; n < NT; ++n) {
     av[n] = _mm512_loadu_si512(a + n * K + e);
-    dav[n] = _mm_castpd_ps(_mm_load_sd((const double*)(da + n * (K / 32) + e / 32)));
-    qav[n] = _mm_castpd_ps(_mm_load_sd((const double*)(qa + n * (K / 32) + e / 32)));
+    dav[n] = gemv_groups<G>(da + n * (K / G) + e / G);
+    qav[n] = gemv_groups<G>(qa + n * (K / G) + e / G);
   }
 }
 
@@ -144,8 +158,8 @@ static inline void gemv32(const uint8_t* const* rows, int64_t K, const int8_t* a
 }
 
 // Formats read in 64-element chunks of natural order (KPair<F>: the chunk's 64 codes in one
-// register, and its block's per-32 scales and offsets): Q4_K (each chunk is one load of 32 bytes,
-// low nibbles group 2p, high nibbles group 2p + 1), Q8_K, HQQ4 and HQQ8. (Q5_K read this way,
+// register, and its block's group scales and offsets): Q4_K (each chunk is one load of 32 bytes,
+// low nibbles group 2p, high nibbles group 2p + 1), Q6_K, Q8_K, HQQ4 and HQQ8. (Q5_K read this way,
 // with its fifth bits through a byte mask, measured slower than unpacking it.)
 template <class F>
 struct KPair {
@@ -161,6 +175,25 @@ struct KPair<Fmt_q4_k> {
   static constexpr bool ok = true;
   static inline void scales(const uint8_t* b, float* s, float* c) { mj_scales_k4(mj_f16(b), mj_f16(b + 2), b + 4, s, c); }
   static inline __m512i codes(const uint8_t* b, int p) { return mj_nibbles64(b + 16 + 32 * p); }
+};
+// Q6_K: 16-element groups; half h of a super-block holds 64 bytes of low nibbles (ql) and 32
+// bytes of two-bit pairs (qh): chunk 2h takes the low nibbles with qh's bits 0-1 (bytes 0-31)
+// and 2-3 (bytes 32-63), chunk 2h + 1 the high nibbles with bits 4-5 and 6-7.
+template <>
+struct KPair<Fmt_q6_k> {
+  static constexpr bool ok = true;
+  static inline void scales(const uint8_t* b, float* s, float* c) {
+    mj_group_scales16<true>(_mm_loadu_si128((const __m128i*)(b + 192)), mj_f16(b + 208), -32.0f, s, c);
+  }
+  static inline __m512i codes(const uint8_t* b, int p) {
+    const int h = p >> 1, j = p & 1;
+    const __m512i l = _mm512_loadu_si512(b + 64 * h), m4 = _mm512_set1_epi8(0x0f);
+    const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+    const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(qh, 4 * j)),
+                                             _mm256_srli_epi16(qh, 4 * j + 2), 1);
+    const __m512i low = _mm512_and_si512(j ? _mm512_srli_epi16(l, 4) : l, m4);
+    return _mm512_or_si512(low, _mm512_slli_epi16(_mm512_and_si512(pairs, _mm512_set1_epi8(3)), 4));
+  }
 };
 template <>
 struct KPair<Fmt_q8_k> {
@@ -186,23 +219,22 @@ struct KPair<Fmt_hqq8> {
 template <class F, int R, int NT>
 static inline void gemvk(const uint8_t* const* rows, int64_t K, const int8_t* a, const float* da, const float* qa,
                          float* out, int64_t ostride) {
-  constexpr int C = F::block / 64;  // 64-element chunks per block
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  constexpr int C = F::block / 64, G = F::group, NG = F::block / G;  // chunks and groups per block
+  const __m512i spread = gemv_spread<G>();
   __m512 acc[NT][R];
   __m128 corr[NT][R];
   gemv_zero<R, NT>(acc, corr);
   for (int64_t sb = 0; sb < K / F::block; ++sb) {
-    alignas(32) float s[R][2 * C], c[R][2 * C];
+    alignas(32) float s[R][NG], c[R][NG];
     for (int r = 0; r < R; ++r) KPair<F>::scales(rows[r] + sb * F::bytes, s[r], c[r]);
     for (int p = 0; p < C; ++p) {
       const int64_t e = F::block * sb + 64 * p;
       __m512i av[NT];
       __m128 dav[NT], qav[NT];
-      gemv_load<NT>(a, da, qa, K, e, av, dav, qav);
+      gemv_load<NT, G>(a, da, qa, K, e, av, dav, qav);
       for (int r = 0; r < R; ++r)
-        gemv_add<R, NT>(r, KPair<F>::codes(rows[r] + sb * F::bytes, p),
-                        _mm_castpd_ps(_mm_load_sd((const double*)(s[r] + 2 * p))),
-                        _mm_castpd_ps(_mm_load_sd((const double*)(c[r] + 2 * p))), spread, av, dav, qav, acc, corr);
+        gemv_add<R, NT>(r, KPair<F>::codes(rows[r] + sb * F::bytes, p), gemv_groups<G>(s[r] + 64 / G * p),
+                        gemv_groups<G>(c[r] + 64 / G * p), spread, av, dav, qav, acc, corr);
     }
   }
   gemv_store<R, NT>(acc, corr, out, ostride);

@@ -14,7 +14,7 @@
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
 // (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T <= 2 the
-// 32-element block formats, Q4_K, Q8_K and HQQ are decoded in registers (gemv32, gemvk); otherwise four rows are
+// 32-element block formats, Q4_K, Q6_K, Q8_K and HQQ are decoded in registers (gemv32, gemvk); otherwise four rows are
 // unpacked into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and
 // dotted with every token of an L2-sized block of tokens, K in 2048-element slices.
 // ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
