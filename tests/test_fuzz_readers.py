@@ -148,10 +148,13 @@ def expect_named_error(path: str, error=ModelLoadError, match: str = "", **kwarg
     ("tensor1.offset", 0, None, "overlaps"),
     ("tensor1.offset", 2**40, None, "gap|ends at byte"),  # past the end
     ("tensor1.type", 8, None, "overlaps|gap"),  # F32 -> Q8_0: the type id does not match the data size
-    ("tensor0.dim0", 0, None, "tensor"),  # token_embd.weight with a dim of 0
-    ("tensor0.dim1", 49151, None, "tensor"),  # embedding rows one short of the vocabulary
-    ("tensor1.dim0", 0, None, "tensor"),  # blk.0.attn_norm.weight with a dim of 0
-    ("tensor1.dim0", 575, None, "tensor"),  # a norm of the wrong size
+    # Dims of 0 or a wrong size. Where the tensor's data shrinks, the next tensor's offset no longer
+    # follows it; the last tensor (output_norm.weight) and a small change meet the shape check.
+    ("tensor0.dim0", 0, None, "gap after tensor 'token_embd.weight'"),
+    ("tensor0.dim1", 49151, None, "gap after tensor 'token_embd.weight'"),  # one embedding row short
+    ("tensor1.dim0", 0, None, "gap after tensor 'blk.0.attn_norm.weight'"),
+    ("tensor1.dim0", 575, None, r"'blk.0.attn_norm.weight' has shape \[575\], but the hyperparameters call for"),
+    ("tensor271.dim0", 0, None, r"'output_norm.weight' has shape \[0\], but the hyperparameters call for"),
 ])
 def test_corrupt_header_field_is_refused_naming_the_file(tmp_path, smollm2_header, label, value, code, match):
     header, size, fields = smollm2_header
