@@ -188,6 +188,41 @@ def test_no_compiles_after_warm_up_with_constraints(live_server):
     assert live_server.metrics()["mistralrs_xla_compiles_total"] == before
 
 
+def test_the_mask_is_filled_while_the_device_runs_the_forward(server_llm):
+    """The host fills a step's grammar mask between dispatching the step's forward and its sampling:
+    the forward's logits are still being computed when the fill ends (an async dispatch, so the
+    fill costs no step time). Checked on the real engine by watching the logits' readiness."""
+    from mistralrs_jax import SamplingParams
+    from mistralrs_jax.guidance import GuidedDecoding
+
+    runner = server_llm.engine.runner
+    step_fn, token_bitmask = runner._step_fn, runner._token_bitmask
+    last_logits, overlapped = [], []
+
+    def watched_step(*args, **kwargs):
+        out = step_fn(*args, **kwargs)
+        last_logits[:] = [out[0]]
+        return out
+
+    def watched_mask(seq_ids, num_rows, constraints=None):
+        mask = token_bitmask(seq_ids, num_rows, constraints)
+        if constraints is not None and constraints.active:
+            overlapped.append(not last_logits[0].is_ready())
+        return mask
+
+    ids, _ = server_llm.chat_prompt_ids(ASK)
+    schema = {"type": "array", "minItems": 50, "items": {"type": "integer"}}  # cannot finish within 24 tokens
+    params = SamplingParams(temperature=0.7, seed=5, max_tokens=24,
+                            guided_decoding=GuidedDecoding("json_schema", schema))
+    runner._step_fn, runner._token_bitmask = watched_step, watched_mask
+    try:
+        for handle in [server_llm.engine.add_request(ids, params) for _ in range(4)]:
+            assert handle.result().outputs[0].finish_reason == "length"
+    finally:
+        runner._step_fn, runner._token_bitmask = step_fn, token_bitmask
+    assert len(overlapped) >= 24 and sum(overlapped) >= 0.9 * len(overlapped), overlapped
+
+
 def test_speculative_decoding_refuses_a_constraint_and_dry(smollm2_gguf_path):
     """A draft model verifies without the mask, so a constrained request is refused up front (a 400
     through the server), before anything runs. No warm-up: nothing is compiled here."""
