@@ -236,8 +236,29 @@ def test_speculative_decoding_refuses_a_constraint_and_dry(smollm2_gguf_path):
             llm.engine.add_request([1, 2, 3], SamplingParams(guided_decoding=GuidedDecoding("regex", "a+")))
         with pytest.raises(NotSupportedError, match="dry_multiplier"):  # DRY is not applied when verifying either
             llm.engine.add_request([1, 2, 3], SamplingParams(dry_multiplier=0.8))
+        assert _post_through_the_app(llm, response_format={"type": "json_object"}) == (
+            400, "response_format", "speculative decoding")
+        assert _post_through_the_app(llm, tools=[{"type": "function", "function": {"name": "f"}}],
+                                     tool_choice="required") == (400, "tool_choice", "speculative decoding")
     finally:
         llm.shutdown()
+
+
+def _post_through_the_app(llm, **fields) -> tuple[int, str, str]:
+    """POST one chat request through the server's app (in-process); (status, message start, reason)."""
+    import asyncio
+
+    from server.app import create_app
+
+    async def post():
+        app = create_app(llm)
+        async with app.test_app() as test_app:
+            response = await test_app.test_client().post("/v1/chat/completions", json={
+                "model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields})
+            return response.status_code, (await response.get_json())["error"]["message"]
+
+    status, message = asyncio.run(post())
+    return status, message.split(":")[0], "speculative decoding" if "speculative decoding" in message else message
 
 
 @pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2", "falcon"])
