@@ -20,7 +20,7 @@ from .schemas import ChatCompletionRequest, parse_request
 from .sse import DONE, sse_event
 from .state import ServerState, server_state
 from .tools import (HERMES, ToolCall, ToolStreamFilter, call_format, forced_calls, messages_for_template,
-                    parse_tool_calls)
+                    new_call_id, parse_tool_calls, with_ids)
 
 blueprint = Blueprint("chat", __name__)
 
@@ -36,7 +36,7 @@ class ToolOutput:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a complete free ("auto") reply."""
         content, calls = parse_tool_calls(text, self.fmt)
-        return content, calls if self.parallel else calls[:1]
+        return content, with_ids(calls if self.parallel else calls[:1], self.fmt)
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The assistant message for a whole reply, and its finish reason ("tool_calls" when it calls)."""
@@ -45,7 +45,7 @@ class ToolOutput:
         if self.mode == "auto":
             content, calls = self.parse(text)
         elif self.mode is not None:
-            calls = forced_calls(text, self.mode) or []
+            calls = with_ids(forced_calls(text, self.mode) or [], self.fmt)
             content = None if calls else text
         if not calls:
             return {"role": "assistant", "content": text}, finish_reason
@@ -76,7 +76,7 @@ async def chat_completions() -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     exchange: Exchange = g.exchange
     exchange.request_id, exchange.stream = request_id, req.streaming
-    messages = messages_for_template(req.message_dicts(), tools, template.reads_tools)
+    messages = messages_for_template(req.message_dicts(), tools, template.reads_tools, fmt)
     if tools and template.reads_tools:
         template_kwargs["tools"] = tools
     add_generation_prompt = req.add_generation_prompt is not False
@@ -117,6 +117,7 @@ class _ChoiceStream:
     def __init__(self, tool_output: ToolOutput):
         self.mode = tool_output.mode
         self.parallel = tool_output.parallel
+        self.fmt = tool_output.fmt
         self.filter = ToolStreamFilter(tool_output.fmt) if self.mode == "auto" else None
         self.forced_call: ToolCall | None = None
         self.held = ""  # a "required" reply is parsed when complete
@@ -133,7 +134,7 @@ class _ChoiceStream:
             return []
         deltas = []  # a named function: its arguments stream as they come
         if self.forced_call is None:
-            self.forced_call = ToolCall(self.mode, "")
+            self.forced_call = ToolCall(self.mode, "", new_call_id(self.fmt))
             deltas.append({"tool_calls": [{**self.forced_call.to_openai(0)}]})
         self.held += text
         if text:
@@ -150,6 +151,7 @@ class _ChoiceStream:
         else:
             calls = (forced_calls(self.held, "required") or []) if self.mode == "required" else []
             content = "" if calls else self.held
+        calls = with_ids(calls, self.fmt)
         deltas = [{"content": content}] if content else []
         for index, call in enumerate(calls):
             deltas.append({"tool_calls": [{**call.to_openai(index), "function": {"name": call.name, "arguments": ""}}]})

@@ -13,6 +13,9 @@ format (Hermes', which many small models have seen):
 
 Such a template also gets earlier assistant `tool_calls` written into the message text in that
 same format, and `role: tool` results as user messages wrapped in <tool_response>...</tool_response>.
+Mistral's templates take only tool-call ids of 9 letters and digits (they raise on any other): for
+them the server makes such ids, and a replayed history's other ids are mapped to 9 characters
+(the same id always to the same 9, so a call and its result still pair up).
 
 Output side. With tool_choice "auto" the reply is parsed for calls in the format the template
 uses: Hermes / Qwen `<tool_call>{json}</tool_call>`, Llama 3.1 JSON (`{"name", "parameters"}`,
@@ -24,8 +27,11 @@ a grammar (guidance.py): a named function's arguments object, or for "required" 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +63,35 @@ class ToolCall:
         return call if index is None else {"index": index, **call}
 
 
-def new_call_id() -> str:
+MISTRAL_ID_LENGTH = 9
+_ALNUM = string.ascii_letters + string.digits
+
+
+def new_call_id(fmt: str = HERMES) -> str:
+    """A fresh tool-call id in the form the template family takes back when the history is replayed."""
+    if fmt == MISTRAL:
+        return "".join(secrets.choice(_ALNUM) for _ in range(MISTRAL_ID_LENGTH))
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def with_ids(calls: list[ToolCall], fmt: str) -> list[ToolCall]:
+    """The calls with ids of `fmt`'s form (new ones where the form differs)."""
+    if fmt == MISTRAL:
+        for call in calls:
+            if not _fits_mistral(call.id):
+                call.id = new_call_id(MISTRAL)
+    return calls
+
+
+def _fits_mistral(call_id: Any) -> bool:
+    return isinstance(call_id, str) and len(call_id) == MISTRAL_ID_LENGTH and call_id.isascii() and call_id.isalnum()
+
+
+def _mistral_id(call_id: Any) -> Any:
+    """An id of 9 letters and digits standing for `call_id` (unchanged if it is one already)."""
+    if not isinstance(call_id, str) or _fits_mistral(call_id):
+        return call_id
+    return hashlib.sha256(call_id.encode()).hexdigest()[:MISTRAL_ID_LENGTH]
 
 
 # ----------------------------------------------------------------------------- request side
@@ -147,11 +180,11 @@ def call_format(template_source: str) -> str:
 
 
 def messages_for_template(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                          template_reads_tools: bool) -> list[dict[str, Any]]:
+                          template_reads_tools: bool, fmt: str = HERMES) -> list[dict[str, Any]]:
     """Messages as a template that does not know tools can render them (see the module docstring);
-    unchanged for one that does."""
+    for one that does, unchanged but for tool-call ids a Mistral template would refuse."""
     if template_reads_tools:
-        return messages
+        return _fit_mistral_ids(messages) if fmt == MISTRAL else messages
     out = []
     for message in messages:
         message = dict(message)
@@ -167,6 +200,18 @@ def messages_for_template(messages: list[dict[str, Any]], tools: list[dict[str, 
             out[0] = {**out[0], "content": f"{_text(out[0].get('content'))}\n\n{listing}"}
         else:
             out.insert(0, {"role": "system", "content": listing})
+    return out
+
+
+def _fit_mistral_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [{**call, "id": _mistral_id(call.get("id"))} if isinstance(call, dict)
+                                                 else call for call in message["tool_calls"]]}
+        if "tool_call_id" in message:
+            message = {**message, "tool_call_id": _mistral_id(message["tool_call_id"])}
+        out.append(message)
     return out
 
 

@@ -4,6 +4,7 @@ engine, so even this small model produces calls whose arguments validate against
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -108,6 +109,57 @@ def test_a_template_without_tools_gets_them_and_the_history_in_text():
     assert ('<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", '
             '"unit": "celsius"}}</tool_call><|im_end|>') in rendered
     assert '<|im_start|>user\n<tool_response>\n{"temperature": 21}\n</tool_response><|im_end|>' in rendered
+
+
+# Our own template in the shape of Mistral's tool-calling ones, which raise on a tool-call id that
+# is not 9 letters and digits, in an assistant turn's tool_calls and in a tool result alike.
+MISTRAL_LIKE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' %}[INST]{{ message.content }}[/INST]"
+    "{%- elif message.tool_calls %}[TOOL_CALLS][{%- for call in message.tool_calls %}"
+    "{%- if call.id is not defined or call.id | length != 9 %}{{ raise_exception('bad id ' ~ call.id) }}{% endif %}"
+    "{\"name\": \"{{ call.function.name }}\", \"id\": \"{{ call.id }}\"}{% endfor %}]</s>"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if message.tool_call_id | length != 9 %}{{ raise_exception('bad tool_call_id') }}{% endif %}"
+    "[TOOL_RESULTS]{\"call_id\": \"{{ message.tool_call_id }}\", \"content\": {{ message.content }}}[/TOOL_RESULTS]"
+    "{%- else %}{{ message.content }}</s>{%- endif %}{%- endfor %}"
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | length }}[/AVAILABLE_TOOLS]{% endif %}"
+)
+
+
+def test_mistral_templates_get_nine_character_call_ids():
+    """A Mistral-format reply's calls get ids of 9 letters and digits, and a replayed history with
+    OpenAI-style ids renders, each call still paired with its result."""
+    from server.routes_chat import ToolOutput
+
+    template = ChatTemplate(MISTRAL_LIKE_TEMPLATE)
+    assert template.reads_tools and call_format(template.source) == MISTRAL
+    message, finish = ToolOutput("auto", MISTRAL).message(
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]', "stop")
+    call_id = message["tool_calls"][0]["id"]
+    assert finish == "tool_calls" and len(call_id) == 9 and call_id.isalnum()
+    forced, _ = ToolOutput("get_time", MISTRAL).message('{"timezone": "Asia/Tokyo"}', "stop")
+    assert len(forced["tool_calls"][0]["id"]) == 9 and forced["tool_calls"][0]["id"].isalnum()
+
+    def history(first_id, second_id):
+        return ASK + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": first_id, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+                {"id": second_id, "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": second_id, "content": "2"},
+            {"role": "tool", "tool_call_id": first_id, "content": "1"},
+        ]
+
+    with pytest.raises(Exception, match="bad id"):
+        template.render(history("call_0123456789abcdef", "call_fedcba9876543210"), tools=[WEATHER])
+    rendered = template.render(messages_for_template(history("call_0123456789abcdef", "call_fedcba9876543210"),
+                                                     [WEATHER], True, MISTRAL), tools=[WEATHER])
+    ids = re.findall(r'"id": "(\w+)"', rendered)
+    results = dict(re.findall(r'"call_id": "(\w+)", "content": (\d)', rendered))
+    assert len(set(ids)) == 2 and results == {ids[1]: "2", ids[0]: "1"}
+    kept = template.render(messages_for_template(history(call_id, "abcDEF123"), [WEATHER], True, MISTRAL),
+                           tools=[WEATHER])
+    assert re.findall(r'"id": "(\w+)"', kept) == [call_id, "abcDEF123"]
 
 
 # ------------------------------------------------------------------------------ server round trips
