@@ -111,7 +111,8 @@ def test_openai_parse_with_a_pydantic_model(live_server):
 
 
 def test_grammar_field_regex_lark_and_completions(live_server):
-    """mistral.rs' `grammar`: a regex and a Lark grammar on chat, a regex on /v1/completions."""
+    """mistral.rs' `grammar`, each of its types: a regex, a Lark grammar, a JSON schema and an
+    llguidance grammar (as an object and as its JSON text) on chat, a regex on /v1/completions."""
     client = live_server.client()
     regex = r"(yes|no), because [a-z ]{5,40}\."
     reply = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Is the sky blue?"}],
@@ -124,6 +125,16 @@ def test_grammar_field_regex_lark_and_completions(live_server):
                                            max_tokens=20, temperature=0,
                                            extra_body={"grammar": {"type": "lark", "value": lark}})
     assert re.fullmatch(r"The answer is [0-9]{1,3}\.", reply.choices[0].message.content)
+    schema = SCHEMAS["integer range and enum"]
+    reply = client.chat.completions.create(model="default", messages=ASK, max_tokens=60, temperature=0.8, seed=2,
+                                           extra_body={"grammar": {"type": "json_schema", "value": schema}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    own_format = {"grammars": [{"lark_grammar": 'start: "Score: " /[1-5]/ "/5"'}]}  # llguidance's own JSON format
+    for value in (own_format, json.dumps(own_format)):
+        reply = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Rate Rome."}],
+                                               max_tokens=20, temperature=0.8, seed=3,
+                                               extra_body={"grammar": {"type": "llguidance", "value": value}})
+        assert re.fullmatch(r"Score: [1-5]/5", reply.choices[0].message.content), reply.choices[0].message.content
     completion = client.completions.create(model="default", prompt="My phone number is", max_tokens=20, temperature=0,
                                            extra_body={"grammar": {"type": "regex", "value": r" [0-9]{3}-[0-9]{4}"}})
     assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", completion.choices[0].text)
