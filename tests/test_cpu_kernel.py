@@ -118,9 +118,9 @@ def _model(kernel, qtype, w: np.ndarray, x: np.ndarray):
 
 
 def _bound(x: np.ndarray, w_deq: np.ndarray, qtype) -> np.ndarray:
-    """The stated bound on |y - W . x| (module docstring); Q8_K weights take Q8_K activations too."""
+    """The stated bound on |y - W . x| (module docstring)."""
     t, k = x.shape
-    block = 256 if qtype in K_QUANTS or qtype == Q.Q8_K else 32
+    block = 256 if qtype in K_QUANTS else 32
     d = np.abs(x.reshape(t, k // block, block)).max(-1) / 127.0
     if block == 32:  # the f16 rounding of d: half an f16 ulp (2^-11 relative, 2^-25 in subnormals)
         d = d / 2 + 127 * np.maximum(d * 2.0**-11, 2.0**-25)

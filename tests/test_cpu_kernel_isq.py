@@ -4,13 +4,13 @@ weights) and this project's HQQ4/HQQ8 (quant/hqq.py), against llama.cpp and HQQ'
 llama.cpp's CPU backend has no vec_dot for Q8_1 or Q8_K weights (its type traits give them only a
 quantizer), so the references are its parts: for Q8_1, whose weights are d * q like Q8_0's,
 `ggml_vec_dot_q8_0_q8_0` on the same blocks without their s field; for every type, the
-activations as llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_K` quantize them and the
-weights as `dequantize_row_q8_0` / `dequantize_row_q8_K` decode them. HQQ has no llama.cpp peer:
-its weights are HQQ's w = (q - zero) * scale, decoded here from the bytes, and its activations
-are Q8_0 blocks (two per 64-weight group).
+activations as llama.cpp's `quantize_row_q8_0` quantizes them (all four take Q8_0 activations,
+qmatmul.cc's act_kind says why) and the weights as `dequantize_row_q8_0` / `dequantize_row_q8_K`
+decode them. HQQ has no llama.cpp peer: its weights are HQQ's w = (q - zero) * scale, decoded
+here from the bytes, and its activations are Q8_0 blocks (two per 64-weight group).
 
 Bound (qmatmul.cc): the kernel computes W . x_hat, with x_hat llama.cpp's 8-bit blocks of x (32
-elements, f16 scale: Q8_1, HQQ4, HQQ8; 256 elements, f32 scale: Q8_K), so every output is within
+elements, f16 scale), so every output is within
 sum_b (d_b / 2 + 127 ulp16(d_b) / 2) sum_{k in b} |w_k| of W . x (test_cpu_kernel._bound), and
 equals W . x_hat to f32 rounding: a few 1e-6 of the sum of |terms|.
 """
@@ -32,7 +32,7 @@ from mistralrs_jax.quant.packed import quantize_packed
 __all__ = ["ggml_cpu", "kernel"]  # fixtures shared with test_cpu_kernel
 
 TYPES = ["Q8_1", "Q8_K", "HQQ4", "HQQ8"]
-ACTIVATIONS = {"Q8_1": "q8_0", "Q8_K": "q8_K", "HQQ4": "q8_0", "HQQ8": "q8_0"}
+KIND = "q8_0"  # the activation blocks every one of them takes
 HQQ_BITS = {"HQQ4": 4, "HQQ8": 8}
 
 
@@ -92,12 +92,10 @@ def test_unpack_matches_the_reference_weights(kernel, name):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_activations_are_llamacpp_q8(kernel, ggml_cpu, name):
-    """The kernel quantizes activations for these weights exactly as llama.cpp's quantize_row_q8_0
-    (Q8_1, HQQ) or quantize_row_q8_K (Q8_K) does."""
+    """The kernel quantizes activations for these weights exactly as llama.cpp's quantize_row_q8_0 does."""
     x = activation_rows(20)
     t, k = x.shape
-    kind = ACTIVATIONS[name]
-    codes, d, _ = _decode_q8(ggml_cpu.quantize(x, kind), kind, k)
+    codes, d, _ = _decode_q8(ggml_cpu.quantize(x, KIND), KIND, k)
     a, da, qa = _kernel_activations(kernel, type_id(name), x)
     per = da.shape[1] // d.shape[1]
     np.testing.assert_array_equal(a, codes)
@@ -120,7 +118,6 @@ def _k_for(name: str, k32: int) -> int:
 @pytest.mark.parametrize("source", ["quantized", "random_blocks"])
 def test_kernel_within_the_bound_and_equal_to_llamacpp_parts(kernel, ggml_cpu, name, source):
     rng = np.random.default_rng(sum(map(ord, name)) + (source == "random_blocks"))
-    kind = ACTIVATIONS[name]
     for t, n, k32 in CASES:
         k = _k_for(name, k32)
         w = random_blocks(type_id(name), n, k, rng) if source == "random_blocks" else _realistic(name, n, k, rng)
@@ -131,10 +128,10 @@ def test_kernel_within_the_bound_and_equal_to_llamacpp_parts(kernel, ggml_cpu, n
 
         w_ref = _weights(name, w, k)
         err = np.abs(y - x.astype(np.float64) @ w_ref.T)
-        bound = _bound(x, w_ref, Q.Q8_K if kind == "q8_K" else Q.Q8_0)
+        bound = _bound(x, w_ref, Q.Q8_0)
         assert (err <= bound).all(), f"{name} T={t} K={k}: worst error/bound {np.max(err / bound):.3f}"
 
-        codes, d, _ = _decode_q8(ggml_cpu.quantize(x, kind), kind, k)
+        codes, d, _ = _decode_q8(ggml_cpu.quantize(x, KIND), KIND, k)
         x_hat = codes.reshape(t, d.shape[1], -1).astype(np.float64) * d[..., None].astype(np.float64)
         exact = x_hat.reshape(t, k) @ w_ref.T
         scale = _terms(kernel, name, w, codes, d, k)

@@ -1,11 +1,11 @@
 // Activations of the CPU quantized matmul (qmatmul.cc), quantized as llama.cpp's CPU backend
 // quantizes them for each weight type (its vec_dot_type), so that the products are its products:
-//   Q8_0 (for Q4_0, Q5_0, Q8_0, IQ4_NL; and Q8_1, HQQ4, HQQ8, see act_kind): per 32 elements,
+//   Q8_0 (for Q4_0, Q5_0, Q8_0, IQ4_NL; and Q8_1, Q8_K, HQQ4, HQQ8, see act_kind): per 32 elements,
 //        codes rint(x * 127 / amax) and the scale d = amax / 127 stored as f16, so the dot uses
 //        the f16-rounded d;
 //   Q8_1 (for Q4_1, Q5_1): Q8_0 plus s = f16(d * sum of the codes), d unrounded there, which the
 //        weights' offsets m multiply;
-//   Q8_K (for the K-quants, Q8_K and IQ4_XS): per 256 elements, the element of largest
+//   Q8_K (for the K-quants Q2_K..Q6_K and IQ4_XS): per 256 elements, the element of largest
 //        magnitude `max` (the first one, with its sign), codes rint(x * (-127 / max)) (at most 127),
 //        d = 1 / (-127 / max) in f32, and the code sums of each 16 elements.
 // rint rounds half to even, as ggml's AVX2 quantizer (_mm256_round_ps) and nearest_int do.
