@@ -178,8 +178,10 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: st
         return sse_event(body)
 
     try:
+        # A forced call streams no text: its first delta's content is null, as OpenAI sends it.
+        first_content = None if tool_output.mode not in (None, "auto") else ""
         for index in range(n):
-            yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            yield chunk({"index": index, "delta": {"role": "assistant", "content": first_content}, "logprobs": None,
                          "finish_reason": None})
         async for _, delta in stream_deltas([handle]):
             completion_tokens += len(delta.token_ids)

@@ -197,7 +197,9 @@ def test_streamed_named_tool_call(live_server):
         tool_choice={"type": "function", "function": {"name": "get_time"}}, temperature=0.7, seed=2,
         max_tokens=100, stream=True)  # the schema bounds the arguments (< 50 tokens), so sampling cannot run out
     headers, arguments, finish = [], "", None
-    for chunk in stream:
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
+    for chunk in chunks:
         for choice in chunk.choices:
             for call in choice.delta.tool_calls or ():
                 assert call.index == 0
