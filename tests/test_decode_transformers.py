@@ -59,11 +59,18 @@ def decode_deviation(llm, reference_logprobs, first: list, then: list) -> dict:
 
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=LOGPROBS)
     outputs = llm.generate(first, params)
-    before = llm.metrics()["prompt_tokens_total"]
+    before = llm.metrics()
     outputs += llm.generate(then, [params] * len(then))
-    computed_prompt_tokens = llm.metrics()["prompt_tokens_total"] - before
+    after = llm.metrics()
+    computed_prompt_tokens = after["prompt_tokens_total"] - before["prompt_tokens_total"]
     worst = {"logprob": 0.0, "argmax_gap": 0.0, "top_k": 0.0, "steps": 0,
-             "prefix_cache_tokens": sum(len(p) for p in then) - computed_prompt_tokens}
+             "prefix_cache_tokens": sum(len(p) for p in then) - computed_prompt_tokens,
+             # engine steps for the three `then` sequences: about NEW_TOKENS when they share each
+             # step, 3 * NEW_TOKENS if they ran one after another
+             "batched_steps": after["steps_total"] - before["steps_total"],
+             # KV blocks each sequence's decode steps moved into after its prompt's last block
+             "blocks_crossed": min((len(p) + NEW_TOKENS - 1) // BLOCK_SIZE - (len(p) - 1) // BLOCK_SIZE
+                                   for p in first + then)}
     for prompt, output in zip(first + then, outputs):
         completion = output.outputs[0]
         assert len(completion.token_ids) == NEW_TOKENS and len(completion.logprobs) == NEW_TOKENS
@@ -85,9 +92,12 @@ def decode_deviation(llm, reference_logprobs, first: list, then: list) -> dict:
 def assert_within(worst: dict, bound: float, label: str) -> None:
     print(f"\n{label}: {worst['steps']} decode steps, max |Δ logprob| {worst['logprob']:.2e}, "
           f"argmax gap {worst['argmax_gap']:.2e}, top-k gap {worst['top_k']:.2e}, "
-          f"{worst['prefix_cache_tokens']} prompt tokens from the prefix cache")
+          f"{worst['prefix_cache_tokens']} prompt tokens from the prefix cache, three sequences in "
+          f"{worst['batched_steps']} steps, >= {worst['blocks_crossed']} KV blocks crossed while decoding")
     assert worst["steps"] == 4 * NEW_TOKENS
     assert worst["prefix_cache_tokens"] >= 2 * BLOCK_SIZE, "the shared prompt blocks were not reused"
+    assert worst["batched_steps"] <= NEW_TOKENS + 4, "the three sequences did not share decode steps"
+    assert worst["blocks_crossed"] >= 2, "the decode steps stayed inside too few KV blocks"
     assert worst["logprob"] <= bound, f"{label}: a logprob is {worst['logprob']:.2e} from transformers'"
     assert worst["argmax_gap"] <= bound, f"{label}: a greedy token is {worst['argmax_gap']:.2e} below the best"
     assert worst["top_k"] <= bound, f"{label}: a top-{LOGPROBS} alternative is not among transformers' top"
