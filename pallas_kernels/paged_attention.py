@@ -154,8 +154,14 @@ def paged_attention_reference(
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = num_heads // kv_heads
-    k_blocks = k_cache.reshape(-1, block_size, kv_heads, head_dim)
-    v_blocks = v_cache.reshape(-1, block_size, kv_heads, head_dim)
+    # A one-KV-head cache (Gemma 3 270M, MQA) is viewed without its unit axis: with it, XLA:CPU
+    # gives the blocked view a layout with the unit axis outermost and then copies the whole
+    # cache back to row-major for the gathers, twice per layer and step, so a step's time grew
+    # with the KV pool (Gemma 3 270M: 44 ms at 64 MiB, 130 ms at 512 MiB). The paths reshape
+    # what they gather, so both views serve them.
+    blocked = (-1, block_size, head_dim) if kv_heads == 1 else (-1, block_size, kv_heads, head_dim)
+    k_blocks = k_cache.reshape(blocked)
+    v_blocks = v_cache.reshape(blocked)
     qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, kv_heads, group, head_dim)
     token_index = jnp.arange(num_tokens)
 

@@ -104,3 +104,36 @@ def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, 
         np.testing.assert_allclose(out[offset:offset + new], expected, atol=2e-5, rtol=2e-5)
         offset += new
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_a_step_never_copies_the_whole_cache(kv_heads):
+    """Writing this step's K/V and attending must touch the cache in place: the compiled program
+    may not hold a copy of a cache-sized buffer (which would make every step's time grow with
+    the KV pool). XLA:CPU did that for one-KV-head caches (Gemma 3 270M) until the blocked
+    view dropped the unit axis; this checks the optimized HLO, not a timing."""
+    from pallas_kernels.paged_attention import write_kv
+
+    block_size, heads, head_dim, num_blocks = 16, 4, 64, 96
+    runner = _Runner(block_size, 600)
+    _, meta, _ = runner.build_metadata([([0], 37, [3, 5, 7]), ([0, 1], 0, [9])], 8, 8)
+    cache = jax.ShapeDtypeStruct((num_blocks * block_size, kv_heads, head_dim), np.float32)
+    new = jax.ShapeDtypeStruct((8, kv_heads, head_dim), np.float32)
+    q = jax.ShapeDtypeStruct((8, heads, head_dim), np.float32)
+
+    def step(k_cache, v_cache, q, k, v, meta):
+        k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = paged_attention_reference(q, k_cache, v_cache, meta, block_size=block_size, scale=0.125)
+        return out, k_cache, v_cache
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(cache, cache, q, new, new, meta).compile().as_text()
+    elements = num_blocks * block_size * kv_heads * head_dim
+    copies = []
+    for line in hlo.splitlines():
+        head, _, rest = line.partition(" = ")
+        if not rest or not ("copy" in rest.split("(")[0] or "copy" in head):
+            continue
+        dims = rest.split("[", 1)[1].split("]", 1)[0] if "[" in rest else ""
+        if dims and math.prod(int(d) for d in dims.split(",") if d.strip().isdigit()) >= elements:
+            copies.append(line.strip()[:160])
+    assert not copies, f"the compiled step copies a whole KV cache ({kv_heads} KV heads):\n" + "\n".join(copies)
