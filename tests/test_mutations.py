@@ -3,7 +3,8 @@
 another test file runs, and asserts that it fails, with the deviation printed next to the bound.
 
 - a norm epsilon 10x off and a RoPE base at its default: test_families' logits vs transformers;
-- a KV position off by one in decode steps: test_decode_transformers' per-step logprobs;
+- a KV position off by one in decode steps (the position a token is rotated and attends at, and
+  separately the cache slot its K/V are written to): test_decode_transformers' per-step logprobs;
 - a block-scale error in Q4_1 dequantization: test_quant_formats' bit-exact check against
   llama.cpp, and test_fidelity_transformers' SmolLM2 logits vs transformers.
 """
@@ -91,6 +92,26 @@ def test_a_decode_position_off_by_one_fails_the_decode_comparison(checkpoints, m
     monkeypatch.setattr(ModelRunner, "build_metadata", shifted)
     worst = tiny_family_deviation("llama3", checkpoints["llama3"])
     print(f"\nllama3, decode position + 1: max |Δ logprob| {worst['logprob']:.3g} (bound {TINY_MAX_ABS_DIFF:g})")
+    assert worst["logprob"] > 100 * TINY_MAX_ABS_DIFF
+
+
+def test_a_decode_kv_slot_off_by_one_fails_the_decode_comparison(checkpoints, monkeypatch):
+    """Decode tokens rotated at the right position but their K/V written one slot further on (in
+    the same block), so every later step reads a stale or empty slot for them."""
+    from mistralrs_jax.engine.runner import ModelRunner
+
+    original = ModelRunner.build_metadata
+
+    def shifted(self, runs, *args, **kwargs):
+        input_ids, meta, logits_indices = original(self, runs, *args, **kwargs)
+        decode = meta.slot_mapping[: int(meta.num_decode_tokens)]
+        in_block = decode % self.block_size
+        decode += (in_block + 1) % self.block_size - in_block
+        return input_ids, meta, logits_indices
+
+    monkeypatch.setattr(ModelRunner, "build_metadata", shifted)
+    worst = tiny_family_deviation("llama3", checkpoints["llama3"])
+    print(f"\nllama3, decode KV slot + 1: max |Δ logprob| {worst['logprob']:.3g} (bound {TINY_MAX_ABS_DIFF:g})")
     assert worst["logprob"] > 100 * TINY_MAX_ABS_DIFF
 
 
