@@ -155,10 +155,29 @@ def test_health_answers_503_once_the_engine_loop_itself_died(live_server, monkey
     def die() -> bool:
         raise LoopKilled("the engine loop was killed by the test")
 
+    # A request in flight when the loop dies must end (a 500 naming the cause), not wait forever.
+    in_flight: dict = {}
+    long_prompt = {**PROMPT, "max_tokens": 400, "ignore_eos": True}
+
+    def send() -> None:
+        with live_server.http() as http:
+            in_flight["response"] = http.post("/v1/chat/completions", json=long_prompt, timeout=120)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 60
+    while not engine.stats()["requests"]:
+        assert time.monotonic() < deadline, "the request never reached the engine"
+        time.sleep(0.01)
     monkeypatch.setattr(engine, "_apply_commands", die)  # the loop calls it at the top of every turn
     engine._wakeup.set()
     loop_thread.join(30)
     assert not loop_thread.is_alive()
+    sender.join(60)
+    assert not sender.is_alive(), "a request in flight waited on a dead engine loop"
+    response = in_flight["response"]
+    assert response.status_code == 500, response.text
+    assert "killed by the test" in response.json()["error"]["message"]
     try:
         with live_server.http() as http:
             health = http.get("/health")

@@ -340,6 +340,16 @@ class Engine:
     # -- loop thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as exc:  # the loop itself died: nothing in flight may wait forever
+            log.critical("the engine loop died; failing every request in flight", exc_info=True)
+            # Requests get an Exception (callers and the server handle those), naming the cause.
+            self._fail_all(exc if isinstance(exc, Exception) else
+                           RuntimeError(f"the engine loop died: {type(exc).__name__}: {exc}"))
+            raise
+
+    def _run_loop(self) -> None:
         busy = False  # steps ran since the loop was last idle
         while not self._stop.is_set():
             if self._apply_commands():
