@@ -10,13 +10,15 @@
 // dmin * d * sum(min * bsum) for the K-quants) up to the order of the f32 roundings. As
 // x_hat = da * a is within da / 2 (+ the f16 rounding of da) of x elementwise, each output is
 // within sum_b (da_b / 2 + 127 ulp16(da_b) / 2) sum_{i in b} |w_i| of the f32 product (b: the
-// activation blocks), which tests/test_cpu_kernel.py asserts with llama.cpp's own vec_dot.
+// activation blocks), which tests/test_cpu_kernel.py asserts with llama.cpp's own vec_dot (and
+// tests/test_cpu_kernel_isq.py with its quantizers and decoders for Q8_1, Q8_K and HQQ).
 //
 // Work: output rows are split into chunks that the caller and XLA's intra-op threads
 // (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T <= 2 the
-// 32-element block formats, Q4_K, Q6_K, Q8_K and HQQ are decoded in registers (gemv32, gemvk); otherwise four rows are
-// unpacked into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and
-// dotted with every token of an L2-sized block of tokens, K in 2048-element slices.
+// 32-element block formats, Q4_K, Q6_K, Q8_K and HQQ are decoded in registers (gemv32,
+// gemvk); otherwise (the other formats, and every format for T > 2) four rows are unpacked
+// into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and dotted with
+// every token of an L2-sized block of tokens, K in 2048-element slices.
 // ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
 // (the library is built with -march=native on the machine that runs it).
 #include <immintrin.h>
