@@ -322,10 +322,14 @@ static inline void mj_unpack_q8_k(const uint8_t* b, uint8_t* u, float* s, float*
 // HQQ4 / HQQ8: 64 weights in two 32-groups sharing one scale and zero point. HQQ4's 32 bytes
 // hold code j in the low nibble of byte j and code j + 32 in its high nibble; HQQ8's 64 bytes
 // are the codes.
+// (Each pair goes out in one 8-byte store, which the fused GEMV's 8-byte load can forward.)
 static inline void mj_sc_hqq(const uint8_t* b, float* s, float* c) {
-  const float scale = mj_f16(b), zero = mj_f16(b + 2);
-  s[0] = s[1] = scale;
-  c[0] = c[1] = -(scale * zero);
+  uint32_t scale_zero;
+  std::memcpy(&scale_zero, b, 4);
+  const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)scale_zero));  // scale, zero, 0, 0
+  const __m128 scale = _mm_shuffle_ps(v, v, 0x00), zero = _mm_shuffle_ps(v, v, 0x55);
+  _mm_storel_pi((__m64*)s, scale);
+  _mm_storel_pi((__m64*)c, _mm_xor_ps(_mm_mul_ps(scale, zero), _mm_set1_ps(-0.0f)));
 }
 static inline void mj_unpack_hqq4(const uint8_t* b, uint8_t* u, float* s, float* c) {
   const __m256i q = mj_load32(b + 4);
