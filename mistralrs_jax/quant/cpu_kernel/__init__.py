@@ -8,8 +8,9 @@ gguf-py's GGMLQuantizationType id), or this project's HQQ4/HQQ8 blocks (quant/hq
 `blocks.HQQ_TYPE_IDS`). `type_id(name)` gives the id of a format name.
 Activations are quantized to 8 bits exactly as llama.cpp's CPU backend quantizes them for the
 weight type (Q8_0, Q8_1 or Q8_K blocks, activations.h) and dotted with the weight codes in
-integers, so each output is ggml's vec_dot up to the order of f32 roundings; see qmatmul.cc
-for the arithmetic and the error it implies.
+integers, so each output is ggml's vec_dot up to the order of f32 roundings; the formats ggml
+cannot multiply (Q8_1 and Q8_K weights, HQQ) take Q8_0 blocks (qmatmul.cc's act_kind says why).
+See qmatmul.cc for the arithmetic and the error it implies.
 
 The kernel is C++ with AVX2 / AVX-512 VNNI intrinsics against XLA's FFI headers (the route
 JAX documents), compiled with the system's g++ at first use and cached (build.py), so
