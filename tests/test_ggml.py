@@ -49,6 +49,9 @@ VARIANTS = {
 LLM_KWARGS = dict(warmup=False, max_seqs=1, max_num_batched_tokens=128, token_buckets=[2, 128], pa_ctxt_len=256,
                   prefix_cache_n=0, cpu_weights="f32")
 MAX_ABS_DIFF = 1e-4  # f32 summation order (test_families.py measured <= 6.2e-6)
+# A LoRA delta merged into the GGML weights moves logits by ~5-16, and its f32 rounding with them:
+# measured 8.4e-5 against PEFT, so this bound leaves 6x (an epsilon or RoPE error moves them by > 0.4).
+LORA_MAX_ABS_DIFF = 5e-4
 SCORE_LEN = 80
 
 
@@ -196,7 +199,7 @@ def test_lora_adapter_on_a_ggml_file_matches_peft(models, tmp_path):
     with LLM(**{**kwargs, **LLM_KWARGS}) as llm:
         logits = llm.score(ids)
     assert np.abs(expected - base).max() > 1.0  # the adapter matters
-    assert np.abs(logits - expected).max() < MAX_ABS_DIFF
+    assert np.abs(logits - expected).max() < LORA_MAX_ABS_DIFF
 
 
 # --------------------------------------------------------------------------- bad files

@@ -21,6 +21,9 @@ import pytest
 from family_fixtures import COMMON, UNK_ID, write_tokenizer
 from vision_fixtures import data_url, random_images, randomize
 
+# logits against transformers in f32: measured 4.8e-6 - 1.6e-5 (12x headroom; an eps or RoPE error moves them > 0.4)
+VISION_LOGITS_BOUND = 2e-4
+
 FAKE_ID, IMAGE_ID, END_ID = 128, 129, 130  # added after the 128-piece family_fixtures vocabulary
 TEXT_VOCAB = 136
 N_LATENTS = 8
@@ -191,7 +194,7 @@ def test_teacher_forced_logits_match_transformers(idefics2_llm, reference):
         want = reference[1](**inputs).logits[0].numpy()
     got = idefics2_llm.score(ids, images=[image])  # an already-expanded prompt is taken as is
     assert got.shape == want.shape
-    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - want).max() < VISION_LOGITS_BOUND
     assert (got.argmax(-1) == want.argmax(-1)).all()
     first = ids.index(IMAGE_ID)
     assert np.abs(idefics2_llm.score(ids) - want)[first:].max() > 0.1  # without the image the logits move
@@ -255,4 +258,4 @@ def test_image_splitting_logits_match_transformers(idefics2_llm, reference):
     assert ours_ids == ids
     with torch.inference_mode():
         want = model(**inputs).logits[0].numpy()
-    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - want).max() < VISION_LOGITS_BOUND

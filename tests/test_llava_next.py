@@ -10,6 +10,9 @@ import pytest
 from vision_fixtures import NEW_TOKENS, STEP_TOKENS, build_llava_checkpoint, image_chat, random_images, reference_chat, \
     reference_greedy
 
+# logits against transformers in f32: measured 4.8e-6 - 1.6e-5 (12x headroom; an eps or RoPE error moves them > 0.4)
+VISION_LOGITS_BOUND = 2e-4
+
 
 # --------------------------------------------------------------------------- LLaVA-NeXT (1.6)
 
@@ -98,7 +101,7 @@ def test_llava_next_pixels_features_and_logits_match_transformers(next_llm, next
         with torch.inference_mode():
             want = model(**inputs).logits[0].numpy()
         got = next_llm.score(ids, images=[image])
-        assert np.abs(got - want).max() < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
+        assert np.abs(got - want).max() < VISION_LOGITS_BOUND and (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_llava_next_greedy_generation_matches_transformers(next_llm, next_reference):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mistralrs_jax.errors import InsufficientMemoryError
+from peers import not_applicable
 
 TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, the Louvre and its cafes. "
         "Every year millions of visitors walk along the Seine and climb to Montmartre.")
@@ -90,7 +91,7 @@ def test_cpu_kernel_logits_are_within_llama_cpps_distance_from_f32(smollm2, f32_
 
     monkeypatch.delenv("MISTRALRS_JAX_QMATMUL", raising=False)
     if dispatch("Q4_1") != "cpu-kernel":
-        pytest.skip(f"the quantized matmul here is {dispatch('Q4_1')!r}, not the CPU kernel (covered above)")
+        not_applicable(f"the quantized matmul here is {dispatch('Q4_1')!r}, not the CPU kernel (covered above)")
     _, config, tokens = smollm2
     packed = score(build(smollm2, "quantized"), config, tokens)
     diff = np.abs(packed - f32_logits)

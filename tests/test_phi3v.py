@@ -20,6 +20,9 @@ from phi3v_fixtures import CROP, IMAGE_TOKEN_ID, MERGED, NUM_CROPS, Phi3VReferen
     reference_hd_size, reference_token_count
 from vision_fixtures import data_url, random_images
 
+# logits against transformers in f32: measured 4.8e-6 - 1.6e-5 (12x headroom; an eps or RoPE error moves them > 0.4)
+VISION_LOGITS_BOUND = 2e-4
+
 QUESTION = "What is in this picture?"
 NEW_TOKENS = 12
 
@@ -150,7 +153,7 @@ def test_text_model_matches_phi3(phi3v_llm, reference):
     got = phi3v_llm.score(ids)
     with torch.inference_mode():
         want = reference.text(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(got - want).max() < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
+    assert np.abs(got - want).max() < VISION_LOGITS_BOUND and (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_pixels_features_ids_and_logits_match_the_reference(phi3v_llm, reference):
@@ -180,7 +183,7 @@ def test_pixels_features_ids_and_logits_match_the_reference(phi3v_llm, reference
         unexpanded = phi3v_llm.tokenizer.encode_prompt(text)
         got = phi3v_llm.score(unexpanded, images=[image])
         want = reference.logits(reference.prompt_ids(text.replace("<|image|>", "<|image_1|>"), [image]), [image])
-        assert np.abs(got - want).max() < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
+        assert np.abs(got - want).max() < VISION_LOGITS_BOUND and (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_two_images_in_one_prompt(phi3v_llm, reference):
@@ -193,7 +196,7 @@ def test_two_images_in_one_prompt(phi3v_llm, reference):
     tagged = text.replace("<|image|>", "<|image_1|>", 1).replace("<|image|>", "<|image_2|>", 1)
     want = reference.logits(reference.prompt_ids(tagged, images), images)
     got = phi3v_llm.score(phi3v_llm.tokenizer.encode_prompt(text), images=images)
-    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - want).max() < VISION_LOGITS_BOUND
 
 
 def test_batched_greedy_generation_matches_the_reference(phi3v_llm, reference):

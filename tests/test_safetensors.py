@@ -16,7 +16,7 @@ from family_fixtures import build_checkpoint, load_reference, reference_logits
 from peers import require_peer
 
 SCORE_IDS = np.random.default_rng(5).integers(3, 128, size=40).tolist()
-MAX_ABS_DIFF = 1e-3  # f32 against f32: measured ~5e-6 (see test_families.py)
+MAX_ABS_DIFF = 1e-4  # f32 against f32: measured <= 6.2e-6 (see test_families.py)
 LLM_KWARGS = dict(warmup=False, max_seqs=1, max_num_batched_tokens=64, token_buckets=[2, 64], pa_ctxt_len=256,
                   prefix_cache_n=0)
 

@@ -18,6 +18,9 @@ from family_fixtures import COMMON
 from vision_fixtures import (IMAGE_SIZE, NEW_TOKENS, STEP_TOKENS, data_url, image_chat, random_images, reference_chat,
                              reference_greedy, reference_inputs)
 
+# logits against transformers in f32: measured 4.8e-6 - 1.6e-5 (12x headroom; an eps or RoPE error moves them > 0.4)
+VISION_LOGITS_BOUND = 2e-4
+
 pytest_plugins = ["vision_fixtures"]
 
 
@@ -110,7 +113,7 @@ def test_prompt_expansion_and_teacher_forced_logits_match_transformers(llava_llm
         want = reference[1](**inputs).logits[0].numpy()
     got = llava_llm.score(ids, images=[image])
     assert got.shape == want.shape
-    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - want).max() < VISION_LOGITS_BOUND
     assert (got.argmax(-1) == want.argmax(-1)).all()
     # The image matters: without its features (placeholder embeddings instead) the logits move.
     text_only = llava_llm.score(ids)
