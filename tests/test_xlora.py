@@ -35,7 +35,7 @@ from peers import require_peer
 from test_lora import make_adapter
 
 MAX_ABS_DIFF = 1e-4
-SCALINGS_DIFF = 1e-5
+SCALINGS_DIFF = 2e-5  # measured 5e-7 - 4.8e-6 against PEFT (a softmax of f32 classifier logits); 4x headroom
 MIN_ADAPTER_EFFECT = 1.0
 SCORE_LEN = 40
 NEW_TOKENS = 12
