@@ -278,9 +278,12 @@ class ChatCompletionRequest(SamplingFields):
     def template_kwargs(self, reads) -> dict[str, Any]:
         """Variables for the chat template; `reads(name)` says whether the template uses a variable.
         One the template never mentions (enable_thinking, reasoning_effort or a chat_template_kwargs
-        key) is a 400 naming it: passing it on would be a silent no-op."""
+        key) is a 400 naming it: passing it on would be a silent no-op. `enable_thinking: false` is
+        the exception: a template without a thinking switch does not think, which is what it asks."""
         fields = {name: value for name, value in (("enable_thinking", self.enable_thinking),
                                                   ("reasoning_effort", self.reasoning_effort)) if value is not None}
+        if fields.get("enable_thinking") is False and not reads("enable_thinking"):
+            del fields["enable_thinking"]
         for params, names in (("", fields), ("chat_template_kwargs.", self.chat_template_kwargs or {})):
             for name in names:
                 if not reads(name):

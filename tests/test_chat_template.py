@@ -309,7 +309,9 @@ def test_template_variables_from_the_request_match_transformers():
     assert template.render(messages, **kwargs) == expected
     assert "<think>\n\n</think>" in expected and "[effort=low]" in expected and "[custom]" in expected
     plain = ChatTemplate(DEFAULT_CHATML_TEMPLATE)  # reads none of them: each is a 400 naming it
-    for body, param in (({"enable_thinking": False}, "enable_thinking"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+    no_thinking = ChatCompletionRequest.model_validate({"messages": messages, "enable_thinking": False})
+    assert no_thinking.template_kwargs(plain.reads) == {}  # asks for what a template without the switch does
+    for body, param in (({"enable_thinking": True}, "enable_thinking"), ({"reasoning_effort": "low"}, "reasoning_effort"),
                         ({"chat_template_kwargs": {"custom": 1}}, "chat_template_kwargs.custom")):
         unread = ChatCompletionRequest.model_validate({"messages": messages, **body})
         with pytest.raises(InvalidRequestError, match=param) as info:
