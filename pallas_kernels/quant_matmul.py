@@ -54,16 +54,6 @@ def _cpu_kernel():
     return quant_matmul_cpu, type_id, frozenset(int(t) for t in supported_types())
 
 
-def ggml_type_id(qtype: str) -> int | None:
-    """GGUF's numeric id of a type name, None for this project's own layouts (HQQ)."""
-    from gguf import GGMLQuantizationType
-
-    try:
-        return int(GGMLQuantizationType[qtype])
-    except KeyError:
-        return None
-
-
 def cpu_kernel_serves(qtype: str) -> bool:
     kernel = _cpu_kernel()
     return kernel is not None and kernel[1](qtype) in kernel[2]
@@ -116,4 +106,4 @@ def quant_matmul(x: jax.Array, blocks: jax.Array, qtype: str, *, impl: str | Non
 
 
 __all__ = ["FORMATS", "ENV_VAR", "block_format", "cpu_kernel_serves", "dequantize_blocks", "dispatch",
-           "ggml_type_id", "quant_matmul", "quant_matmul_reference"]
+           "quant_matmul", "quant_matmul_reference"]
