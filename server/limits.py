@@ -9,6 +9,11 @@ write timeout for streams.
   then the rest are aborted (which frees their KV blocks).
 - A client that stops reading a stream cannot hold its sequence: a body write that does not
   complete within `write_timeout` seconds ends the response, and ending it aborts the request.
+- A client that has gone away cannot hold its sequence either. The server normally learns of it
+  by cancelling the request's task, but Python 3.11's `asyncio.wait_for` (Quart wraps each
+  response in one) loses a cancellation that lands as the awaited write completes, and the
+  body generator then streams on into a closed socket. So the wrapper also watches the ASGI
+  `http.disconnect` message itself, and any body write after it ends the response.
 """
 from __future__ import annotations
 
@@ -34,8 +39,31 @@ Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class StreamWriteTimeout(TimeoutError):
+class ResponseEnded(TimeoutError):
+    """Raised from a response body write to end the response early. A TimeoutError because Quart
+    ends a response quietly on one: it closes the body generator, whose `finally` aborts the
+    request (the routes' `abort_unfinished`), which frees its KV blocks."""
+
+
+class StreamWriteTimeout(ResponseEnded):
     """The client did not take a response chunk in time (it stopped reading)."""
+
+
+class ClientDisconnected(ResponseEnded):
+    """The client closed its connection (ASGI `http.disconnect`) while the response streamed."""
+
+
+def _watching(receive: Callable[[], Awaitable[dict[str, Any]]],
+              gone: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """`receive`, setting `gone` when the server reports that the client disconnected."""
+
+    async def watched() -> dict[str, Any]:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            gone.set()
+        return message
+
+    return watched
 
 
 class Admission:
@@ -81,30 +109,36 @@ class Admission:
                                       OVERLOAD_RETRY_AFTER_S)
         self.in_flight += 1
         try:
-            await self.asgi_app(scope, receive, self._timed(send))
+            gone = asyncio.Event()
+            await self.asgi_app(scope, _watching(receive, gone), self._guarded(send, gone))
         finally:
             self.in_flight -= 1
             if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
 
-    def _timed(self, send: Send) -> Send:
-        if not self.write_timeout:
-            return send
+    def _guarded(self, send: Send, gone: asyncio.Event) -> Send:
+        """`send`, except that a body write after the client left raises ClientDisconnected and
+        one that the client does not take within `write_timeout` s raises StreamWriteTimeout."""
         timeout = self.write_timeout
 
-        async def timed_send(message: dict[str, Any]) -> None:
+        async def guarded_send(message: dict[str, Any]) -> None:
             if message.get("type") != "http.response.body":
                 return await send(message)
+            if gone.is_set():
+                raise ClientDisconnected("the client closed its connection")
+            if not timeout:
+                return await send(message)
             try:
-                await asyncio.wait_for(send(message), timeout)
-            except asyncio.TimeoutError:
-                # Quart ends a response quietly on TimeoutError and closes its body generator,
-                # which aborts the request (routes' `finally: abort_unfinished`).
+                # asyncio.timeout, not wait_for: a cancellation that arrives as the write ends
+                # must still cancel (see the module docstring).
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
                 log.warning("a client took no response data for %.0f s: ending its response and aborting "
                             "its request", timeout)
                 raise StreamWriteTimeout(f"the client took no data for {timeout} s") from None
 
-        return timed_send
+        return guarded_send
 
     async def _refuse(self, send: Send, path: str, message: str, code: str, retry_after: int) -> None:
         self.state.count_response(path, 503)
