@@ -10,9 +10,11 @@ receive directly, on the exact interleavings that lose a cancellation.
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import SimpleNamespace
 
 import pytest
+from peers import not_applicable
 
 from server.limits import Admission, ClientDisconnected, ResponseEnded, StreamWriteTimeout
 
@@ -24,22 +26,24 @@ def _admission(write_timeout: float | None = 30.0) -> Admission:
     return Admission(None, state, write_timeout=write_timeout)
 
 
-@pytest.mark.parametrize("write_timeout", [30.0, None])
-def test_a_cancellation_landing_as_a_write_completes_still_cancels(write_timeout):
+def _cancel_as_the_first_write_completes(make_write) -> tuple[int, bool]:
+    """Stream 50 body writes through `make_write(socket_send)`; cancel the streaming task in the
+    very loop iteration in which its first write completes. (writes done, cancelled?)"""
+
     async def main() -> tuple[int, bool]:
         in_write = asyncio.Event()
 
         async def socket_send(message: dict) -> None:
             in_write.set()
-            await asyncio.sleep(0)  # the write completes in the very iteration the cancel arrives
+            await asyncio.sleep(0)
 
-        send = _admission(write_timeout)._guarded(socket_send, asyncio.Event())
+        write = make_write(socket_send)
         sent = 0
 
         async def stream() -> None:
             nonlocal sent
             for _ in range(50):
-                await send(BODY)
+                await write(BODY)
                 sent += 1
 
         task = asyncio.create_task(stream())
@@ -51,43 +55,24 @@ def test_a_cancellation_landing_as_a_write_completes_still_cancels(write_timeout
             return sent, True
         return sent, False
 
-    sent, cancelled = asyncio.run(main())
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("write_timeout", [30.0, None])
+def test_a_cancellation_landing_as_a_write_completes_still_cancels(write_timeout):
+    sent, cancelled = _cancel_as_the_first_write_completes(
+        lambda socket_send: _admission(write_timeout)._guarded(socket_send, asyncio.Event()))
     assert cancelled and sent == 0, (sent, cancelled)
 
 
 def test_the_old_wait_for_write_lost_that_cancellation():
     """The same interleaving through asyncio.wait_for: the cancellation is swallowed and the stream
     runs to its end. This pins the hazard the wrapper guards against (Python 3.11)."""
-
-    async def main() -> int:
-        in_write = asyncio.Event()
-
-        async def socket_send(message: dict) -> None:
-            in_write.set()
-            await asyncio.sleep(0)
-
-        sent = 0
-
-        async def stream() -> None:
-            nonlocal sent
-            for _ in range(50):
-                await asyncio.wait_for(socket_send(BODY), 30.0)
-                sent += 1
-
-        task = asyncio.create_task(stream())
-        await in_write.wait()
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        return sent
-
-    import sys
     if sys.version_info >= (3, 12):
-        from peers import not_applicable
         not_applicable("Python 3.12 rewrote asyncio.wait_for on asyncio.timeout; the hazard is 3.11's")
-    assert asyncio.run(main()) == 50
+    sent, cancelled = _cancel_as_the_first_write_completes(
+        lambda socket_send: lambda message: asyncio.wait_for(socket_send(message), 30.0))
+    assert (sent, cancelled) == (50, False)
 
 
 def test_a_body_write_after_the_disconnect_message_ends_the_response():
