@@ -221,14 +221,16 @@ def _pallas_available() -> bool:
 
 
 def _cpu_decode_kernel(k_cache) -> bool:
-    """Whether the reference's decode rows use the CPU kernel library's decode attention
-    (MISTRALRS_JAX_CPU_DECODE_ATTENTION=on; CPU, f32 cache, the library built). Off by default:
-    its sums equal `_decode_path`'s only up to the order of f32 roundings, which on the packed
-    engine (8-bit activations) flips some greedy near-ties. On XLA:CPU the reference's gather of
-    each 128-key chunk costs ~2-3x the kernel (SmolLM2, batch 1, context 300, one core)."""
+    """Whether the reference's decode rows use the CPU kernel library's decode attention (CPU,
+    f32 cache, the library built; MISTRALRS_JAX_CPU_DECODE_ATTENTION=off turns it off). On
+    XLA:CPU the reference's gather of each 128-key chunk costs ~2-3x the kernel (SmolLM2, batch
+    1, context 300, one core; batch-1 decode 0.54x -> 0.61x llama.cpp). Its sums equal
+    `_decode_path`'s up to the order of f32 roundings, which on the packed engine (8-bit
+    activations) moves some greedy near-ties: over 30 prompts it follows llama.cpp as often as
+    the XLA path does (tests/test_fidelity_llamacpp.py)."""
     import os
 
-    if os.environ.get("MISTRALRS_JAX_CPU_DECODE_ATTENTION", "").strip().lower() not in ("1", "on", "true", "yes"):
+    if os.environ.get("MISTRALRS_JAX_CPU_DECODE_ATTENTION", "on").strip().lower() in ("0", "off", "false", "no"):
         return False
     if jax.default_backend() != "cpu" or k_cache.dtype != jnp.float32:
         return False
