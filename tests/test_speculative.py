@@ -45,12 +45,13 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=kwargs.pop("ignore_eos", True), **kwargs)
 
 
-def assert_greedy_trajectory(logits: np.ndarray, prompt: list[int], output: list[int]) -> None:
+def assert_greedy_trajectory(logits: np.ndarray, prompt: list[int], output: list[int],
+                             near_tie: float = NEAR_TIE) -> None:
     """Every output token is the argmax (or a near-tie of it) of the reference logits given
     the tokens before it. `logits` are teacher-forced over prompt + output."""
     for i, token in enumerate(output):
         row = logits[len(prompt) - 1 + i]
-        assert row.max() - row[token] < NEAR_TIE, (
+        assert row.max() - row[token] < near_tie, (
             f"output token {i} is {token}, but the reference's argmax is {row.argmax()} "
             f"({row.max() - row[token]:.3g} above it): not a rounding near-tie")
 
@@ -145,9 +146,21 @@ def test_greedy_with_a_different_draft_is_the_targets_greedy_output(noisy_spec, 
     assert_all_blocks_free(noisy_spec)
 
 
-def test_greedy_smollm2_with_itself_as_draft(smollm2_gguf_path, english_text):
+# The packed engine (8-bit activations, as llama.cpp) is path-sensitive: the same query
+# through a different attention path (the CPU decode kernel for one-token decodes, the XLA
+# prefill path for a verification step's rows and for score()) sums in another f32 order,
+# which can flip an activation's 8-bit rounding. Measured on these prompts: a generated
+# token sat at most 0.119 logits below score()'s argmax (5 of 96 tokens; the draft's
+# acceptance 0.880). The f32 engine has no such step: its paths agree to ~1e-6.
+PACKED_NEAR_TIE = 0.25
+SELF_DRAFT = {"f32": (NEAR_TIE, 0.95), "quantized": (PACKED_NEAR_TIE, 0.8)}  # (near-tie, acceptance floor)
+
+
+@pytest.mark.parametrize("cpu_weights", sorted(SELF_DRAFT))
+def test_greedy_smollm2_with_itself_as_draft(smollm2_gguf_path, english_text, cpu_weights):
+    near_tie, acceptance_floor = SELF_DRAFT[cpu_weights]
     llm = LLM(smollm2_gguf_path, draft_model=smollm2_gguf_path, speculative_gamma=4, max_seqs=4,
-              max_num_batched_tokens=64, token_buckets=[8, 32], pa_ctxt_len=2048)
+              max_num_batched_tokens=64, token_buckets=[8, 32], pa_ctxt_len=2048, cpu_weights=cpu_weights)
     try:
         ids = llm.tokenizer.encode(english_text, add_special_tokens=False)
         prompts = [ids[40 * i:40 * i + 10 + 7 * i] for i in range(4)]
@@ -157,11 +170,11 @@ def test_greedy_smollm2_with_itself_as_draft(smollm2_gguf_path, english_text):
         for prompt, out in zip(prompts, outputs):
             tokens = out.outputs[0].token_ids
             assert len(tokens) == 24
-            assert_greedy_trajectory(llm.score(prompt + tokens), prompt, tokens)
+            assert_greedy_trajectory(llm.score(prompt + tokens), prompt, tokens, near_tie)
         metrics = spec_metrics(llm)
-        print(f"\nSmolLM2 drafting for itself: acceptance {metrics['spec_acceptance_rate']:.3f}, "
+        print(f"\nSmolLM2 ({cpu_weights}) drafting for itself: acceptance {metrics['spec_acceptance_rate']:.3f}, "
               f"{metrics['spec_tokens_per_step']:.2f} tokens per speculative step")
-        assert metrics["spec_acceptance_rate"] > 0.9
+        assert metrics["spec_acceptance_rate"] > acceptance_floor
         assert_all_blocks_free(llm)
     finally:
         llm.shutdown()
