@@ -21,6 +21,7 @@ of that sum.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import logging
@@ -387,6 +388,39 @@ def test_independent_calls_in_one_program(kernel):
 
     for got, w, t in zip(layer(x, *ws), ws, types):
         np.testing.assert_array_equal(np.asarray(got), _run(x, w, t, k))
+
+
+def test_concurrent_callers_share_the_spinning_helpers(kernel):
+    """The kernel's own helper threads (qmatmul.cc, SpinPool) serve one call at a time; calls
+    that find them taken use XLA's pool. Four Python threads issue 60 calls each, of matmuls big
+    enough to be split and tiny ones that finish while others are still claiming rows: every
+    result equals the same call made alone, and nothing deadlocks."""
+    import threading
+
+    rng = np.random.default_rng(11)
+    k = 512
+    cases = []
+    for qtype, n, t in ((Q.Q4_1, 2048, 1), (Q.Q8_0, 8, 3), (Q.Q6_K, 1024, 2), (Q.Q4_K, 96, 7)):
+        w = random_blocks(int(qtype), n, k, rng)
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        fn = jax.jit(functools.partial(quant_matmul_cpu, qtype=int(qtype), K=k))
+        cases.append((fn, x, w, np.asarray(fn(x, w))))
+    errors: list[str] = []
+
+    def caller(offset: int) -> None:
+        for i in range(60):
+            fn, x, w, expected = cases[(i + offset) % len(cases)]
+            got = np.asarray(fn(x, w))
+            if not np.array_equal(got, expected):
+                errors.append(f"caller {offset}, call {i}: differs by {np.max(np.abs(got - expected))}")
+
+    threads = [threading.Thread(target=caller, args=(j,)) for j in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a kernel call hung"
+    assert not errors, errors[:5]
 
 
 def test_nan_and_inf_inputs_reach_the_output(kernel):

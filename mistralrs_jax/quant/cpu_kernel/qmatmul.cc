@@ -13,8 +13,10 @@
 // activation blocks), which tests/test_cpu_kernel.py asserts with llama.cpp's own vec_dot (and
 // tests/test_cpu_kernel_isq.py with its quantizers and decoders for Q8_1, Q8_K and HQQ).
 //
-// Work: output rows are split into chunks that the caller and XLA's intra-op threads
-// (ffi::ThreadPool) claim from an atomic counter, four rows at a time. At T <= 2 the
+// Work: output rows are split into chunks that the caller and helper threads claim from an
+// atomic counter, four rows at a time. The helpers are the kernel's own spinning threads, as
+// many as XLA's intra-op pool (ffi::ThreadPool) has cores beyond the caller's (see SpinPool),
+// or that pool itself when they are taken. At T <= 2 the
 // 32-element block formats, Q4_K, Q6_K, Q8_K and HQQ are decoded in registers (gemv32,
 // gemvk); otherwise (the other formats, and every format for T > 2) four rows are unpacked
 // into an L1-sized buffer (for T > 1 in an interleaved layout, see dot_rows) and dotted with
@@ -25,10 +27,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -411,11 +417,126 @@ static void pair_activations(int8_t* a, int64_t K) {
   }
 }
 
-// `fn(*job)` on this thread and on `helpers` pool threads; returns once job->done reaches
-// `items`. Items are claimed, never handed out, so the only wait is for items already running.
+// Helper threads of our own that stay hot through a model step.
+//
+// A decode step makes ~250 kernel calls of 10-50 us each. Handing each one to XLA's intra-op
+// pool (ffi::ThreadPool::Schedule) wakes a parked thread per call, and on a VM a wake-up costs
+// a vCPU exit: measured on the 2-core VM, the same SmolLM2 decode step took 6.6 ms on a quiet
+// host and 12-13 ms on a busy one, nearly all of it in the wake-ups. ggml avoids this with a
+// spinning thread pool, and so do we: `helpers` threads (XLA's pool size - 1, so the calling
+// thread and they use the cores XLA uses) spin on a job counter for up to kSpinNs after each
+// job, long enough to bridge the host's work between steps, and then sleep on a condition
+// variable. One caller at a time owns them; a call that finds them taken (XLA may run two
+// independent thunks at once) uses XLA's pool as before.
+constexpr int64_t kSpinNs = 2'000'000;
+
+class SpinPool {
+ public:
+  explicit SpinPool(int helpers) {
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  int size() const { return (int)threads_.size(); }
+
+  // Run `fn(job)` on this thread and the helpers; returns false (nothing run) when another
+  // caller owns them. `finished()` must hold once every item of the job is done.
+  template <class Finished>
+  bool run(void (*fn)(void*), void* job, Finished finished) {
+    if (owned_.exchange(true, std::memory_order_acquire)) return false;
+    fn_ = fn;
+    job_.store(job, std::memory_order_seq_cst);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      cv_.notify_all();
+    }
+    fn(job);
+    for (int spins = 0; !finished(); ++spins) {
+      if (spins < 4096)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+    }
+    // No helper may touch `job` after this returns: retract it, then wait out those inside.
+    job_.store(nullptr, std::memory_order_seq_cst);
+    while (inside_.load(std::memory_order_seq_cst) > 0) _mm_pause();
+    owned_.store(false, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      int64_t idle_since = now_ns();
+      for (int spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        _mm_pause();
+        if (spins % 256 == 0 && now_ns() - idle_since > kSpinNs) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lock, [&] { return generation_.load() != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          idle_since = now_ns();
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      inside_.fetch_add(1, std::memory_order_seq_cst);
+      void* job = job_.load(std::memory_order_seq_cst);
+      if (job != nullptr) fn_(job);
+      inside_.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::atomic<bool> owned_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<void*> job_{nullptr};
+  void (*fn_)(void*) = nullptr;
+  std::atomic<int> inside_{0}, sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable cv_;
+};
+
+// The helpers for an XLA pool of `pool_threads` threads, made on first use; none when XLA has
+// one thread or MISTRALRS_JAX_KERNEL_SPIN=0. Never destroyed: a process exits with them parked.
+static SpinPool* spin_pool(int64_t pool_threads) {
+  static std::once_flag once;
+  static SpinPool* pool = nullptr;
+  std::call_once(once, [pool_threads] {
+    const char* setting = std::getenv("MISTRALRS_JAX_KERNEL_SPIN");
+    if (pool_threads > 1 && !(setting != nullptr && std::string(setting) == "0"))
+      pool = new SpinPool((int)pool_threads - 1);
+  });
+  return pool;
+}
+
+template <class J>
+struct BoundJob {
+  J* job;
+  void (*fn)(J&);
+  static void call(void* bound) {
+    auto* b = static_cast<BoundJob*>(bound);
+    b->fn(*b->job);
+  }
+};
+
+// `fn(*job)` on this thread and on up to `helpers` other threads (the spinning helpers when
+// free, else XLA's pool); returns once job->done reaches `items`. Items are claimed, never
+// handed out, so the only wait is for items already running.
 template <class J>
 static void run_shared(ffi::ThreadPool& pool, int64_t helpers, const std::shared_ptr<J>& job, int64_t items,
                        void (*fn)(J&)) {
+  if (helpers <= 0) return fn(*job);
+  if (SpinPool* spin = spin_pool(std::max<int64_t>(1, pool.num_threads()))) {
+    BoundJob<J> bound{job.get(), fn};
+    if (spin->run(&BoundJob<J>::call, &bound,
+                  [&] { return job->done.load(std::memory_order_acquire) >= items; }))
+      return;
+  }
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, fn]() { fn(*job); });
   fn(*job);
   for (int spins = 0; job->done.load(std::memory_order_acquire) < items; ++spins) {
