@@ -131,7 +131,7 @@ static ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   for (int64_t n = 0; n < job->n; ++n) keys += job->positions[n] + 1;
   const int64_t useful = std::max<int64_t>(1, keys * job->kvh * job->G * job->D * 2 / kWorkPerThread);
   const int64_t helpers = std::min({std::max<int64_t>(1, pool.num_threads()), items, useful}) - 1;
-  run_shared(pool, helpers, job, items, mj_attention_work);
+  run_shared(pool, helpers, job, items, mj_attention_work, /*short_job=*/true);
   return ffi::Error::Success();
 }
 

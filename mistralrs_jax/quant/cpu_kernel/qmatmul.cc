@@ -427,15 +427,16 @@ static void pair_activations(int8_t* a, int64_t K) {
 // host and 12-13 ms on a busy one, nearly all of it in the wake-ups. ggml avoids this with a
 // spinning thread pool, and so do we: `helpers` threads (XLA's pool size - 1, so the calling
 // thread and they use the cores XLA uses) wait on a job counter for up to kSpinNs after each
-// job, long enough to bridge the host's work between steps, and then sleep on a condition
-// variable. They spin with pause for the first kBusySpins turns and with sched_yield after, so
+// job, which bridges the gaps between a step's kernel calls (the host's ~1 ms between steps
+// costs one wake-up per step), and then sleep on a condition variable. They spin with pause for the first kBusySpins turns and with sched_yield after, so
 // that XLA's own threads get the core when they have work: pure spinning made the f32
 // engine's decode step (XLA dots between our attention calls) 1.8x slower; yielding costs it
 // ~3% (25.9/27.5 ms against 25.1/26.8), while the packed engine's step is ~25% faster than with
 // a wake-up per call (10.8/11.6 ms against 13.9/15.8, interleaved runs on a busy host). One caller at a time owns them; a call that finds them taken (XLA may run two
 // independent thunks at once) uses XLA's pool as before.
-constexpr int64_t kSpinNs = 2'000'000;
+constexpr int64_t kSpinNs = 200'000;
 constexpr int kBusySpins = 1024;  // ~10-40 us of _mm_pause
+constexpr int64_t kSpinMaxT = 8;  // tokens up to which a matmul is a decode-sized call (run_shared)
 
 class SpinPool {
  public:
@@ -540,14 +541,19 @@ struct BoundJob {
   }
 };
 
-// `fn(*job)` on this thread and on up to `helpers` other threads (the spinning helpers when
-// free, else XLA's pool); returns once job->done reaches `items`. Items are claimed, never
-// handed out, so the only wait is for items already running.
+// `fn(*job)` on this thread and on up to `helpers` other threads; returns once job->done
+// reaches `items`. Items are claimed, never handed out, so the only wait is for items already
+// running. `short_job`: a decode-sized call (few tokens), which takes the spinning helpers when
+// they are free; other calls (prefill chunks: long enough that a wake-up is noise, and run
+// while XLA's pool runs other thunks beside them) and calls that find the helpers taken use
+// XLA's pool. Spinning helpers under every call cost prefill ~25% (SmolLM2, 256 tokens: 740
+// against 1021 tok/s); with short jobs only (T <= kSpinMaxT), interleaved runs are within the
+// host's noise (890/931/715 against 842/921/839 tok/s).
 template <class J>
 static void run_shared(ffi::ThreadPool& pool, int64_t helpers, const std::shared_ptr<J>& job, int64_t items,
-                       void (*fn)(J&)) {
+                       void (*fn)(J&), bool short_job) {
   if (helpers <= 0) return fn(*job);
-  if (SpinPool* spin = spin_pool(std::max<int64_t>(1, pool.num_threads()))) {
+  if (SpinPool* spin = short_job ? spin_pool(std::max<int64_t>(1, pool.num_threads())) : nullptr) {
     BoundJob<J> bound{job.get(), fn};
     if (spin->run(&BoundJob<J>::call, &bound,
                   [&] { return job->done.load(std::memory_order_acquire) >= items; }))
@@ -627,7 +633,7 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // awake, and splitting SmolLM2's 192x576 k/v projections too made its decode step ~10%
   // faster in interleaved runs: 1<<14 11.58/12.30 ms, 1<<16 11.6-14.6 ms, 1<<18 12.9-13.7 ms.)
   const int64_t useful = std::max<int64_t>(1, N * K * T / kWorkPerThread);
-  run_shared(pool, std::min({threads, job->nchunks, useful}) - 1, job, job->nchunks, work);
+  run_shared(pool, std::min({threads, job->nchunks, useful}) - 1, job, job->nchunks, work, T <= kSpinMaxT);
   return ffi::Error::Success();
 }
 
