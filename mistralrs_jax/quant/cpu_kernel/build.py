@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("qmatmul.cc", "unpack.h", "activations.h", "gemv.h", "attention.h")
+SOURCES = ("qmatmul.cc", "unpack.h", "activations.h", "gemv.h", "attention.h", "threads.h")
 # Extra -m flags for tests that build the portable paths on a machine with more features.
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "native": ("-march=native",),
