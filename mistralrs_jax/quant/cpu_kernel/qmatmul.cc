@@ -24,21 +24,14 @@
 // ISA: AVX-512 VNNI, else AVX2 (with AVX-VNNI when present); chosen at compile time
 // (the library is built with -march=native on the machine that runs it).
 #include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "activations.h"

@@ -37,6 +37,17 @@ constexpr int64_t kSpinNs = 200'000;
 constexpr int kBusySpins = 1024;  // ~10-40 us of _mm_pause
 constexpr int64_t kSpinMaxT = 8;  // tokens up to which a matmul is a decode-sized call (run_shared)
 
+// The calling thread's wait for the last items of its job: spin briefly, then yield.
+template <class Done>
+static void wait_until(Done done) {
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < 4096)
+      _mm_pause();
+    else
+      std::this_thread::yield();
+  }
+}
+
 class SpinPool {
  public:
   explicit SpinPool(int helpers) {
@@ -61,12 +72,7 @@ class SpinPool {
       cv_.notify_all();
     }
     fn(job);
-    for (int spins = 0; !finished(); ++spins) {
-      if (spins < 4096)
-        _mm_pause();
-      else
-        std::this_thread::yield();
-    }
+    wait_until(finished);
     // No helper may touch `job` after this returns: retract it, then wait out those inside.
     job_.store(nullptr, std::memory_order_seq_cst);
     while (inside_.load(std::memory_order_seq_cst) > 0) _mm_pause();
@@ -152,19 +158,13 @@ template <class J>
 static void run_shared(ffi::ThreadPool& pool, int64_t helpers, const std::shared_ptr<J>& job, int64_t items,
                        void (*fn)(J&), bool short_job) {
   if (helpers <= 0) return fn(*job);
+  const auto done = [&] { return job->done.load(std::memory_order_acquire) >= items; };
   if (SpinPool* spin = short_job ? spin_pool(std::max<int64_t>(1, pool.num_threads())) : nullptr) {
     BoundJob<J> bound{job.get(), fn};
-    if (spin->run(&BoundJob<J>::call, &bound,
-                  [&] { return job->done.load(std::memory_order_acquire) >= items; }))
-      return;
+    if (spin->run(&BoundJob<J>::call, &bound, done)) return;
   }
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, fn]() { fn(*job); });
   fn(*job);
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < items; ++spins) {
-    if (spins < 4096)
-      _mm_pause();
-    else
-      std::this_thread::yield();
-  }
+  wait_until(done);
 }
 
