@@ -21,7 +21,11 @@ depends on context lengths:
   for a 256-token prefill.
 
 `paged_attention()` is the public entry: `dispatch()` picks the Pallas GPU kernel when a GPU
-is present (see the Pallas issue) and this reference otherwise.
+is present (see the Pallas issue) and this reference otherwise. On CPU with an f32 cache the
+reference hands every row, decode or prefill, to the CPU kernel library's paged attention
+(mistralrs_jax/quant/cpu_kernel/attention.h) instead of running the two paths above: the same
+sums without gathering key chunks, a row's result independent of how its step was batched, and
+a compiled step a third the size (the paths' loops and masks are most of its HLO).
 """
 from __future__ import annotations
 
@@ -144,11 +148,12 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    decode_kernel: bool = False,
+    cpu_kernel: bool = False,
 ) -> jax.Array:
-    """`decode_kernel`: the decode rows' sums come from the CPU kernel library's decode attention
-    (mistralrs_jax/quant/cpu_kernel/attention.h, same sums, the cache read in place) instead of
-    `_decode_path`; f32 caches on CPU only (see `paged_attention`)."""
+    """`cpu_kernel`: every row's sums come from the CPU kernel library's paged attention
+    (mistralrs_jax/quant/cpu_kernel/attention.h: the same sums, the cache read in place, and a
+    row's result independent of how the step batched it) instead of the two XLA paths below;
+    f32 caches on CPU only (see `paged_attention`)."""
     q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
     meta = jax.tree.map(jnp.asarray, meta)
     num_tokens, num_heads, head_dim = q.shape
@@ -163,6 +168,13 @@ def paged_attention_reference(
     k_blocks = k_cache.reshape(blocked)
     v_blocks = v_cache.reshape(blocked)
     qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, kv_heads, group, head_dim)
+    if cpu_kernel:
+        from mistralrs_jax.quant.cpu_kernel import paged_attention_cpu
+
+        l, acc = paged_attention_cpu(qg, k_cache, v_cache, meta.block_tables, meta.token_seq, meta.positions,
+                                     num_tokens, block_size=block_size, window=sliding_window, soft_cap=soft_cap)
+        out = acc / jnp.maximum(l, 1e-30)[..., None]
+        return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
     token_index = jnp.arange(num_tokens)
 
     # Decode path over the leading tokens (at most one per sequence row).
@@ -171,16 +183,9 @@ def paged_attention_reference(
     blocks_per_chunk = max(1, DECODE_CHUNK_TOKENS // block_size)
     if tables.shape[1] % blocks_per_chunk:
         tables = jnp.pad(tables, ((0, 0), (0, blocks_per_chunk - tables.shape[1] % blocks_per_chunk)))
-    if decode_kernel:
-        from mistralrs_jax.quant.cpu_kernel import decode_attention_cpu
-
-        dec_l, dec_acc = decode_attention_cpu(
-            qg[:num_rows], k_cache, v_cache, meta.block_tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
-            meta.num_decode_tokens, block_size=block_size, window=sliding_window, soft_cap=soft_cap)
-    else:
-        dec_l, dec_acc = _decode_path(
-            qg[:num_rows], k_blocks, v_blocks, tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
-            meta.num_decode_chunks, block_size, sliding_window, soft_cap)
+    dec_l, dec_acc = _decode_path(
+        qg[:num_rows], k_blocks, v_blocks, tables[meta.token_seq[:num_rows]], meta.positions[:num_rows],
+        meta.num_decode_chunks, block_size, sliding_window, soft_cap)
 
     prefill_blocks = max(1, PREFILL_KEY_CHUNK // block_size)
     tables = meta.block_tables
@@ -220,18 +225,21 @@ def _pallas_available() -> bool:
     return triton_available()
 
 
-def _cpu_decode_kernel(k_cache) -> bool:
-    """Whether the reference's decode rows use the CPU kernel library's decode attention (CPU,
-    f32 cache, the library built; MISTRALRS_JAX_CPU_DECODE_ATTENTION=off turns it off). On
-    XLA:CPU the reference's gather of each 128-key chunk costs ~2-3x the kernel (SmolLM2, batch
-    1, context 300, one core; batch-1 decode 0.54x -> 0.61x llama.cpp). Its sums equal
-    `_decode_path`'s up to the order of f32 roundings, which on the packed engine (8-bit
-    activations) moves some greedy near-ties: over 30 prompts it follows llama.cpp as often as
-    the XLA path does (tests/test_fidelity_llamacpp.py)."""
+def _cpu_attention_kernel(k_cache) -> bool:
+    """Whether the reference runs on the CPU kernel library's paged attention (CPU, f32 cache,
+    the library built; MISTRALRS_JAX_CPU_ATTENTION=off, or the older name
+    MISTRALRS_JAX_CPU_DECODE_ATTENTION=off, turns it off). On XLA:CPU the reference gathers
+    every key chunk into a new buffer (the decode path ~2-3x the kernel's time at batch 1), and
+    its two paths' loops and masks are most of a compiled step's HLO (SmolLM2: 18.7k of its
+    lines, ~25 MB of host memory per compiled step shape, against 7.4k without them). The
+    kernel's sums equal the reference's up to the order of f32 roundings, which on the packed
+    engine (8-bit activations) moves some greedy near-ties (tests/test_fidelity_llamacpp.py
+    counts how often each follows llama.cpp)."""
     import os
 
-    if os.environ.get("MISTRALRS_JAX_CPU_DECODE_ATTENTION", "on").strip().lower() in ("0", "off", "false", "no"):
-        return False
+    for name in ("MISTRALRS_JAX_CPU_ATTENTION", "MISTRALRS_JAX_CPU_DECODE_ATTENTION"):
+        if os.environ.get(name, "on").strip().lower() in ("0", "off", "false", "no"):
+            return False
     if jax.default_backend() != "cpu" or k_cache.dtype != jnp.float32:
         return False
     from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available
@@ -243,7 +251,7 @@ def paged_attention(q, k_cache, v_cache, meta, *, impl: str | None = None, **kwa
     """Paged attention over the ragged batch; `impl` (a `dispatch()` value) overrides the choice."""
     impl = impl or dispatch()
     if impl == "reference":
-        return paged_attention_reference(q, k_cache, v_cache, meta, decode_kernel=_cpu_decode_kernel(k_cache), **kwargs)
+        return paged_attention_reference(q, k_cache, v_cache, meta, cpu_kernel=_cpu_attention_kernel(k_cache), **kwargs)
     from .paged_attention_pallas import paged_attention_pallas, triton_supports
 
     if impl == "pallas" and not triton_supports(q.shape[-1], kwargs["block_size"]):

@@ -56,17 +56,32 @@ CASES = [  # (block_size, heads, kv_heads, window, soft_cap, mix): every value o
 ]
 
 
-@pytest.mark.parametrize("decode_kernel", [False, True], ids=["xla", "cpu-decode-kernel"])
-@pytest.mark.parametrize("block_size,heads,kv_heads,window,soft_cap,mix", CASES)
-def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, mix, decode_kernel):
-    """`decode_kernel`: the decode rows through the CPU kernel library's decode attention."""
-    if decode_kernel:
-        from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available
+def _require_cpu_kernel():
+    from mistralrs_jax.quant.cpu_kernel import cpu_kernel_available
 
-        if jax.default_backend() != "cpu" or not cpu_kernel_available():
-            not_applicable("the CPU kernel library is not built here (x86-64 with AVX2 and a C++ compiler, CPU backend)")
-    rng = np.random.default_rng(hash((block_size, heads, window, mix)) % 2**32)
-    head_dim = 16
+    if jax.default_backend() != "cpu" or not cpu_kernel_available():
+        not_applicable("the CPU kernel library is not built here (x86-64 with AVX2 and a C++ compiler, CPU backend)")
+
+
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["xla", "cpu-kernel"])
+@pytest.mark.parametrize("block_size,heads,kv_heads,window,soft_cap,mix", CASES)
+def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, mix, cpu_kernel):
+    """`cpu_kernel`: every row through the CPU kernel library's paged attention."""
+    _check_against_naive(block_size, heads, kv_heads, window, soft_cap, mix, cpu_kernel, head_dim=16)
+
+
+@pytest.mark.parametrize("head_dim", [12, 72, 256])
+def test_cpu_kernel_head_dims(head_dim):
+    """The kernel's vector loops over D: a scalar tail (12), 64-wide blocks plus an 8-wide one
+    (72), four 64-wide blocks (Gemma's 256)."""
+    _check_against_naive(16, 8, 2, None, None, "mixed", True, head_dim=head_dim)
+    _check_against_naive(16, 4, 1, 40, 30.0, "mixed", True, head_dim=head_dim)
+
+
+def _check_against_naive(block_size, heads, kv_heads, window, soft_cap, mix, cpu_kernel, head_dim):
+    if cpu_kernel:
+        _require_cpu_kernel()
+    rng = np.random.default_rng(hash((block_size, heads, window, mix, head_dim)) % 2**32)
     num_blocks = 64
     max_model_len = 600
     # (context already cached, new tokens this step) per sequence
@@ -94,7 +109,7 @@ def test_reference_matches_naive(block_size, heads, kv_heads, window, soft_cap, 
     q = rng.standard_normal((t_pad, heads, head_dim)).astype(np.float32)
     scale = head_dim ** -0.5
     attend = jax.jit(functools.partial(paged_attention_reference, block_size=block_size, scale=scale,
-                                       sliding_window=window, soft_cap=soft_cap, decode_kernel=decode_kernel))
+                                       sliding_window=window, soft_cap=soft_cap, cpu_kernel=cpu_kernel))
     out = np.asarray(attend(q, k_cache, v_cache, meta))
     offset = 0
     for keys, values, cached, new in seqs:
@@ -137,3 +152,32 @@ def test_a_step_never_copies_the_whole_cache(kv_heads):
         if dims and math.prod(int(d) for d in dims.split(",") if d.strip().isdigit()) >= elements:
             copies.append(line.strip()[:160])
     assert not copies, f"the compiled step copies a whole KV cache ({kv_heads} KV heads):\n" + "\n".join(copies)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_cpu_kernel_rows_do_not_depend_on_batching(window):
+    """A row's sums from the CPU kernel are the same bits whether the row is a one-token decode,
+    one row of a prefill chunk, or batched beside other sequences: speculative verification and
+    a chunked prefill then see exactly what decoding saw."""
+    _require_cpu_kernel()
+    rng = np.random.default_rng(7)
+    block_size, heads, kv_heads, head_dim, num_blocks, total = 16, 6, 2, 64, 32, 90
+    k_cache = rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
+    v_cache = rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
+    table = [int(b) for b in rng.permutation(np.arange(1, num_blocks))[:math.ceil(total / block_size)]]
+    other = [int(b) for b in range(1, num_blocks) if b not in table][:2]
+    q_rows = rng.standard_normal((total, heads, head_dim)).astype(np.float32)
+    runner = _Runner(block_size, 600, window)
+    attend = jax.jit(functools.partial(paged_attention_reference, block_size=block_size, scale=0.125,
+                                       sliding_window=window, cpu_kernel=True))
+
+    def run(runs, q):
+        _, meta, _ = runner.build_metadata(runs, len(q), len(runs) + 1)
+        return np.asarray(attend(q, k_cache, v_cache, meta))
+
+    prefill = run([(list(range(total - 40)), 40, table)], q_rows[40:])  # positions 40..89, one chunk
+    for pos in (40, 47, 48, 71, 89):
+        decode = run([([0], pos, table)], q_rows[pos:pos + 1])
+        batched = run([([0], 20, other), ([0], pos, table)], np.stack([q_rows[3], q_rows[pos]]))
+        np.testing.assert_array_equal(decode[0], prefill[pos - 40])
+        np.testing.assert_array_equal(batched[1], prefill[pos - 40])

@@ -204,11 +204,6 @@ def test_weights_are_held_at_the_files_size(engine_run, llama1b_gguf):
     assert engine_run["weight_bytes"] <= llama1b_gguf.stat().st_size
 
 
-# Not strict: the peak depends on whether the step executables come from the persistent compilation
-# cache (~85 MB each) or are compiled afresh (~55 MB), so a cold CI cache may land on either side.
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 13 (open): with default warm-up the peak RSS measured 1.72-1.93 GB, over 1.5 GB + the KV pool; the "
-    "compiled step shapes hold ~55-85 MB each (warmup=False: 1.49-1.56 GB)"))
 def test_loads_within_1_5_gb_plus_the_kv_pool(engine_run, llama1b_gguf):
     """The issue's bound: the packed 1B model serves in at most 1.5 GB of RSS plus its KV pool.
     VmHWM is the peak over the whole run (load, compile, generate, score)."""

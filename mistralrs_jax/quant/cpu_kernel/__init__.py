@@ -45,7 +45,7 @@ class Kernel(NamedTuple):
     isa: str  # the instruction set the library was compiled for, as it reports it
     target: str  # the FFI target name registered with jax
     lib: ctypes.CDLL
-    attention_target: str  # the decode attention's FFI target (attention.h)
+    attention_target: str  # the paged attention's FFI target (attention.h)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,8 +63,8 @@ def load_kernel(isa: str = "native") -> Kernel:
     lib.mj_pool_threads.restype = ctypes.c_int64
     target = f"mistralrs_jax_qmatmul_{isa.replace('+', '_')}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.MjQuantMatmul), platform="cpu")
-    attention_target = f"mistralrs_jax_decode_attention_{isa.replace('+', '_')}"
-    jax.ffi.register_ffi_target(attention_target, jax.ffi.pycapsule(lib.MjDecodeAttention), platform="cpu")
+    attention_target = f"mistralrs_jax_paged_attention_{isa.replace('+', '_')}"
+    jax.ffi.register_ffi_target(attention_target, jax.ffi.pycapsule(lib.MjPagedAttention), platform="cpu")
     kernel = Kernel(lib.mj_isa().decode(), target, lib, attention_target)
     missing = [t for t in _FORMATS if not lib.mj_supports(t)]
     if missing:
@@ -149,13 +149,14 @@ def quant_matmul_cpu(x, w, qtype: int, K: int, *, kernel: Kernel | None = None):
     return jnp.reshape(out, (*lead, w.shape[0]))
 
 
-def decode_attention_cpu(q, k_cache, v_cache, tables, positions, num_decode, *, block_size: int,
-                         window: int | None = None, soft_cap: float | None = None, kernel: Kernel | None = None):
-    """The softmax sums of one-token decodes over their paged context, reading the cache in place
-    (attention.h); callable inside jax.jit. q f32 [N, kvh, G, D] (already scaled), k/v_cache f32
-    [slots, kvh, D], tables i32 [N, blocks] (each token's block table), positions i32 [N],
-    num_decode: rows from it on get zeros. Returns (l [N, kvh, G], acc [N, kvh, G, D]), what
-    `_decode_path` of pallas_kernels/paged_attention.py returns."""
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, token_seq, positions, num_rows, *, block_size: int,
+                        window: int | None = None, soft_cap: float | None = None, kernel: Kernel | None = None):
+    """The softmax sums of every query row over its paged context (decodes and prefill chunks
+    alike), reading the cache in place (attention.h); callable inside jax.jit. q f32
+    [N, kvh, G, D] (already scaled), k/v_cache f32 [slots, kvh, D], block_tables i32
+    [S, blocks], token_seq i32 [N] (each row's sequence row), positions i32 [N]; rows from
+    `num_rows` on get zeros. Returns (l [N, kvh, G], acc [N, kvh, G, D]), the un-normalized sums
+    the reference paths of pallas_kernels/paged_attention.py return."""
     import jax
     import jax.numpy as jnp
 
@@ -165,17 +166,17 @@ def decode_attention_cpu(q, k_cache, v_cache, tables, positions, num_decode, *, 
     n, kvh, group, head_dim = q.shape
     out = (jax.ShapeDtypeStruct((n, kvh, group), jnp.float32), jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return jax.ffi.ffi_call(kernel.attention_target, out)(
-        q, k_cache, v_cache, jnp.asarray(tables, jnp.int32), jnp.asarray(positions, jnp.int32),
-        jnp.reshape(jnp.asarray(num_decode, jnp.int32), (1,)), block_size=np.int64(block_size),
-        window=np.int64(window or 0), soft_cap=np.float32(soft_cap or 0.0))
+        q, k_cache, v_cache, jnp.asarray(block_tables, jnp.int32), jnp.asarray(token_seq, jnp.int32),
+        jnp.asarray(positions, jnp.int32), jnp.reshape(jnp.asarray(num_rows, jnp.int32), (1,)),
+        block_size=np.int64(block_size), window=np.int64(window or 0), soft_cap=np.float32(soft_cap or 0.0))
 
 
 __all__ = [
     "Kernel",
-    "decode_attention_cpu",
     "KernelBuildError",
     "cpu_kernel_available",
     "load_kernel",
+    "paged_attention_cpu",
     "quant_matmul_cpu",
     "row_bytes",
     "supported_types",
