@@ -12,15 +12,16 @@
 // chunks into new buffers; here each key is read where it lies), up to the order of the f32
 // roundings.
 //
-// Work items are tiles of consecutive rows of one sequence at consecutive
-// positions, up to kTileQueries query vectors (a prefill chunk splits into such tiles, a decode row is a tile of its own), times
-// the KV heads. A tile's scores are taken key by key for up to eight query vectors at once (the
-// key row loaded once, eight independent FMA chains) into a buffer; each query's scores are
-// exponentiated once its maximum is known (two passes, no online rescaling), and its values
-// summed key by key in registers. Every (query, key) pair, every exponential and every sum is
-// computed the same way whichever tile a row falls in, so a row's sums do not depend on how the
-// step batched its rows: a decode and a prefill (or a speculative verification) of the same
-// position agree bit for bit.
+// Work items are tiles of consecutive rows of one sequence at consecutive positions, up to
+// kTileQueries query vectors (a prefill chunk splits into such tiles, a decode row is a tile of
+// its own), times the KV heads. A tile's scores are taken two keys by four query vectors at a
+// time (eight independent FMA chains, each key row loaded once for four queries) into a buffer;
+// each query's scores are exponentiated once its maximum is known (two passes, no online
+// rescaling), and its values summed key by key in registers, two queries of a row per pass over
+// the value rows. Every (query, key) pair, every exponential and every sum is computed the same
+// way whichever tile a row falls in, so a row's sums do not depend on how the step batched its
+// rows: a decode and a prefill (or a speculative verification) of the same position agree bit
+// for bit (tests/test_attention_reference.py).
 #pragma once
 
 #include <algorithm>
