@@ -433,10 +433,35 @@ def test_killed_client_frees_its_blocks_within_a_second(live_server, english_tex
                      SamplingParams(temperature=0, max_tokens=OTHER_TOKENS, ignore_eos=True))
     for i, (text, finish, usage) in others.items():
         assert finish == "length" and usage == OTHER_TOKENS  # ran to the end, undisturbed
-        assert text == alone[i].outputs[0].text
+        _assert_same_text_up_to_a_near_tie(llm, i, text, alone[i].outputs[0])
     freed, _ = live_server.wait_until(
         lambda m: m["mistralrs_kv_cache_blocks_free"] == m["mistralrs_kv_cache_blocks_total"], timeout=5)
     assert freed, live_server.metrics()
+
+
+# The live server's engine is the packed one (8-bit activations, as llama.cpp): a batch of other
+# shapes sums some rows in another f32 order, which can flip a greedy near-tie. Measured here:
+# after "List 4 animals." and "1." the top four logits were within 0.04 (' L' 9.633, ' Mon'
+# 9.606, ' Dog' 9.605, ' Fish' 9.593), and a batched run took ' Mon'. tests/test_batching.py
+# holds exact equality across batch compositions on the f32 engine.
+BATCHED_NEAR_TIE = 0.25
+
+
+def _assert_same_text_up_to_a_near_tie(llm, i: int, text: str, alone) -> None:
+    """The streamed text equals the same request run alone, or departs from it at a token
+    where the alone run's top two logits were within BATCHED_NEAR_TIE (a flip, not corruption:
+    a sequence reading another's KV blocks goes wrong at a confident token)."""
+    if text == alone.text:
+        return
+    ids = alone.token_ids
+    split = next(k for k in range(len(ids) + 1) if k == len(ids) or not text.startswith(llm.tokenizer.decode(ids[:k + 1])))
+    assert split < len(ids), (text, alone.text)
+    prompt = llm.chat_prompt_ids([{"role": "user", "content": f"List {i + 3} animals."}])[0]
+    row = llm.score(list(prompt) + list(ids[:split + 1]))[len(prompt) + split - 1]
+    top = sorted(float(v) for v in row)[-2:]
+    assert top[1] - top[0] < BATCHED_NEAR_TIE, (
+        f"request {i} departed from its run alone at token {split}, where the top two logits were "
+        f"{top[1] - top[0]:.3f} apart (no near-tie):\n  streamed: {text!r}\n  alone:    {alone.text!r}")
 
 
 def test_non_streaming_client_that_gives_up_aborts_its_request(live_server):
