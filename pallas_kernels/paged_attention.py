@@ -138,6 +138,12 @@ def _prefill_path(qg, k_blocks, v_blocks, block_tables, token_seq, positions, is
     return jnp.transpose(l, (1, 0, 2)), jnp.transpose(acc, (1, 0, 2, 3))
 
 
+def _normalized(l, acc, q):
+    """The attention output from the softmax sums: acc / l, in q's shape [T, heads, D] and dtype."""
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    return out.reshape(q.shape).astype(q.dtype)
+
+
 def paged_attention_reference(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks * block_size, kv_heads, head_dim]
@@ -159,6 +165,13 @@ def paged_attention_reference(
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = num_heads // kv_heads
+    qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, kv_heads, group, head_dim)
+    if cpu_kernel:
+        from mistralrs_jax.quant.cpu_kernel import paged_attention_cpu
+
+        l, acc = paged_attention_cpu(qg, k_cache, v_cache, meta.block_tables, meta.token_seq, meta.positions,
+                                     num_tokens, block_size=block_size, window=sliding_window, soft_cap=soft_cap)
+        return _normalized(l, acc, q)
     # A one-KV-head cache (Gemma 3 270M, MQA) is viewed without its unit axis: with it, XLA:CPU
     # gives the blocked view a layout with the unit axis outermost and then copies the whole
     # cache back to row-major for the gathers, twice per layer and step, so a step's time grew
@@ -167,14 +180,6 @@ def paged_attention_reference(
     blocked = (-1, block_size, head_dim) if kv_heads == 1 else (-1, block_size, kv_heads, head_dim)
     k_blocks = k_cache.reshape(blocked)
     v_blocks = v_cache.reshape(blocked)
-    qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, kv_heads, group, head_dim)
-    if cpu_kernel:
-        from mistralrs_jax.quant.cpu_kernel import paged_attention_cpu
-
-        l, acc = paged_attention_cpu(qg, k_cache, v_cache, meta.block_tables, meta.token_seq, meta.positions,
-                                     num_tokens, block_size=block_size, window=sliding_window, soft_cap=soft_cap)
-        out = acc / jnp.maximum(l, 1e-30)[..., None]
-        return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
     token_index = jnp.arange(num_tokens)
 
     # Decode path over the leading tokens (at most one per sequence row).
@@ -201,8 +206,7 @@ def paged_attention_reference(
     dec_acc = jnp.pad(dec_acc, ((0, num_tokens - num_rows), (0, 0), (0, 0), (0, 0)))
     l = jnp.where(is_decode, dec_l, pre_l)
     acc = jnp.where(is_decode[..., None], dec_acc, pre_acc)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    return _normalized(l, acc, q)
 
 
 def dispatch() -> str:
